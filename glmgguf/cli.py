@@ -1,0 +1,13 @@
+"""The `glmgguf` command line: a click group; each stage registers its commands here."""
+
+from __future__ import annotations
+
+import click
+
+from glmgguf import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="glmgguf")
+def main() -> None:
+    """Turn GLM-5.x MoE checkpoints into GGUF builds that llama.cpp runs."""
