@@ -1,0 +1,122 @@
+"""Planned, streaming writer of sharded safetensors checkpoints.
+
+The caller declares every tensor (name, shape, dtype) up front; shards are laid out from that plan, so each
+shard's header is written before its data and tensors stream to disk one at a time: peak memory is one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from glmgguf.io.dtypes import TORCH_TO_SAFETENSORS, element_size
+from glmgguf.io.reader import INDEX_NAME
+
+PlanEntry = tuple[str, tuple[int, ...], torch.dtype]
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (contiguous CPU copy when needed)."""
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class ShardedWriter:
+    """Write tensors, in plan order, into `model-0000i-of-0000N.safetensors` shards plus the index."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        plan: Sequence[PlanEntry],
+        max_shard_bytes: int = 5 * 1024**3,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.out_dir = Path(out_dir)
+        self.plan = [(n, tuple(s), TORCH_TO_SAFETENSORS[d]) for n, s, d in plan]
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards: list[list[int]] = []
+        size = 0
+        for i, (_, shape, code) in enumerate(self.plan):
+            nbytes = math.prod(shape) * element_size(code)
+            if not self.shards or (size + nbytes > max_shard_bytes and self.shards[-1]):
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(i)
+            size += nbytes
+        self.shard_of = {i: s for s, idxs in enumerate(self.shards) for i in idxs}
+        self._next = 0
+        self._file: BinaryIO | None = None
+        self.total_size = 0
+
+    def shard_name(self, s: int) -> str:
+        if len(self.shards) == 1:
+            return "model.safetensors"
+        return f"model-{s + 1:05d}-of-{len(self.shards):05d}.safetensors"
+
+    def _open_shard(self, s: int) -> None:
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for i in self.shards[s]:
+            name, shape, code = self.plan[i]
+            nbytes = math.prod(shape) * element_size(code)
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(self.out_dir / self.shard_name(s), "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next planned tensor; name, shape and dtype must match the plan."""
+        if self._next >= len(self.plan):
+            raise ValueError(f"tensor {name} is not in the write plan")
+        exp_name, exp_shape, exp_code = self.plan[self._next]
+        if name != exp_name:
+            raise ValueError(f"write plan expects {exp_name} next, got {name}")
+        if tuple(tensor.shape) != exp_shape or TORCH_TO_SAFETENSORS[tensor.dtype] != exp_code:
+            raise ValueError(
+                f"{name}: planned {exp_code}{list(exp_shape)}, got {tensor.dtype}{list(tensor.shape)}"
+            )
+        s = self.shard_of[self._next]
+        if self._next == self.shards[s][0]:
+            self.close_shard()
+            self._open_shard(s)
+        assert self._file is not None
+        data = tensor_bytes(tensor)
+        self._file.write(data)
+        self.total_size += data.nbytes
+        self._next += 1
+
+    def close_shard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Finish the last shard and write the index; fails if planned tensors were never written."""
+        self.close_shard()
+        if self._next != len(self.plan):
+            raise ValueError(f"write plan incomplete: {self.plan[self._next][0]} was never written")
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {self.plan[i][0]: self.shard_name(s) for s, idxs in enumerate(self.shards)
+                               for i in idxs},
+            }
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.close_shard()
