@@ -1,0 +1,135 @@
+"""`glmgguf convert`: a GLM-5.x safetensors checkpoint -> one GGUF for llama.cpp, in one streaming pass."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import psutil
+import torch
+from gguf import GGMLQuantizationType as Q
+from tqdm import tqdm
+
+from glmgguf.checkpoint import GlmCheckpoint, open_checkpoint
+from glmgguf.gguf.encode import encode, nbytes, row_fits
+from glmgguf.gguf.metadata import write_hparams, write_provenance
+from glmgguf.gguf.plan import IndexerMode, MtpMode, PlannedTensor, plan_tensors
+from glmgguf.gguf.vocab import write_vocab
+from glmgguf.gguf.writer import open_writer, write_tensor_chunks
+from glmgguf.io import CheckpointError, atomic_file
+from glmgguf.layout import GGUF_ARCH, Transform
+
+OUTTYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+FILE_TYPES = {
+    Q.F32: gguf.LlamaFileType.ALL_F32,
+    Q.F16: gguf.LlamaFileType.MOSTLY_F16,
+    Q.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+    Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+
+TypeChooser = Callable[[PlannedTensor], Q]
+
+
+def outtype_chooser(outtype: str) -> TypeChooser:
+    """Upstream's policy: F32 for norms/1-D/router/indexer.proj, else `outtype` (F16 if rows don't fit)."""
+    base = OUTTYPES[outtype]
+
+    def choose(t: PlannedTensor) -> Q:
+        if t.always_f32:
+            return Q.F32
+        return base if row_fits(base, t.row_size) else Q.F16
+
+    return choose
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    n_tensors: int
+    n_bytes: int
+    seconds: float
+    peak_rss: int
+
+
+def _checked(name: str, t: torch.Tensor, allow_nonfinite: bool) -> torch.Tensor:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        if not allow_nonfinite:
+            raise CheckpointError(f"{name} has {bad} NaN/Inf values (use --allow-nonfinite to convert anyway)")
+        tqdm.write(f"warning: {name} has {bad} NaN/Inf values")
+    return t
+
+
+def tensor_chunks(ckpt: GlmCheckpoint, t: PlannedTensor, allow_nonfinite: bool = False) -> Iterator[np.ndarray]:
+    """The encoded bytes of one planned tensor, one source tensor (one expert) at a time."""
+    lay = ckpt.layout
+
+    def read(name: str) -> torch.Tensor:
+        return _checked(name, ckpt.reader.get(name), allow_nonfinite)
+
+    match t.transform:
+        case Transform.COPY | Transform.STACK_EXPERTS:
+            for src in t.sources:
+                yield encode(read(src), t.ggml_type)
+        case Transform.SPLIT_K_B | Transform.SPLIT_V_B:
+            kv_b = read(t.sources[0]).view(lay.n_heads, lay.qk_nope_head_dim + lay.v_head_dim, lay.kv_lora_rank)
+            k_b, v_b = torch.split(kv_b, [lay.qk_nope_head_dim, lay.v_head_dim], dim=1)
+            part = k_b.transpose(1, 2) if t.transform is Transform.SPLIT_K_B else v_b
+            yield encode(part.contiguous(), t.ggml_type)
+
+
+def file_type(plan: list[PlannedTensor]) -> gguf.LlamaFileType:
+    """The most common non-F32 tensor type, as llama.cpp's general.file_type."""
+    counts: dict[Q, int] = {}
+    for t in plan:
+        if t.ggml_type is not Q.F32:
+            counts[t.ggml_type] = counts.get(t.ggml_type, 0) + t.n_elements
+    main = max(counts, key=counts.__getitem__) if counts else Q.F32
+    return FILE_TYPES.get(main, gguf.LlamaFileType.GUESSED)
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    choose: TypeChooser,
+    mtp: MtpMode = MtpMode.KEEP,
+    indexer: IndexerMode = IndexerMode.NATIVE,
+    settings: dict[str, str] | None = None,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    progress: bool = True,
+) -> ConvertResult:
+    """Plan from headers, then stream every tensor through `choose`'s type into `out` (atomic)."""
+    start = time.perf_counter()
+    ckpt = open_checkpoint(src)
+    plan = plan_tensors(ckpt, mtp, indexer)
+    for t in plan:
+        t.ggml_type = choose(t)
+    with_mtp = mtp is not MtpMode.DROP
+    block_count = ckpt.layout.block_count if with_mtp else ckpt.layout.n_layers
+    total = sum(nbytes(t.ggml_type, t.n_elements) for t in plan)
+    proc = psutil.Process()
+    peak = proc.memory_info().rss
+    with atomic_file(out, force=force) as partial:
+        w = open_writer(partial, GGUF_ARCH, plan)
+        w.add_name(Path(src).resolve().name)
+        w.add_file_type(file_type(plan))
+        if any(t.ggml_type not in (Q.F32, Q.F16, Q.BF16) for t in plan):
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        write_hparams(w, ckpt.layout, block_count, with_mtp)
+        write_vocab(w, ckpt.reader.root, ckpt.layout.vocab_size)
+        write_provenance(w, ckpt.layout, {"mtp": mtp.value, "indexer": indexer.value, **(settings or {})})
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+            for t in plan:
+                bar.update(write_tensor_chunks(w, tensor_chunks(ckpt, t, allow_nonfinite)))
+                peak = max(peak, proc.memory_info().rss)
+        w.close()
+    return ConvertResult(Path(out), len(plan), total, time.perf_counter() - start, peak)
