@@ -1,0 +1,103 @@
+"""ggml's own quantization kernels, called in-process through ctypes from the toolchain's libggml-base.
+
+ctypes releases the GIL around foreign calls, so row blocks quantize in parallel on a thread pool, exactly as
+llama-quantize splits them: rows are independent, and an imatrix applies per expert (a 3-D tensor's imatrix
+holds one `n_per_row` vector per expert).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+_LIB_NAMES = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
+ROWS_PER_TASK = 32
+
+
+class GgmlError(RuntimeError):
+    """The ggml library is missing or refused a quantization."""
+
+
+class GgmlKernels:
+    """Typed access to `ggml_quantize_chunk` and friends in one libggml-base."""
+
+    def __init__(self, lib_dir: str | os.PathLike):
+        name = _LIB_NAMES.get(sys.platform, "libggml-base.so")
+        path = Path(lib_dir) / name
+        if not path.exists():
+            raise GgmlError(f"{path} not found: build the toolchain first (glmgguf llama build)")
+        lib = ctypes.CDLL(str(path))
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+        lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+        lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+        lib.ggml_row_size.restype = ctypes.c_size_t
+        lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+        lib.ggml_validate_row_data.restype = ctypes.c_bool
+        lib.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+        self.lib = lib
+        self.path = path
+
+    def requires_imatrix(self, qtype: GGMLQuantizationType) -> bool:
+        return bool(self.lib.ggml_quantize_requires_imatrix(int(qtype)))
+
+    def row_size(self, qtype: GGMLQuantizationType, n_per_row: int) -> int:
+        return int(self.lib.ggml_row_size(int(qtype), n_per_row))
+
+    def quantize(self, rows: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None,
+                 rows_per_matrix: int | None = None, threads: int = 1) -> np.ndarray:
+        """Quantize float32 `rows` [n_rows, n_per_row] to `qtype` bytes.
+
+        `imatrix` is [n_matrices, n_per_row] (one importance vector per expert) or [n_per_row]; matrix m covers
+        rows m*rows_per_matrix .. (m+1)*rows_per_matrix-1.
+        """
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        n_rows, n_per_row = rows.shape
+        if imatrix is None and self.requires_imatrix(qtype):
+            raise GgmlError(f"{qtype.name} needs an importance matrix (--imatrix)")
+        rows_per_matrix = rows_per_matrix or n_rows
+        imat = None
+        if imatrix is not None:
+            imat = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1, n_per_row)
+            if imat.shape[0] * rows_per_matrix != n_rows:
+                raise GgmlError(f"imatrix has {imat.shape[0]} vectors for {n_rows // rows_per_matrix} matrices")
+        row_size = self.row_size(qtype, n_per_row)
+        out = np.empty(n_rows * row_size, dtype=np.uint8)
+        self.lib.ggml_quantize_init(int(qtype))
+        src, dst = rows.ctypes.data, out.ctypes.data
+
+        def task(first: int) -> None:
+            n = min(ROWS_PER_TASK, n_rows - first, rows_per_matrix - first % rows_per_matrix)
+            im = None if imat is None else imat[first // rows_per_matrix].ctypes.data
+            size = self.lib.ggml_quantize_chunk(int(qtype), src + first * n_per_row * 4, dst + first * row_size,
+                                                0, n, n_per_row, im)
+            if not self.lib.ggml_validate_row_data(int(qtype), dst + first * row_size, size):
+                raise GgmlError(f"ggml produced invalid {qtype.name} data")
+
+        starts = []
+        r = 0
+        while r < n_rows:
+            starts.append(r)
+            r += min(ROWS_PER_TASK, rows_per_matrix - r % rows_per_matrix)
+        if threads <= 1:
+            for s in starts:
+                task(s)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(task, starts))
+        return out
+
+
+@cache
+def kernels(lib_dir: str) -> GgmlKernels:
+    """One loaded library per directory."""
+    return GgmlKernels(lib_dir)
