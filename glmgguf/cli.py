@@ -5,9 +5,13 @@ from __future__ import annotations
 import click
 
 from glmgguf import __version__
+from glmgguf.llama import cli as llama_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="glmgguf")
 def main() -> None:
     """Turn GLM-5.x MoE checkpoints into GGUF builds that llama.cpp runs."""
+
+
+main.add_command(llama_cli.llama)
