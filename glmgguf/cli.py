@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from glmgguf import __version__
+from glmgguf.gguf.cli import convert_cmd
 from glmgguf.llama import cli as llama_cli
 
 
@@ -15,3 +16,4 @@ def main() -> None:
 
 
 main.add_command(llama_cli.llama)
+main.add_command(convert_cmd)
