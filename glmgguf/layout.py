@@ -158,6 +158,26 @@ def parse_hf_name(name: str) -> HfName | None:
     return None
 
 
+_GGUF_PATTERNS = [(_rule_regex(r.gguf), r) for r in TENSOR_TABLE]
+
+
+@dataclass(frozen=True)
+class GgufName:
+    """A parsed GGUF tensor name: which table row and block it belongs to."""
+
+    rule: TensorRule
+    layer: int | None
+
+
+def parse_gguf_name(name: str) -> GgufName | None:
+    """Match a glm-dsa GGUF tensor name against the table; None if unknown."""
+    for rx, rule in _GGUF_PATTERNS:
+        if m := rx.match(name):
+            d = m.groupdict()
+            return GgufName(rule, int(d["L"]) if "L" in d else None)
+    return None
+
+
 class LayerKind(StrEnum):
     DENSE = "dense"
     MOE = "moe"
