@@ -17,21 +17,18 @@ from tqdm import tqdm
 
 from glmgguf.checkpoint import GlmCheckpoint, open_checkpoint
 from glmgguf.gguf.encode import encode, nbytes, row_fits
+from glmgguf.gguf.imatrix import Imatrix, imatrix_for_plan, write_imatrix_keys
 from glmgguf.gguf.metadata import write_hparams, write_provenance
 from glmgguf.gguf.plan import IndexerMode, MtpMode, PlannedTensor, plan_tensors
+from glmgguf.gguf.recipe import file_type_of
 from glmgguf.gguf.vocab import write_vocab
-from glmgguf.gguf.writer import open_writer, write_tensor_chunks
-from glmgguf.io import CheckpointError, atomic_file
+from glmgguf.gguf.writer import atomic_gguf, write_tensor_chunks
+from glmgguf.io import CheckpointError
 from glmgguf.layout import GGUF_ARCH, Transform
 
 OUTTYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
-FILE_TYPES = {
-    Q.F32: gguf.LlamaFileType.ALL_F32,
-    Q.F16: gguf.LlamaFileType.MOSTLY_F16,
-    Q.BF16: gguf.LlamaFileType.MOSTLY_BF16,
-    Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-}
 
+# A chooser may also have `warnings() -> list[str]` (a recipe's unused rules), reported once types are chosen.
 TypeChooser = Callable[[PlannedTensor], Q]
 
 
@@ -54,6 +51,8 @@ class ConvertResult:
     n_bytes: int
     seconds: float
     peak_rss: int
+    paths: list[Path] | None = None  # every part of a split output (else [path])
+    warnings: list[str] | None = None
 
 
 def _checked(name: str, t: torch.Tensor, allow_nonfinite: bool) -> torch.Tensor:
@@ -65,8 +64,12 @@ def _checked(name: str, t: torch.Tensor, allow_nonfinite: bool) -> torch.Tensor:
     return t
 
 
-def tensor_chunks(ckpt: GlmCheckpoint, t: PlannedTensor, allow_nonfinite: bool = False) -> Iterator[np.ndarray]:
-    """The encoded bytes of one planned tensor, one source tensor (one expert) at a time."""
+def tensor_chunks(ckpt: GlmCheckpoint, t: PlannedTensor, allow_nonfinite: bool = False,
+                  imatrix: np.ndarray | None = None, threads: int = 1) -> Iterator[np.ndarray]:
+    """The encoded bytes of one planned tensor, one source tensor (one expert) at a time.
+
+    `imatrix` ([n_matrices, n_per_row], e.g. one row per expert) goes to the quantizer, expert e getting row e.
+    """
     lay = ckpt.layout
 
     def read(name: str) -> torch.Tensor:
@@ -74,23 +77,19 @@ def tensor_chunks(ckpt: GlmCheckpoint, t: PlannedTensor, allow_nonfinite: bool =
 
     match t.transform:
         case Transform.COPY | Transform.STACK_EXPERTS:
-            for src in t.sources:
-                yield encode(read(src), t.ggml_type)
+            for i, src in enumerate(t.sources):
+                im = None if imatrix is None else imatrix[i]
+                yield encode(read(src), t.ggml_type, imatrix=im, threads=threads)
         case Transform.SPLIT_K_B | Transform.SPLIT_V_B:
             kv_b = read(t.sources[0]).view(lay.n_heads, lay.qk_nope_head_dim + lay.v_head_dim, lay.kv_lora_rank)
             k_b, v_b = torch.split(kv_b, [lay.qk_nope_head_dim, lay.v_head_dim], dim=1)
             part = k_b.transpose(1, 2) if t.transform is Transform.SPLIT_K_B else v_b
-            yield encode(part.contiguous(), t.ggml_type)
+            yield encode(part.contiguous(), t.ggml_type, imatrix=imatrix, threads=threads)
 
 
 def file_type(plan: list[PlannedTensor]) -> gguf.LlamaFileType:
     """The most common non-F32 tensor type, as llama.cpp's general.file_type."""
-    counts: dict[Q, int] = {}
-    for t in plan:
-        if t.ggml_type is not Q.F32:
-            counts[t.ggml_type] = counts.get(t.ggml_type, 0) + t.n_elements
-    main = max(counts, key=counts.__getitem__) if counts else Q.F32
-    return FILE_TYPES.get(main, gguf.LlamaFileType.GUESSED)
+    return file_type_of(plan)[1]
 
 
 def convert(
@@ -103,33 +102,50 @@ def convert(
     force: bool = False,
     allow_nonfinite: bool = False,
     progress: bool = True,
+    imatrix: Imatrix | None = None,
+    threads: int = 1,
+    split_max_size: int = 0,
 ) -> ConvertResult:
-    """Plan from headers, then stream every tensor through `choose`'s type into `out` (atomic)."""
+    """Plan from headers, then stream every tensor through `choose`'s type into `out` (atomic).
+
+    Quantized types use ggml's kernels with `threads` threads and the `imatrix` entries of each tensor;
+    `split_max_size` (bytes) writes llama.cpp's split GGUF parts.
+    """
     start = time.perf_counter()
     ckpt = open_checkpoint(src)
     plan = plan_tensors(ckpt, mtp, indexer)
     for t in plan:
         t.ggml_type = choose(t)
+    warnings = list(getattr(choose, "warnings", list)())
+    recipe = getattr(choose, "recipe", None)  # a RecipeChooser: record which recipe made the file
+    if recipe is not None:
+        settings = {**(settings or {}), "recipe": recipe.name, "recipe_sha256": recipe.sha256}
+    imatrix_data, imatrix_warnings = imatrix_for_plan(plan, imatrix)
+    warnings += imatrix_warnings
+    for w in warnings:
+        tqdm.write(f"warning: {w}")
     with_mtp = mtp is not MtpMode.DROP
     block_count = ckpt.layout.block_count if with_mtp else ckpt.layout.n_layers
     total = sum(nbytes(t.ggml_type, t.n_elements) for t in plan)
     proc = psutil.Process()
     peak = proc.memory_info().rss
-    with atomic_file(out, force=force) as partial:
-        w = open_writer(partial, GGUF_ARCH, plan)
+    with atomic_gguf(out, GGUF_ARCH, plan, split_max_size, force=force) as w:
         w.add_name(Path(src).resolve().name)
         w.add_file_type(file_type(plan))
         if any(t.ggml_type not in (Q.F32, Q.F16, Q.BF16) for t in plan):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_hparams(w, ckpt.layout, block_count, with_mtp)
         write_vocab(w, ckpt.reader.root, ckpt.layout.vocab_size)
+        if imatrix is not None:
+            write_imatrix_keys(w, imatrix)
         write_provenance(w, ckpt.layout, {"mtp": mtp.value, "indexer": indexer.value, **(settings or {})})
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
             for t in plan:
-                bar.update(write_tensor_chunks(w, tensor_chunks(ckpt, t, allow_nonfinite)))
+                chunks = tensor_chunks(ckpt, t, allow_nonfinite, imatrix_data[t.name], threads)
+                bar.update(write_tensor_chunks(w, chunks))
                 peak = max(peak, proc.memory_info().rss)
-        w.close()
-    return ConvertResult(Path(out), len(plan), total, time.perf_counter() - start, peak)
+        paths = list(w.final_paths)
+    return ConvertResult(paths[0], len(plan), total, time.perf_counter() - start, peak, paths, warnings)

@@ -1,10 +1,18 @@
-"""Encode torch tensors as the bytes of a GGML tensor type (rows are the innermost axis)."""
+"""Encode tensors as the bytes of a GGML tensor type (rows are the innermost axis).
+
+Float types (F32/F16/BF16) are cast in torch (round to nearest even, as ggml does). Every quantized type goes
+through ggml's own `ggml_quantize_chunk` (`glmgguf.gguf.ggml`), so the bytes are llama-quantize's.
+"""
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from glmgguf.gguf.ggml import GgmlKernels, kernels
 
 FLOAT_TYPES = {
     GGMLQuantizationType.F32: torch.float32,
@@ -27,12 +35,37 @@ def nbytes(qtype: GGMLQuantizationType, n_elements: int) -> int:
     return n_elements // bs * ts
 
 
-def encode(t: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
-    """The GGML bytes of `t` (any float dtype) as `qtype`: float casts round to nearest even."""
+@cache
+def default_kernels() -> GgmlKernels:
+    """ggml's kernels from the pinned llama.cpp toolchain (built on first use)."""
+    from glmgguf.llama import ensure_toolchain
+
+    return kernels(str(ensure_toolchain().lib_dir))
+
+
+def encode(t: torch.Tensor | np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None,
+           threads: int = 1, ggml: GgmlKernels | None = None) -> np.ndarray:
+    """The GGML bytes of `t` (any float dtype; numpy or torch) as `qtype`.
+
+    For quantized types, `imatrix` is [n_matrices, n_per_row] with n_matrices = prod(t.shape[:-2]) (one
+    vector per expert / head matrix), or [n_per_row] for a 2-D tensor; `threads` quantize row blocks in
+    parallel (the GIL is released inside ggml).
+    """
     if qtype in FLOAT_TYPES:
-        x = t.to(FLOAT_TYPES[qtype]).contiguous()
-        return x.reshape(-1).view(torch.uint8).numpy()
-    if qtype is GGMLQuantizationType.Q8_0:
-        rows = t.to(torch.float32).reshape(-1, t.shape[-1]).numpy()
-        return quants.quantize(rows, qtype).reshape(-1)
-    raise ValueError(f"no encoder for {qtype.name}")
+        x = t if isinstance(t, torch.Tensor) else torch.from_numpy(t if t.flags.writeable else t.copy())
+        return x.to(FLOAT_TYPES[qtype]).contiguous().reshape(-1).view(torch.uint8).numpy()
+    if isinstance(t, torch.Tensor):
+        rows = t.detach().to(torch.float32).contiguous().numpy()
+    else:
+        rows = np.asarray(t, dtype=np.float32)
+    shape = rows.shape
+    rows = rows.reshape(-1, shape[-1])
+    rows_per_matrix = None
+    if imatrix is not None:
+        imatrix = np.asarray(imatrix, dtype=np.float32).reshape(-1, shape[-1])
+        n_mat = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        if imatrix.shape[0] != n_mat:
+            raise ValueError(f"imatrix has {imatrix.shape[0]} vectors for {n_mat} matrices of shape {shape}")
+        rows_per_matrix = rows.shape[0] // n_mat
+    return (ggml or default_kernels()).quantize(rows, qtype, imatrix=imatrix, rows_per_matrix=rows_per_matrix,
+                                                threads=threads)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import gguf
@@ -11,6 +14,7 @@ from gguf.gguf_writer import WriterState
 
 from glmgguf.gguf.encode import nbytes
 from glmgguf.gguf.plan import PlannedTensor
+from glmgguf.io.atomic import OutputExistsError
 
 
 def open_writer(path: Path, arch: str, plan: list[PlannedTensor], split_max_size: int = 0) -> gguf.GGUFWriter:
@@ -40,3 +44,56 @@ def write_tensor_chunks(w: gguf.GGUFWriter, chunks: Iterable[np.ndarray]) -> int
     w.write_padding(fout, written)
     w.state = WriterState.WEIGHTS
     return written
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+
+
+def parse_split_size(text: str) -> int:
+    """'50G' -> bytes, as llama.cpp's gguf-split and convert_hf_to_gguf read it (K/M/G/T = powers of 1000)."""
+    m = _SIZE.match(str(text))
+    if m is None or float(m.group(1)) <= 0:
+        raise ValueError(f"invalid split size {text!r} (e.g. 50G, 500M)")
+    return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+@contextmanager
+def atomic_gguf(path: str | os.PathLike, arch: str, plan: list[PlannedTensor], split_max_size: int = 0,
+                force: bool = False) -> Iterator[gguf.GGUFWriter]:
+    """A GGUFWriter for `plan` whose file(s) are written as `X.partial` and renamed only when all are complete.
+
+    With `split_max_size` the output is llama.cpp's split layout (`OUT-00001-of-0000N.gguf`, `split.*` keys in
+    every part, written by gguf-py); a model that fits stays one file named `path`. The caller writes the
+    header, KV, tensor info and data; on any error every partial file is removed.
+    """
+    target = Path(path)
+    w = open_writer(target, arch, plan, split_max_size)
+    finals = w.format_shard_names(target)
+    for f in finals:
+        if f.exists() and not force:
+            raise OutputExistsError(f"{f} already exists (use --force to overwrite)")
+    partials = [f.with_name(f.name + ".partial") for f in finals]
+    w.final_paths = finals  # type: ignore[attr-defined]
+    try:
+        w.fout = [open(p, "wb") for p in partials]
+        w.path = target
+        w.state = WriterState.EMPTY
+        yield w
+        w.close()
+        for p, f in zip(partials, finals, strict=True):
+            os.replace(p, f)
+    except BaseException:
+        w.close()
+        for p in partials:
+            p.unlink(missing_ok=True)
+        raise
+
+
+def split_paths(path: str | os.PathLike) -> list[Path]:
+    """All parts of a (possibly split) GGUF given any one of them: [path] for a single file."""
+    p = Path(path)
+    m = re.match(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", p.name)
+    if m is None:
+        return [p]
+    n = int(m.group(3))
+    return [p.with_name(f"{m.group(1)}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
