@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from glmgguf import __version__
-from glmgguf.gguf.cli import convert_cmd
+from glmgguf.gguf.cli import convert_cmd, inspect_cmd, quantize_cmd, recipes_cmd
 from glmgguf.llama import cli as llama_cli
 
 
@@ -17,3 +17,6 @@ def main() -> None:
 
 main.add_command(llama_cli.llama)
 main.add_command(convert_cmd)
+main.add_command(quantize_cmd)
+main.add_command(inspect_cmd)
+main.add_command(recipes_cmd)
