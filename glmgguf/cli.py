@@ -7,6 +7,7 @@ import click
 from glmgguf import __version__
 from glmgguf.gguf.cli import convert_cmd, inspect_cmd, quantize_cmd, recipes_cmd
 from glmgguf.llama import cli as llama_cli
+from glmgguf.testbed.cli import testbed as testbed_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,3 +21,4 @@ main.add_command(convert_cmd)
 main.add_command(quantize_cmd)
 main.add_command(inspect_cmd)
 main.add_command(recipes_cmd)
+main.add_command(testbed_cmd)

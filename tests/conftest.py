@@ -11,3 +11,24 @@ from glmgguf.llama import Toolchain, ensure_toolchain
 def llama_toolchain() -> Toolchain:
     """The pinned llama.cpp build (built once into the cache on first use, ~6 min on 2 cores)."""
     return ensure_toolchain()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Testbed models (glmgguf.testbed)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_testbed_dir(tmp_path_factory):
+    """A random-init tiny testbed checkpoint (GLM-5.2 layout, seed 0), built once per session (~10 s)."""
+    from glmgguf.testbed import build_testbed
+
+    return build_testbed(tmp_path_factory.mktemp("testbed") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_testbed_dir():
+    """The tiny testbed trained on standard-library source: minutes the first time, then from the cache."""
+    from glmgguf.testbed import trained_testbed
+
+    return trained_testbed("tiny")

@@ -1,0 +1,77 @@
+"""`glmgguf testbed`: build (and optionally train) a small GLM-5.x-shaped checkpoint for tests and benchmarks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import click
+
+from glmgguf.testbed.configs import TESTBED_SIZES
+
+
+def _summary(out: Path) -> list[str]:
+    from glmgguf.io import CheckpointReader
+
+    reader = CheckpointReader(out)
+    infos = reader.tensors.values()
+    n_params = sum(i.nbytes // (2 if i.dtype == "BF16" else 4) for i in infos)
+    n_mtp = sum(1 for i in infos if i.name.startswith(f"model.layers.{reader.config['num_hidden_layers']}."))
+    shards = sorted({i.shard.name for i in infos})
+    cfg = reader.config
+    return [
+        f"checkpoint: {out}",
+        f"parameters: {n_params:,} ({n_params / 1e6:.1f} M) in {len(reader.names())} tensors "
+        f"({n_mtp} in the MTP block)",
+        f"bytes: {reader.total_bytes():,} in {len(shards)} shard(s)",
+        f"layers: {cfg['num_hidden_layers']} (+{cfg.get('num_nextn_predict_layers', 0)} MTP), "
+        f"{cfg['first_k_dense_replace']} dense, experts {cfg['n_routed_experts']} top-{cfg['num_experts_per_tok']}, "
+        f"indexer {''.join('F' if t == 'full' else 'S' for t in cfg['indexer_types'])}",
+    ]
+
+
+def _report_lines(report: dict) -> list[str]:
+    b, a = report["before"], report["after"]
+    lines = [
+        f"training: {report['hyperparams']['steps']} steps, {report['train_time_s']:.0f} s "
+        f"({report['torch_threads']} threads), {report['train_tokens_seen']:,} tokens seen",
+        f"held-out loss: {b['heldout_loss']:.3f} -> {a['heldout_loss']:.3f}",
+    ]
+    if "mtp_heldout_loss" in a:
+        lines.append(f"MTP held-out loss (t+2): {b['mtp_heldout_loss']:.3f} -> {a['mtp_heldout_loss']:.3f}")
+    for layer, ent in b["expert_load_entropy"].items():
+        lines.append(f"layer {layer} expert-load entropy: {ent:.3f} -> {a['expert_load_entropy'][layer]:.3f}")
+    return lines
+
+
+@click.command("testbed")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--size", type=click.Choice(sorted(TESTBED_SIZES)), default="tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--train", "do_train", is_flag=True, help="Train it on standard-library source (cached).")
+@click.option("--steps", type=int, default=None, help="Training steps (default depends on --size).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def testbed(out: Path, size: str, seed: int, do_train: bool, steps: int | None, force: bool) -> None:
+    """Build a GLM-5.2-layout testbed checkpoint into OUT (random init, or trained with --train)."""
+    from glmgguf.io.atomic import OutputExistsError, atomic_dir
+
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} already exists (use --force to overwrite)")
+    try:
+        if do_train:
+            from glmgguf.testbed.train import read_report, trained_testbed
+
+            cached = trained_testbed(size=size, seed=seed, steps=steps, log=lambda m: click.echo(m, err=True))
+            with atomic_dir(out, force=force) as tmp:
+                for f in sorted(cached.iterdir()):
+                    shutil.copy2(f, tmp / f.name)
+            lines = _summary(out) + _report_lines(read_report(out))
+        else:
+            from glmgguf.testbed.build import build_testbed
+
+            build_testbed(out, size=size, seed=seed, force=force)
+            lines = _summary(out)
+    except OutputExistsError as e:
+        raise click.ClickException(str(e)) from None
+    for line in lines:
+        click.echo(line)
