@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from glmgguf import __version__
+from glmgguf.demo import demo
 from glmgguf.gguf.cli import convert_cmd, inspect_cmd, quantize_cmd, recipes_cmd
 from glmgguf.llama import cli as llama_cli
 from glmgguf.testbed.cli import testbed as testbed_cmd
@@ -22,3 +23,4 @@ main.add_command(quantize_cmd)
 main.add_command(inspect_cmd)
 main.add_command(recipes_cmd)
 main.add_command(testbed_cmd)
+main.add_command(demo)
