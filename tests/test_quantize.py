@@ -483,3 +483,20 @@ def test_existing_output_needs_force(tmp_path, f32_gguf):
     assert out.read_bytes() == b"keep me"
     assert _cli("quantize", f32_gguf, out, "--recipe", "bf16", "--force").exit_code == 0
     assert _tensors(out)["blk.0.attn_q_a.weight"].tensor_type == Q.BF16
+
+
+@pytest.mark.slow
+def test_split_input_and_requantize_refused(tmp_path, f32_gguf):
+    """A split GGUF reads back from its first part; an already quantized input is not requantized."""
+    parts = tmp_path / "parts.gguf"
+    assert _cli("quantize", f32_gguf, parts, "--recipe", "f32", "--split-max-size", "20M").exit_code == 0
+    (first,) = tmp_path.glob("parts-00001-of-*.gguf")
+    assert not first.name.endswith("-00001.gguf")
+    direct, via_parts = tmp_path / "direct.gguf", tmp_path / "via.gguf"
+    assert _cli("quantize", f32_gguf, direct, "--recipe", "q8_0").exit_code == 0
+    result = _cli("quantize", first, via_parts, "--recipe", "q8_0")
+    assert result.exit_code == 0, result.output
+    _assert_same_tensors(direct, via_parts)
+    result = _cli("quantize", direct, tmp_path / "q4.gguf", "--recipe", "q4_protected")
+    assert result.exit_code == 1 and "is already Q8_0" in result.output.strip().splitlines()[-1], result.output
+    assert not (tmp_path / "q4.gguf").exists()
