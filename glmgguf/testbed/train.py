@@ -196,14 +196,23 @@ def evaluate(model, mtp, seqs: torch.Tensor, batch: int = 8) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _num_threads() -> int:
-    """`$GLMGGUF_THREADS`, else the number of cores this process may run on."""
+    """`$GLMGGUF_THREADS`, else the cores this process may use minus those other processes keep busy.
+
+    CPU training with more threads than free cores is several times slower than with fewer (the threads wait on
+    each other at every op), so cores that the 1-minute load average shows busy are left alone.
+    """
     env = os.environ.get("GLMGGUF_THREADS")
     if env:
         return max(1, int(env))
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        cores = len(os.sched_getaffinity(0)) or 1
     except AttributeError:
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except (AttributeError, OSError):
+        busy = 0
+    return max(1, min(cores, cores - busy))
 
 
 def _lr_at(step: int, steps: int) -> float:
