@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     res = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+        "machine": {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",
                     "cpus": os.cpu_count()},
         "outtype": args.outtype,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
