@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType
 
 _LIB_NAMES = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
 ROWS_PER_TASK = 32
+MIN_TASK_ELEMENTS = 1 << 16  # short rows: more of them per task, to keep the per-task overhead small
 
 
 class GgmlError(RuntimeError):
@@ -74,9 +75,10 @@ class GgmlKernels:
         out = np.empty(n_rows * row_size, dtype=np.uint8)
         self.lib.ggml_quantize_init(int(qtype))
         src, dst = rows.ctypes.data, out.ctypes.data
+        per_task = max(ROWS_PER_TASK, -(-MIN_TASK_ELEMENTS // n_per_row))
 
         def task(first: int) -> None:
-            n = min(ROWS_PER_TASK, n_rows - first, rows_per_matrix - first % rows_per_matrix)
+            n = min(per_task, n_rows - first, rows_per_matrix - first % rows_per_matrix)
             im = None if imat is None else imat[first // rows_per_matrix].ctypes.data
             size = self.lib.ggml_quantize_chunk(int(qtype), src + first * n_per_row * 4, dst + first * row_size,
                                                 0, n, n_per_row, im)
@@ -87,14 +89,19 @@ class GgmlKernels:
         r = 0
         while r < n_rows:
             starts.append(r)
-            r += min(ROWS_PER_TASK, rows_per_matrix - r % rows_per_matrix)
-        if threads <= 1:
+            r += min(per_task, rows_per_matrix - r % rows_per_matrix)
+        if threads <= 1 or len(starts) == 1:
             for s in starts:
                 task(s)
         else:
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(task, starts))
+            list(_pool(threads).map(task, starts))
         return out
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One long-lived pool per thread count (tensors are quantized one after another, often per expert)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="ggml-quantize")
 
 
 @cache

@@ -8,8 +8,10 @@ quantization version, the imatrix keys llama-quantize writes and our `glmgguf.re
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import time
+import warnings as pywarnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import psutil
+import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFValueType
 from tqdm import tqdm
@@ -50,10 +53,23 @@ class GgufModel:
     tensors: dict[str, gguf.ReaderTensor]
     layers: tuple[LayerInfo, ...]
     plan: list[PlannedTensor]  # ggml_type = the input's type
+    owners: dict[str, GGUFReader]  # the part each tensor lives in
 
     def value(self, key: str, default=None):
         f = self.fields.get(key)
         return default if f is None else f.contents()
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from this process's memory map (as llama-quantize unmaps each weight)."""
+        rt, reader = self.tensors[name], self.owners[name]
+        mm = getattr(reader.data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = rt.data_offset - rt.data_offset % mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, rt.data_offset + rt.n_bytes - start)
+        except (OSError, ValueError):
+            pass
 
 
 def _layers_from_kv(fields: dict[str, gguf.ReaderField], path: Path) -> tuple[LayerInfo, ...]:
@@ -104,6 +120,7 @@ def open_gguf(path: str | os.PathLike) -> GgufModel:
         raise GgufInputError(f"{path}: architecture {arch!r} is not {GGUF_ARCH} (GLM-5.x); refusing to quantize it")
     layers = _layers_from_kv(fields, path)
     tensors: dict[str, gguf.ReaderTensor] = {}
+    owners: dict[str, GGUFReader] = {}
     plan = []
     for r in readers:
         for rt in r.tensors:
@@ -116,10 +133,11 @@ def open_gguf(path: str | os.PathLike) -> GgufModel:
                     raise GgufInputError(f"{path}: tensor {rt.name} is beyond block_count {len(layers)}")
                 layer = layers[parsed.layer]
             tensors[rt.name] = rt
+            owners[rt.name] = r
             plan.append(PlannedTensor(name=rt.name, role=parsed.rule.role, layer=layer, sources=[rt.name],
                                       transform=Transform.COPY, shape=tuple(int(x) for x in reversed(rt.shape)),
                                       ggml_type=Q(rt.tensor_type)))
-    return GgufModel(paths, readers, fields, tensors, layers, plan)
+    return GgufModel(paths, readers, fields, tensors, layers, plan, owners)
 
 
 def copy_kv(w: gguf.GGUFWriter, fields: dict[str, gguf.ReaderField], skip: tuple[str, ...] = SKIPPED_KEYS) -> None:
@@ -147,6 +165,19 @@ def _slabs(n_mat: int, rows_per_matrix: int, budget_rows: int) -> Iterator[tuple
                 yield m * rows_per_matrix + r, m * rows_per_matrix + min(rows_per_matrix, r + budget_rows), m, m + 1
 
 
+def to_f32(rows: np.ndarray, src_type: Q) -> np.ndarray:
+    """F32 values of input rows (exact for F32/F16/BF16; torch converts in parallel, other types via gguf-py)."""
+    if src_type is Q.F32:
+        return np.asarray(rows, dtype=np.float32)
+    if src_type in (Q.F16, Q.BF16):
+        with pywarnings.catch_warnings():
+            pywarnings.simplefilter("ignore", UserWarning)  # read-only memory map: torch only reads it
+            raw = torch.from_numpy(np.ascontiguousarray(rows).view(np.uint16))
+        dtype = torch.float16 if src_type is Q.F16 else torch.bfloat16
+        return raw.view(dtype).to(torch.float32).numpy()
+    return np.asarray(gguf.quants.dequantize(rows, src_type), dtype=np.float32)
+
+
 def tensor_chunks(rt: gguf.ReaderTensor, src_type: Q, t: PlannedTensor, imatrix: np.ndarray | None = None,
                   threads: int = 1) -> Iterator[np.ndarray]:
     """The bytes of tensor `t` (target `t.ggml_type`) from the input tensor `rt`, slab by slab."""
@@ -159,9 +190,7 @@ def tensor_chunks(rt: gguf.ReaderTensor, src_type: Q, t: PlannedTensor, imatrix:
     data = np.asarray(rt.data)
     flat = data.reshape(n_mat * rows_per_matrix, -1)
     for r0, r1, m0, m1 in _slabs(n_mat, rows_per_matrix, max(1, SLAB_ELEMENTS // n_per_row)):
-        rows = flat[r0:r1]
-        f32 = rows if src_type is Q.F32 else gguf.quants.dequantize(rows, src_type)
-        f32 = np.asarray(f32, dtype=np.float32).reshape(m1 - m0, -1, n_per_row)
+        f32 = to_f32(flat[r0:r1], src_type).reshape(m1 - m0, -1, n_per_row)
         if t.ggml_type in FLOAT_TYPES:
             yield encode(f32, t.ggml_type)
         else:
@@ -231,5 +260,6 @@ def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe
                 chunks = tensor_chunks(model.tensors[t.name], src_types[t.name], t, imatrix_data[t.name], threads)
                 bar.update(write_tensor_chunks(w, chunks))
                 peak = max(peak, proc.memory_info().rss)
+                model.release(t.name)
         paths = list(w.final_paths)
     return QuantizeResult(paths, len(plan), total, time.perf_counter() - start, peak, resolution, warnings)
