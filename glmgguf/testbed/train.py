@@ -29,7 +29,7 @@ from glmgguf.testbed.tokenizer import (
     stdlib_corpus,
 )
 
-# Bump when training changes in a way that changes the trained weights (invalidates caches).
+# Part of the cache key (with a digest of this package's source files): bump to force retraining.
 TRAIN_CODE_VERSION = 1
 
 DEFAULT_STEPS = {"tiny": 400, "small": 200}
@@ -64,10 +64,22 @@ def _hyperparams(size: str, seed: int, steps: int) -> dict:
     }
 
 
+def _source_digest() -> str:
+    """Digest of the testbed's own source files: editing how the model is built or trained invalidates caches."""
+    h = hashlib.sha256()
+    for name in ("configs.py", "tokenizer.py", "build.py", "train.py"):
+        h.update((Path(__file__).with_name(name)).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(size: str, seed: int, steps: int) -> str:
+    """Key of a trained testbed: config, seed, steps, hyperparameters, code, corpus and library versions."""
+    import transformers
+
     blob = json.dumps({
         "config": testbed_config_kwargs(size), "hyper": _hyperparams(size, seed, steps),
-        "code": TRAIN_CODE_VERSION, "corpus": corpus_fingerprint(), "torch": torch.__version__.split("+")[0],
+        "code": TRAIN_CODE_VERSION, "source": _source_digest(), "corpus": corpus_fingerprint(),
+        "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
