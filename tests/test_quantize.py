@@ -382,7 +382,8 @@ def test_trained_q4_protected_generates_and_splits(tmp_path, llama_toolchain, tr
 # --- inspect ----------------------------------------------------------------------------------------------------
 
 
-def test_inspect_table(tmp_path, tiny_testbed_dir):
+@pytest.mark.slow
+def test_inspect_table(tmp_path, llama_toolchain, tiny_testbed_dir):
     out = tmp_path / "q8.gguf"
     assert _cli("convert", tiny_testbed_dir, out, "--recipe", "q8_0").exit_code == 0
     result = _cli("inspect", out)
