@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from glmgguf.gguf.convert import convert, outtype_chooser
+from glmgguf.checkpoint import open_checkpoint
+from glmgguf.gguf.convert import convert
+from glmgguf.gguf.recipe import load_recipe
 from glmgguf.llama import LlamaServer, ensure_toolchain
 from glmgguf.testbed.train import trained_testbed
 
@@ -18,9 +20,9 @@ DEFAULT_PROMPT = "Write a Python function that reads a file and returns its line
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
               show_default=True, help="Where the GGUF and the server log go.")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True)
-@click.option("--outtype", type=click.Choice(["f32", "bf16", "q8_0"]), default="q8_0", show_default=True)
+@click.option("--recipe", default="q4_protected", show_default=True, help="Quant recipe of the GGUF.")
 @click.option("--max-tokens", default=96, show_default=True)
-def demo(workdir: Path, prompt: str, outtype: str, max_tokens: int) -> None:
+def demo(workdir: Path, prompt: str, recipe: str, max_tokens: int) -> None:
     """Testbed -> GGUF -> llama-server -> one chat request (builds llama.cpp on first use)."""
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -28,9 +30,10 @@ def demo(workdir: Path, prompt: str, outtype: str, max_tokens: int) -> None:
     toolchain = ensure_toolchain()
     click.echo("2/4 trained tiny testbed (GlmMoeDsaForCausalLM, cached after the first training)")
     model = trained_testbed("tiny")
-    click.echo(f"3/4 convert -> {outtype} GGUF")
-    gguf_path = workdir / f"testbed-{outtype}.gguf"
-    result = convert(model, gguf_path, outtype_chooser(outtype), force=True)
+    click.echo(f"3/4 convert -> {recipe} GGUF (one streaming pass, ggml's quantizers)")
+    gguf_path = workdir / f"testbed-{recipe}.gguf"
+    choose = load_recipe(recipe).chooser(open_checkpoint(model).layout.layers)
+    result = convert(model, gguf_path, choose, settings={"recipe": recipe}, force=True)
     click.echo(f"    {result.n_tensors} tensors, {result.n_bytes / 2**20:.1f} MiB in {result.seconds:.1f} s")
     click.echo("4/4 llama-server on 127.0.0.1, one chat request")
     with LlamaServer(gguf_path, ["-c", "2048"], toolchain=toolchain, log_path=workdir / "llama-server.log") as srv:
