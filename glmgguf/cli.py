@@ -7,7 +7,9 @@ import click
 from glmgguf import __version__
 from glmgguf.demo import demo
 from glmgguf.gguf.cli import convert_cmd, inspect_cmd, quantize_cmd, recipes_cmd
+from glmgguf.gguf.kld import kld_cmd
 from glmgguf.llama import cli as llama_cli
+from glmgguf.reap.cli import reap as reap_cmd
 from glmgguf.testbed.cli import testbed as testbed_cmd
 
 
@@ -22,5 +24,7 @@ main.add_command(convert_cmd)
 main.add_command(quantize_cmd)
 main.add_command(inspect_cmd)
 main.add_command(recipes_cmd)
+main.add_command(kld_cmd)
 main.add_command(testbed_cmd)
 main.add_command(demo)
+main.add_command(reap_cmd)

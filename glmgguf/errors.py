@@ -10,8 +10,10 @@ import click
 from glmgguf.io import CheckpointError
 from glmgguf.io.atomic import OutputExistsError
 from glmgguf.layout import LayoutError
+from glmgguf.reap.errors import ReapError
 
-USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, LayoutError, OutputExistsError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, LayoutError, OutputExistsError, FileNotFoundError,
+                                            ReapError)
 
 
 @contextmanager

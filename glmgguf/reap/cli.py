@@ -1,0 +1,214 @@
+"""`glmgguf reap`: observe (calibration statistics), prune (streaming rewrite), report (heatmap + table), merge."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from glmgguf.errors import user_errors
+
+DTYPES = {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from glmgguf.runner import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.group("reap")
+def reap() -> None:
+    """REAP expert pruning: observe routing on calibration text, prune the least salient experts."""
+
+
+@reap.command("observe")
+@click.argument("model", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Calibration file(s): .txt, .jsonl or .parquet with 'text' or chat 'messages' (repeatable).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Statistics file to write (.safetensors; a .json summary is written beside it).")
+@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per packed sequence.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Token budget (rounded down to whole sequences).")
+@click.option("--num-samples", type=click.IntRange(min=1), help="Number of sequences (with --max-tokens: the min).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the document order.")
+@click.option("--text-field", default="text", show_default=True, help="Field holding plain text in jsonl/parquet.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Sequences per forward chunk.")
+@click.option("--streaming", is_flag=True,
+              help="One decoder layer resident at a time, loaded from the shards (for models larger than memory).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Streaming: device of the resident layer (cpu, cuda, cuda:1). In-memory: the device_map "
+                   "('auto' spreads the model over all GPUs).")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bf16", show_default=True,
+              help="Compute dtype.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Streaming: where hidden states spill and the resume manifest lives  [default: OUT.work]")
+@click.option("--spill-threshold", default="4G", show_default=True, callback=_size,
+              help="Streaming: hidden states larger than this go to --work-dir (and the run becomes resumable).")
+@click.option("--no-mtp", is_flag=True, help="Do not observe the MTP block (it then cannot be pruned).")
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+def observe_cmd(model: Path, data: tuple[Path, ...], out: Path, seq_len: int, max_tokens: int | None,
+                num_samples: int | None, seed: int, text_field: str, batch_size: int, streaming: bool, device: str,
+                dtype: str, work_dir: Path | None, spill_threshold: int, no_mtp: bool, force: bool) -> None:
+    """Run calibration text through MODEL and save per-expert REAP statistics."""
+    with user_errors():
+        import torch
+        from tqdm import tqdm
+
+        from glmgguf.io.atomic import OutputExistsError
+        from glmgguf.layout import GlmLayout
+        from glmgguf.reap.data import load_calibration, load_tokenizer
+        from glmgguf.reap.observe import observe
+        from glmgguf.runner import chunk_sequences
+
+        if out.exists() and not force:
+            raise OutputExistsError(f"{out} already exists (use --force to overwrite)")
+        layout = GlmLayout.from_dir(model)
+        cal = load_calibration(data, load_tokenizer(model), seq_len, max_tokens=max_tokens,
+                               num_samples=num_samples, seed=seed, text_field=text_field)
+        chunks = chunk_sequences(cal.sequences, batch_size)
+        blocks = layout.n_layers + (0 if no_mtp else layout.n_mtp)
+        click.echo(f"calibration: {cal.sequences.shape[0]} x {seq_len} tokens from {cal.documents_used} of "
+                   f"{cal.documents_total} documents; {'streaming' if streaming else 'in-memory'} on {device}")
+        total = cal.n_tokens * (blocks if streaming else 1)
+        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="observe", dynamic_ncols=True)
+        t0 = time.perf_counter()
+
+        def progress(block: int, n_tok: int) -> None:
+            bar.update(n_tok)
+            el = time.perf_counter() - t0
+            model_tok = bar.n / (blocks if streaming else 1)
+            bar.set_postfix_str(f"block {block + 1}/{blocks}, {model_tok / max(el, 1e-9):.0f} tok/s (whole model)")
+
+        try:
+            stats = observe(model, chunks, streaming=streaming, dtype=getattr(torch, DTYPES[dtype]),
+                            device=device, device_map=device, work_dir=work_dir or out.with_name(out.name + ".work"),
+                            spill_bytes=spill_threshold, mtp=not no_mtp, progress=progress,
+                            meta={"data": [p.name for p in data], "seed": seed, **cal.describe()})
+        finally:
+            bar.close()
+        stats.save(out, force=force)
+        if streaming:
+            import shutil
+
+            shutil.rmtree(work_dir or out.with_name(out.name + ".work"), ignore_errors=True)
+    secs, resumed = stats.meta["seconds"], stats.meta.get("layers_resumed")
+    click.echo(f"wrote {out} ({len(stats.layers)} MoE layers, {stats.meta['tokens']} tokens in {secs:.1f} s, "
+               f"{stats.meta['tokens'] / max(secs, 1e-9):.0f} tok/s"
+               f"{f'; resumed after layers {resumed}' if resumed else ''})")
+
+
+def _plan(model: Path, stats_paths: tuple[Path, ...], keep, ratio, per_layer, metric, seed):
+    from glmgguf.layout import GlmLayout
+    from glmgguf.reap.prune import plan_prune
+    from glmgguf.reap.stats import ReapStats
+
+    stats = ReapStats.load_many(list(stats_paths))
+    layout = GlmLayout.from_dir(model)
+    return stats, plan_prune(layout, stats, keep=keep, ratio=ratio, per_layer=per_layer, metric=metric, seed=seed)
+
+
+_keep_opt = click.option("--keep", type=click.IntRange(min=1), help="Experts to keep per MoE layer.")
+_ratio_opt = click.option("--ratio", type=click.FloatRange(0.0, 1.0, max_open=True),
+                          help="Fraction of experts to prune (0.25 keeps 75%).")
+_metric_opt = click.option("--metric", type=click.Choice(["reap", "frequency", "ean", "random"]), default="reap",
+                           show_default=True, help="Saliency used to rank experts.")
+_seed_opt = click.option("--seed", default=0, show_default=True, help="Seed of --metric random.")
+
+
+@reap.command("prune")
+@click.argument("model", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--stats", "stats_paths", multiple=True, required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Statistics file(s); several are merged.")
+@_keep_opt
+@_ratio_opt
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output checkpoint directory.")
+@click.option("--per-layer", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
+              help="uniform: the same count in every layer; global: per-layer counts from a global ranking "
+                   "(num_routed_experts_per_layer; llama.cpp cannot load those).")
+@_metric_opt
+@_seed_opt
+@click.option("--dry-run", is_flag=True, help="Print the plan and exit.")
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+def prune_cmd(model: Path, stats_paths: tuple[Path, ...], keep: int | None, ratio: float | None, out: Path,
+              per_layer: str, metric: str, seed: int, dry_run: bool, force: bool) -> None:
+    """Write a copy of MODEL without its least salient experts."""
+    with user_errors():
+        from tqdm import tqdm
+
+        from glmgguf.reap.prune import prune_checkpoint
+
+        stats, plan = _plan(model, stats_paths, keep, ratio, per_layer, metric, seed)
+        click.echo(plan.describe())
+        if dry_run:
+            return
+        bar = tqdm(unit="tensor", desc="prune", dynamic_ncols=True)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            res = prune_checkpoint(model, plan, out, force=force, stats=stats, progress=progress)
+        finally:
+            bar.close()
+    click.echo(f"wrote {res.out}: {res.n_tensors} tensors, {res.bytes_out / 2**20:.1f} MiB "
+               f"(from {res.bytes_in / 2**20:.1f} MiB) in {res.seconds:.1f} s")
+
+
+@reap.command("report")
+@click.argument("stats_path", metavar="STATS", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG to write  [default: STATS with suffix .png]; a .md table is written beside it.")
+@click.option("--model", type=click.Path(file_okay=False, path_type=Path),
+              help="Checkpoint the statistics belong to (with --keep/--ratio: mark what a prune would drop).")
+@_keep_opt
+@_ratio_opt
+@click.option("--per-layer", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True)
+@_metric_opt
+@_seed_opt
+def report_cmd(stats_path: Path, out: Path | None, model: Path | None, keep: int | None, ratio: float | None,
+               per_layer: str, metric: str, seed: int) -> None:
+    """Heatmap (layers x experts) and per-layer table of STATS."""
+    with user_errors():
+        from glmgguf.layout import GlmLayout
+        from glmgguf.reap.prune import plan_prune
+        from glmgguf.reap.report import heatmap, layer_table, markdown_table
+        from glmgguf.reap.stats import ReapStats
+
+        stats = ReapStats.load(stats_path)
+        plan = None
+        if keep is not None or ratio is not None:
+            if model is None:
+                raise click.UsageError("--keep/--ratio need --model (the plan is checked against it)")
+            plan = plan_prune(GlmLayout.from_dir(model), stats, keep=keep, ratio=ratio, per_layer=per_layer,
+                              metric=metric, seed=seed)
+        out = out or stats_path.with_suffix(".png")
+        heatmap(stats, out, plan, metric)
+        table = markdown_table(layer_table(stats, plan, metric))
+        out.with_suffix(".md").write_text(table)
+    click.echo(table, nl=False)
+    click.echo(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+@reap.command("merge")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+def merge_cmd(inputs: tuple[Path, ...], out: Path, force: bool) -> None:
+    """Merge statistics of several observe runs over the same model."""
+    with user_errors():
+        from glmgguf.reap.stats import ReapStats
+
+        stats = ReapStats.load_many(list(inputs))
+        stats.save(out, force=force)
+    click.echo(f"wrote {out} ({len(inputs)} runs, {json.dumps({str(k): v for k, v in stats.tokens.items()})} "
+               f"tokens per layer)")
