@@ -288,9 +288,10 @@ class StreamingRunner:
         os.replace(tmp, wd / MANIFEST)
 
     def activation_bytes(self, chunks: Sequence[torch.Tensor]) -> int:
+        """Bytes carried between two layers: hidden states plus the last full layer's DSA top-k (int32)."""
         el = torch.empty((), dtype=self.options.dtype).element_size()
         tokens = sum(c.numel() for c in chunks)
-        topk = max(min(self.layout.index_topk, c.shape[1]) for c in chunks)
+        topk = max(min(self.layout.index_topk, c.shape[1]) for c in chunks) if chunks else 0
         return tokens * (self.layout.hidden_size * el + topk * 4)
 
     # -- the run ----------------------------------------------------------------------------------------------
@@ -320,24 +321,26 @@ class StreamingRunner:
         if spill and (manifest is None or manifest.get("key") != key):
             shutil.rmtree(wd, ignore_errors=True)
             wd.mkdir(parents=True)
-            manifest = {"key": key, "done": [], "acts": None}
+            manifest = {"key": key, "done": [], "acts": None, "topk": None}
             self._write_manifest(manifest)
         done: list[int] = list(manifest["done"]) if manifest else []
         rotary = GlmMoeDsaRotaryEmbedding(self.config).to(dev)
 
+        # `cur`: hidden states after the last finished layer; `topk`: the DSA top-k of the last full layer
         cur: ActivationStore | None = None
+        topk_store: ActivationStore | None = None
         if manifest and manifest.get("acts"):
             cur = store(manifest["acts"])
-            if not cur.has(n):
-                cur, done = None, []
+            topk_store = store(manifest["topk"]) if manifest.get("topk") else None
+            if not cur.has(n) or (topk_store is not None and not topk_store.has(n)):
+                cur, topk_store, done = None, None, []
         for idx in done:
             st = wd / f"state-{idx}.safetensors"
-            info = lay.layers[idx]
-            visitor.restore_layer(info, load_file(str(st)) if st.is_file() else {})
+            visitor.restore_layer(lay.layers[idx], load_file(str(st)) if st.is_file() else {})
         skipped = list(done)
         run: list[int] = []
 
-        def finish(info: LayerInfo, acts_tag: str | None) -> None:
+        def finish(info: LayerInfo, acts: ActivationStore | None, topk: ActivationStore | None) -> None:
             state = visitor.end_layer(info)
             run.append(info.index)
             if spill:
@@ -345,7 +348,11 @@ class StreamingRunner:
                     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                               str(wd / f"state-{info.index}.safetensors"))
                 done.append(info.index)
-                manifest.update(done=done, acts=acts_tag if acts_tag else manifest["acts"])
+                manifest["done"] = done
+                if acts is not None:
+                    manifest["acts"] = acts.directory.name
+                if topk is not None:
+                    manifest["topk"] = topk.directory.name
                 self._write_manifest(manifest)
             if opts.stop_after_layer is not None and info.index == opts.stop_after_layer:
                 raise RunInterrupted(f"stopped after layer {info.index}")
@@ -362,24 +369,29 @@ class StreamingRunner:
                 continue
             layer = load_decoder_layer(reader, lay, self.config, info.index, opts.dtype, dev)
             visitor.begin_layer(info, layer)
-            tag = f"acts-{info.index}"
-            nxt = store(tag)
+            nxt = store(f"acts-{info.index}")
+            full = info.indexer == "full"
+            new_topk = store(f"topk-{info.index}") if full else None
             for i in range(n):
-                t = cur.get(i, dev)
-                h = t["hidden"]
+                h = cur.get(i, dev)["hidden"]
+                prev_topk = None if full or topk_store is None else topk_store.get(i, dev)["topk"]
                 pos_emb, pos, mask = positions_and_mask(self.config, h, rotary)
                 h, topk = layer(h, attention_mask=mask, position_embeddings=pos_emb, position_ids=pos,
-                                prev_topk_indices=t.get("topk"), use_cache=False)
-                out = {"hidden": h}
-                if topk is not None:
-                    out["topk"] = topk
-                nxt.put(i, out)
+                                prev_topk_indices=prev_topk, use_cache=False)
+                nxt.put(i, {"hidden": h})
+                if new_topk is not None:
+                    new_topk.put(i, {"topk": topk})
                 if progress:
                     progress(info.index, chunks[i].numel())
             del layer
             prev, cur = cur, nxt
-            finish(info, tag)
+            prev_topk_store = None
+            if new_topk is not None:
+                prev_topk_store, topk_store = topk_store, new_topk
+            finish(info, nxt, new_topk)
             prev.drop()
+            if prev_topk_store is not None:
+                prev_topk_store.drop()
 
         mtp_layers = [layer for layer in lay.layers if layer.is_mtp] if opts.mtp else []
         pending_mtp = [m for m in mtp_layers if m.index not in done]
@@ -400,7 +412,7 @@ class StreamingRunner:
                     progress(info.index, c[:, 1:].numel())
         if mtp is not None:
             del mtp, emb
-            finish(pending_mtp[0], None)
+            finish(pending_mtp[0], None, None)
         return RunReport(run, skipped, spill, act_bytes)
 
 
