@@ -3,12 +3,29 @@ accuracy, serving-engine loadability (structural), bad input."""
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import math
+import re
+import shutil
+
 import pytest
 import torch
+from click.testing import CliRunner
 
+from glmgguf.checkpoint import open_checkpoint
 from glmgguf.io import CheckpointReader
-from glmgguf.layout import Role, parse_hf_name
+from glmgguf.layout import GlmLayout, LayerKind, Role, parse_hf_name
 from glmgguf.nvfp4 import quant as nq
+from glmgguf.nvfp4.export import (
+    HF_QUANT_CONFIG,
+    MANIFEST_NAME,
+    ExportError,
+    dequantize_export,
+    export_nvfp4,
+    plan_export,
+    summarize_exclude,
+)
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +178,358 @@ def test_cuda_bytes_equal_cpu():
     assert torch.equal(cpu.weight, gpu.weight.cpu())
     assert torch.equal(cpu.weight_scale.view(torch.uint8), gpu.weight_scale.cpu().view(torch.uint8))
     assert torch.equal(cpu.weight_scale_2, gpu.weight_scale_2.cpu())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------------------
+
+PACKED = {"gate_up_proj": ["gate_proj", "up_proj"], "fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"]}
+
+
+@pytest.fixture(scope="module")
+def calib_stats(trained_testbed_dir, tmp_path_factory):
+    """REAP statistics of the trained testbed (4 x 64 tokens: a few experts are never routed)."""
+    from transformers import AutoTokenizer
+
+    from glmgguf.reap.data import pack
+    from glmgguf.reap.observe import observe
+    from glmgguf.runner import chunk_sequences
+    from glmgguf.testbed import stdlib_corpus
+
+    tok = AutoTokenizer.from_pretrained(trained_testbed_dir)
+    seqs = pack([d[:4000] for d in stdlib_corpus("train")[:20]], tok, 64, num_samples=4, seed=1).sequences
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        stats = observe(trained_testbed_dir, chunk_sequences(seqs, 4), streaming=False, dtype=torch.float32)
+    finally:
+        torch.set_num_threads(prev)
+    path = tmp_path_factory.mktemp("nvfp4") / "stats.safetensors"
+    stats.save(path)
+    return path
+
+
+def _export(src, stats, out, fmt="modelopt", **kw):
+    plan = plan_export(src, [stats], fmt=fmt, exclude=kw.pop("exclude", ()))
+    return export_nvfp4(plan, out, threads=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def modelopt_export(trained_testbed_dir, calib_stats, tmp_path_factory):
+    return _export(trained_testbed_dir, calib_stats, tmp_path_factory.mktemp("nvfp4") / "modelopt",
+                   max_shard_bytes=8 * 2**20)
+
+
+@pytest.fixture(scope="module")
+def ct_export(trained_testbed_dir, calib_stats, tmp_path_factory):
+    return _export(trained_testbed_dir, calib_stats, tmp_path_factory.mktemp("nvfp4") / "ct", "compressed-tensors")
+
+
+def _expert_modules(layout: GlmLayout):
+    for layer in layout.moe_layers:
+        for e in range(layer.n_experts):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                yield layer.index, e, proj, f"model.layers.{layer.index}.mlp.experts.{e}.{proj}"
+
+
+def _bf16_linear_modules(layout: GlmLayout, mtp_indexer: bool) -> set[str]:
+    """Module names (HF's and the fused ones vLLM/SGLang build) of every 2-D weight that stays BF16."""
+    out = set()
+    for name, shape in layout.expected_hf_tensors(mtp_indexer=mtp_indexer).items():
+        p = parse_hf_name(name)
+        if len(shape) == 2 and p.rule.role not in (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN):
+            out.add(name.rsplit(".", 1)[0])
+    for layer in layout.layers:
+        pre = f"model.layers.{layer.index}."
+        out.add(pre + "self_attn.fused_qkv_a_proj")
+        out.add(pre + ("mlp.gate_up_proj" if layer.kind is LayerKind.DENSE else "mlp.shared_experts.gate_up_proj"))
+    return out
+
+
+def _vllm_modelopt_excluded(prefix: str, patterns: list[str], expand: bool) -> bool:
+    """vLLM's ModelOptQuantConfigBase.is_layer_excluded (exact with fused shards, substring, fnmatch)."""
+    if expand:  # apply_vllm_mapper: `x*` -> `x`, `x.*`
+        patterns = [q for p in patterns for q in ((p[:-1], p[:-1] + ".*") if len(p) >= 2 and p[-1] == "*"
+                                                   and p[-2] != "." else (p,))]
+    last = prefix.rsplit(".", 1)[-1]
+    if last in PACKED:
+        shards = [prefix[: -len(last)] + s for s in PACKED[last]]
+        if all(s in patterns for s in shards):
+            return True
+    elif prefix in patterns:
+        return True
+    if any(p != prefix and p in prefix for p in patterns):
+        return True
+    return any(fnmatch.fnmatch(prefix, p) for p in patterns)
+
+
+def _sglang_excluded(prefix: str, patterns: list[str]) -> bool:
+    """SGLang's ModelOptFp4Config: is_layer_skipped (exact, fused shards) or a `*`-wildcard full match."""
+    last = prefix.rsplit(".", 1)[-1]
+    names = [prefix[: -len(last)] + s for s in PACKED[last]] if last in PACKED else [prefix]
+    if all(n in patterns for n in names):
+        return True
+    return any(re.fullmatch(p.replace(".", r"\.").replace("*", ".*"), prefix) for p in patterns)
+
+
+def _ct_ignored(prefix: str, ignore: list[str]) -> bool:
+    """compressed-tensors ignore semantics in vLLM (exact names or `re:` regexes; fused: every shard)."""
+    last = prefix.rsplit(".", 1)[-1]
+    names = [prefix[: -len(last)] + s for s in PACKED[last]] if last in PACKED else [prefix]
+
+    def hit(n):
+        return any(re.match(p[3:], n) if p.startswith("re:") else p == n for p in ignore)
+    return all(hit(n) for n in names)
+
+
+def test_modelopt_export_structure(modelopt_export, trained_testbed_dir, calib_stats):
+    from glmgguf.reap.stats import ReapStats
+
+    out = modelopt_export.out
+    src = open_checkpoint(trained_testbed_dir)
+    layout, srd = src.layout, src.reader
+    rd = CheckpointReader(out)
+    assert (out / "model.safetensors.index.json").is_file() and len({i.shard for i in rd.tensors.values()}) > 1
+    expected = set()
+    for _, _, _, mod in _expert_modules(layout):
+        n, k = layout.hf_shape(parse_hf_name(f"{mod}.weight").rule)
+        for suffix, dtype, shape in (("weight", "U8", (n, k // 2)), ("weight_scale", "F8_E4M3", (n, k // 16)),
+                                     ("weight_scale_2", "F32", ()), ("input_scale", "F32", ())):
+            info = rd.info(f"{mod}.{suffix}")
+            assert (info.dtype, info.shape) == (dtype, shape), f"{mod}.{suffix}"
+            expected.add(f"{mod}.{suffix}")
+        for suffix in ("weight_scale_2", "input_scale"):
+            v = float(rd.get(f"{mod}.{suffix}"))
+            assert math.isfinite(v) and v > 0
+    for name in srd.names():
+        if parse_hf_name(name).rule.role not in (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN):
+            expected.add(name)
+            assert torch.equal(rd.get(name).view(torch.uint8), srd.get(name).view(torch.uint8)), name
+    assert set(rd.names()) == expected  # nothing extra that a loader would not know
+    # gate/up share both scales (vLLM/SGLang fuse them into w13 with one scale)
+    stats = ReapStats.load(calib_stats)
+    fallback = 0
+    for layer in layout.moe_layers:
+        L, t = layer.index, stats.layers[layer.index]
+        routed = t["count"] > 0
+        for e in range(layer.n_experts):
+            pre = f"model.layers.{L}.mlp.experts.{e}."
+            for s in ("weight_scale_2", "input_scale"):
+                assert torch.equal(rd.get(pre + f"gate_proj.{s}"), rd.get(pre + f"up_proj.{s}"))
+            amax = max(float(srd.get(pre + "gate_proj.weight").abs().max()),
+                       float(srd.get(pre + "up_proj.weight").abs().max()))
+            assert float(rd.get(pre + "gate_proj.weight_scale_2")) == pytest.approx(amax / 2688, rel=1e-6)
+            want_in = float(t["input_amax"][e]) if routed[e] else float(t["input_amax"][routed].max())
+            want_down = float(t["down_input_amax"][e]) if routed[e] else float(t["down_input_amax"][routed].max())
+            assert float(rd.get(pre + "gate_proj.input_scale")) == pytest.approx(want_in / 2688, rel=1e-6)
+            assert float(rd.get(pre + "down_proj.input_scale")) == pytest.approx(want_down / 2688, rel=1e-6)
+            fallback += not bool(routed[e])
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert fallback > 0 and manifest["n_input_scale_fallbacks"] == fallback
+    assert manifest["quantized_layers"] == [x.index for x in layout.moe_layers]  # MTP block included
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / f).read_bytes() == (trained_testbed_dir / f).read_bytes()
+
+
+def test_modelopt_configs_and_exclusions(modelopt_export, trained_testbed_dir):
+    out = modelopt_export.out
+    ckpt = open_checkpoint(trained_testbed_dir)
+    hq = json.loads((out / HF_QUANT_CONFIG).read_text())
+    assert hq["producer"]["name"] == "modelopt"
+    q = hq["quantization"]
+    # every key vLLM's and SGLang's modelopt_fp4 readers require
+    assert q["quant_algo"] == "NVFP4" and q["group_size"] == 16 and "kv_cache_quant_algo" in q
+    assert q["kv_cache_quant_algo"] is None and isinstance(q["exclude_modules"], list) and q["exclude_modules"]
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4" and qc["group_size"] == 16
+    assert qc["ignore"] == q["exclude_modules"] and qc["exclude_modules"] == q["exclude_modules"]
+    assert {k: v for k, v in cfg.items() if k != "quantization_config"} == ckpt.reader.config
+    patterns = q["exclude_modules"]
+    for mod in _bf16_linear_modules(ckpt.layout, ckpt.mtp_indexer) | {"model.embed_tokens", "lm_head"}:
+        assert _vllm_modelopt_excluded(mod, patterns, False), mod
+        assert _vllm_modelopt_excluded(mod, patterns, True), mod
+        assert _sglang_excluded(mod, patterns), mod
+    for L, _, _, mod in _expert_modules(ckpt.layout):
+        for name in (mod, f"model.layers.{L}.mlp.experts"):
+            assert not _vllm_modelopt_excluded(name, patterns, False), name
+            assert not _vllm_modelopt_excluded(name, patterns, True), name
+            assert not _sglang_excluded(name, patterns), name
+
+
+def test_summarize_exclude_like_modelopt():
+    q = [f"model.layers.{L}.mlp.experts.0.gate_proj" for L in (3, 10, 12)]
+    u = ["lm_head", "model.layers.1.self_attn.q_a_proj", "model.layers.3.mlp.gate", "model.layers.3.self_attn.o_proj",
+         "model.layers.0.mlp.down_proj"]
+    assert summarize_exclude(u, q) == ["lm_head", "model.layers.0*", "model.layers.1.*",
+                                       "model.layers.3.mlp.gate", "model.layers.3.self_attn*"]
+    from modelopt.torch.export.quant_utils import _prefix_wildcard_summarize_exclude_modules as ref
+
+    assert summarize_exclude(u, q) == sorted(ref(u, q))
+
+
+def test_dequantized_export_within_error_bound(modelopt_export, trained_testbed_dir):
+    rd, srd = CheckpointReader(modelopt_export.out), CheckpointReader(trained_testbed_dir)
+    layout = GlmLayout.from_dir(trained_testbed_dir)
+    for _, _, _, mod in _expert_modules(layout):
+        w = srd.get(f"{mod}.weight")
+        scale, s2 = rd.get(f"{mod}.weight_scale"), rd.get(f"{mod}.weight_scale_2")
+        deq = nq.dequantize(rd.get(f"{mod}.weight"), scale, s2)
+        assert ((deq - w.float()).abs() <= nq.error_bound(scale, s2, w)).all(), mod
+
+
+def test_compressed_tensors_layout(ct_export, modelopt_export, trained_testbed_dir):
+    ct, mo = CheckpointReader(ct_export.out), CheckpointReader(modelopt_export.out)
+    ckpt = open_checkpoint(trained_testbed_dir)
+    for _, _, proj, mod in _expert_modules(ckpt.layout):
+        assert torch.equal(ct.get(f"{mod}.weight_packed"), mo.get(f"{mod}.weight"))
+        assert torch.equal(ct.get(f"{mod}.weight_scale").view(torch.uint8), mo.get(f"{mod}.weight_scale").view(
+            torch.uint8))
+        for c, m in (("weight_global_scale", "weight_scale_2"), ("input_global_scale", "input_scale")):
+            g = ct.get(f"{mod}.{c}")
+            assert g.shape == (1,) and g.dtype == torch.float32
+            assert float(g) * float(mo.get(f"{mod}.{m}")) == pytest.approx(1.0, rel=1e-6)  # reciprocal
+        if proj == "gate_proj":
+            for c in ("weight_global_scale", "input_global_scale"):
+                assert torch.equal(ct.get(f"{mod}.{c}"), ct.get(f"{mod.replace('gate_proj', 'up_proj')}.{c}"))
+    assert f"{mod}.weight" not in ct
+    qc = json.loads((ct_export.out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "nvfp4-pack-quantized"
+    group = qc["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"] and group["weights"]["strategy"] == "tensor_group"
+    assert group["weights"]["group_size"] == 16 and group["weights"]["num_bits"] == 4
+    assert group["input_activations"]["dynamic"] == "local"
+    assert not (ct_export.out / HF_QUANT_CONFIG).exists()
+    for mod in _bf16_linear_modules(ckpt.layout, ckpt.mtp_indexer):
+        assert _ct_ignored(mod, qc["ignore"]), mod
+    for _, _, _, mod in _expert_modules(ckpt.layout):
+        assert not _ct_ignored(mod, qc["ignore"])
+
+
+@pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
+def test_dequantized_export_kl_in_transformers(fmt, modelopt_export, ct_export, trained_testbed_dir, tmp_path):
+    """The exported testbed, experts dequantized, loaded in transformers: KL to the BF16 model (float32 compute)."""
+    from transformers import AutoModelForCausalLM
+
+    from glmgguf.parity import kl_stats
+    from glmgguf.testbed.train import heldout_batch
+
+    export = modelopt_export if fmt == "modelopt" else ct_export
+    deq = dequantize_export(export.out, tmp_path / "deq")
+    ids = heldout_batch(4, 128)[:, :-1]
+
+    def logits(d):
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return model(ids).logits.reshape(-1, model.config.vocab_size)
+
+    stats = kl_stats(logits(trained_testbed_dir), logits(deq))
+    print(f"NVFP4 experts ({fmt}) vs BF16: {stats}")
+    assert stats.mean < 0.01 and stats.top1_agreement > 0.9
+
+
+def test_exclude_mtp_experts(trained_testbed_dir, calib_stats, tmp_path):
+    layout = GlmLayout.from_dir(trained_testbed_dir)
+    mtp = layout.n_layers
+    res = _export(trained_testbed_dir, calib_stats, tmp_path / "out", exclude=[f"model.layers.{mtp}.*"])
+    rd = CheckpointReader(res.out)
+    assert rd.info(f"model.layers.{mtp}.mlp.experts.0.gate_proj.weight").dtype == "BF16"
+    assert f"model.layers.{mtp}.mlp.experts.0.gate_proj.weight_scale" not in rd
+    assert rd.info("model.layers.1.mlp.experts.0.gate_proj.weight").dtype == "U8"
+    patterns = json.loads((res.out / HF_QUANT_CONFIG).read_text())["quantization"]["exclude_modules"]
+    assert _vllm_modelopt_excluded(f"model.layers.{mtp}.mlp.experts", patterns, True)
+    assert _sglang_excluded(f"model.layers.{mtp}.mlp.experts.3.down_proj", patterns)
+    with pytest.raises(ExportError, match="some but not all"):
+        plan_export(trained_testbed_dir, [calib_stats], exclude=["model.layers.1.mlp.experts.0.*"])
+
+
+def test_default_calibration_beside_pruned_checkpoint(trained_testbed_dir, calib_stats, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(trained_testbed_dir, src)
+    with pytest.raises(ExportError, match="no calibration statistics"):
+        plan_export(src, None)
+    shutil.copy(calib_stats, src / "reap_stats.safetensors")
+    assert plan_export(src, None).stats_paths == [src / "reap_stats.safetensors"]
+
+
+def test_bad_input(trained_testbed_dir, tiny_testbed_dir, calib_stats, modelopt_export, tmp_path):
+    from glmgguf.reap.stats import ReapStats
+
+    with pytest.raises(ExportError, match="not found"):
+        plan_export(trained_testbed_dir, [tmp_path / "missing.safetensors"])
+    other = ReapStats.load(calib_stats)
+    other.fingerprint = {**other.fingerprint, "hidden_size": 2 * other.fingerprint["hidden_size"]}
+    other.save(tmp_path / "other.safetensors")
+    with pytest.raises(ExportError, match="another model"):
+        plan_export(trained_testbed_dir, [tmp_path / "other.safetensors"])
+    fewer = ReapStats.load(calib_stats)
+    fewer.fingerprint = {**fewer.fingerprint, "experts": {k: v // 2 for k, v in fewer.fingerprint["experts"].items()}}
+    for L, t in fewer.layers.items():
+        fewer.layers[L] = {k: v[: len(v) // 2] for k, v in t.items()}
+    fewer.save(tmp_path / "fewer.safetensors")
+    with pytest.raises(ExportError, match="another model"):
+        plan_export(trained_testbed_dir, [tmp_path / "fewer.safetensors"])
+    no_mtp = ReapStats.load(calib_stats)
+    del no_mtp.layers[max(no_mtp.layers)]
+    no_mtp.save(tmp_path / "no_mtp.safetensors")
+    with pytest.raises(ExportError, match="MTP block"):
+        plan_export(trained_testbed_dir, [tmp_path / "no_mtp.safetensors"])
+    with pytest.raises(ExportError, match="already quantized"):
+        plan_export(modelopt_export.out, [calib_stats])
+    plan = plan_export(trained_testbed_dir, [calib_stats])
+    from glmgguf.io.atomic import OutputExistsError
+
+    with pytest.raises(OutputExistsError):
+        export_nvfp4(plan, modelopt_export.out, threads=1)
+    with pytest.raises(ExportError, match="CUDA is not available") if not torch.cuda.is_available() else \
+            pytest.raises(OutputExistsError):
+        export_nvfp4(plan, modelopt_export.out, device="cuda")
+
+
+def test_failed_export_leaves_nothing(trained_testbed_dir, calib_stats, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = nq.quantize
+
+    def failing(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise nq.Nvfp4Error("weight contains inf or NaN")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(nq, "quantize", failing)
+    with pytest.raises(ExportError, match="expert"):
+        _export(trained_testbed_dir, calib_stats, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_cli(trained_testbed_dir, calib_stats, tmp_path):
+    from glmgguf.cli import main
+
+    run = CliRunner()
+    out = tmp_path / "out"
+    args = ["nvfp4", "export", str(trained_testbed_dir), str(out), "--calib", str(calib_stats), "--threads", "1"]
+    r = run.invoke(main, [*args, "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "experts in NVFP4" in r.output and not out.exists()
+    r = run.invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "never routed" in r.output and (out / HF_QUANT_CONFIG).is_file()
+    r = run.invoke(main, args)
+    assert r.exit_code == 1 and "already exists" in r.output
+    r = run.invoke(main, [*args, "--force", "--format", "compressed-tensors"])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(main, ["nvfp4", "export", str(trained_testbed_dir), str(tmp_path / "x"), "--threads", "1"])
+    assert r.exit_code == 1 and "no calibration statistics" in r.output
+    r = run.invoke(main, ["nvfp4", "dequantize", str(out), str(tmp_path / "deq")])
+    assert r.exit_code == 0, r.output
+    assert CheckpointReader(tmp_path / "deq").info("model.layers.1.mlp.experts.0.up_proj.weight").dtype == "F32"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_export_equals_cpu(trained_testbed_dir, calib_stats, modelopt_export, tmp_path):
+    res = _export(trained_testbed_dir, calib_stats, tmp_path / "gpu", device="cuda", max_shard_bytes=8 * 2**20)
+    a, b = CheckpointReader(modelopt_export.out), CheckpointReader(res.out)
+    assert a.names() == b.names()
+    for n in a.names():
+        assert torch.equal(a.get(n).view(torch.uint8), b.get(n).view(torch.uint8)), n
