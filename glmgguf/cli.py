@@ -9,6 +9,7 @@ from glmgguf.demo import demo
 from glmgguf.gguf.cli import convert_cmd, inspect_cmd, quantize_cmd, recipes_cmd
 from glmgguf.gguf.kld import kld_cmd
 from glmgguf.llama import cli as llama_cli
+from glmgguf.nvfp4.cli import nvfp4 as nvfp4_cmd
 from glmgguf.reap.cli import reap as reap_cmd
 from glmgguf.testbed.cli import testbed as testbed_cmd
 
@@ -28,3 +29,4 @@ main.add_command(kld_cmd)
 main.add_command(testbed_cmd)
 main.add_command(demo)
 main.add_command(reap_cmd)
+main.add_command(nvfp4_cmd)
