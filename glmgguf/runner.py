@@ -18,11 +18,14 @@ A `LayerVisitor` instruments the layers (REAP observation; a teacher cache for r
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,6 +395,7 @@ class StreamingRunner:
             prev.drop()
             if prev_topk_store is not None:
                 prev_topk_store.drop()
+            release_memory()
 
         mtp_layers = [layer for layer in lay.layers if layer.is_mtp] if opts.mtp else []
         pending_mtp = [m for m in mtp_layers if m.index not in done]
@@ -414,6 +418,16 @@ class StreamingRunner:
             del mtp, emb
             finish(pending_mtp[0], None, None)
         return RunReport(run, skipped, spill, act_bytes)
+
+
+def release_memory() -> None:
+    """Return a finished layer's memory: collect cycles, then ask glibc to give freed heap pages back."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # another libc
+            pass
 
 
 def chunk_sequences(seqs: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> list[torch.Tensor]:

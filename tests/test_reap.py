@@ -19,7 +19,7 @@ from glmgguf.layout import GlmLayout
 from glmgguf.reap.data import load_calibration, pack, read_records
 from glmgguf.reap.errors import DataError, PruneError, StatsError
 from glmgguf.reap.observe import LayerAccumulator, instrument_moe, load_in_memory_model, observe
-from glmgguf.reap.prune import KEEP_MAP_NAME, STATS_NAME, plan_prune, prune_checkpoint
+from glmgguf.reap.prune import KEEP_MAP_NAME, STATS_NAME, load_keep_map, plan_prune, prune_checkpoint
 from glmgguf.reap.routing import RouterSpec, route
 from glmgguf.reap.stats import FIELDS, ReapStats
 from glmgguf.runner import (
@@ -433,6 +433,7 @@ def test_prune_uniform(stream_stats, trained_testbed_dir, chunks, tmp_path):
     assert res.bytes_out < res.bytes_in
     keep_json = json.loads((out / KEEP_MAP_NAME).read_text())
     assert keep_json["keep_map"] == {str(k): v for k, v in plan.keep.items()}
+    assert load_keep_map(out) == plan.keep
     with safe_open(str(next(out.glob("model*.safetensors"))), framework="pt") as f:
         assert json.loads(f.metadata()["reap_keep_map"]) == keep_json["keep_map"]
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):

@@ -249,6 +249,8 @@ def observe(model_dir: str | os.PathLike, chunks: Sequence[torch.Tensor], *, str
             progress: ProgressFn | None = None, meta: dict | None = None) -> ReapStats:
     """Observe `chunks` ([B, S] token ids) in either mode; returns statistics with the run's settings as meta."""
     t0 = time.perf_counter()
+    if streaming and device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if streaming:
         stats = observe_streaming(model_dir, chunks, dtype=dtype, device=device, work_dir=work_dir,
                                   spill_bytes=spill_bytes, mtp=mtp, progress=progress)

@@ -208,6 +208,15 @@ def pruned_config(cfg: dict, layout: GlmLayout, plan: PrunePlan) -> dict:
     return out
 
 
+def load_keep_map(model_dir: str | os.PathLike) -> dict[int, list[int]]:
+    """The keep-map of a pruned checkpoint (MoE layer -> original expert ids, position = new id), e.g. to slice
+    an imatrix of the unpruned model (`glmgguf.gguf.imatrix.slice_experts`)."""
+    path = Path(model_dir) / KEEP_MAP_NAME
+    if not path.is_file():
+        raise PruneError(f"{model_dir} has no {KEEP_MAP_NAME} (not a pruned checkpoint)")
+    return {int(k): list(v) for k, v in json.loads(path.read_text())["keep_map"].items()}
+
+
 @dataclass
 class PruneResult:
     out: Path
