@@ -139,6 +139,11 @@ def convert(
     warnings += imatrix_warnings
     for w in warnings:
         tqdm.write(f"warning: {w}")
+    nvfp4 = None
+    if any(t.ggml_type == Q.NVFP4 for t in plan):  # + per-expert `.scale` tensors, ModelOpt-exact data
+        from glmgguf.nvfp4.gguf import Nvfp4Encoder, with_scale_tensors
+
+        plan, nvfp4 = with_scale_tensors(plan), Nvfp4Encoder()
     with_mtp = mtp is not MtpMode.DROP
     block_count = ckpt.layout.block_count if with_mtp else ckpt.layout.n_layers
     total = sum(nbytes(t.ggml_type, t.n_elements) for t in plan)
@@ -159,7 +164,10 @@ def convert(
         w.write_ti_data_to_file()
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
             for t in plan:
-                chunks = tensor_chunks(ckpt, t, allow_nonfinite, imatrix_data[t.name], threads)
+                if nvfp4 is not None and nvfp4.handles(t):
+                    chunks = nvfp4.chunks(ckpt, t)
+                else:
+                    chunks = tensor_chunks(ckpt, t, allow_nonfinite, imatrix_data[t.name], threads)
                 bar.update(write_tensor_chunks(w, chunks))
                 peak = max(peak, proc.memory_info().rss)
         paths = list(w.final_paths)

@@ -220,6 +220,9 @@ def plan_quantize(model: GgufModel, recipe: Recipe) -> tuple[list[PlannedTensor]
     for src in model.plan:
         t = PlannedTensor(src.name, src.role, src.layer, src.sources, src.transform, src.shape,
                           resolution[src.name])
+        if t.ggml_type is Q.NVFP4 and src.ggml_type is not Q.NVFP4:
+            raise GgufInputError(f"{src.name}: NVFP4 needs a per-expert scale computed from the weights: write it "
+                                 "with 'glmgguf convert --recipe' from the safetensors checkpoint")
         if src.ggml_type not in FLOAT_TYPES and t.ggml_type is not src.ggml_type:
             raise GgufInputError(f"{model.paths[0]}: {src.name} is already {src.ggml_type.name}; quantize from an "
                                  "F32/BF16/F16 GGUF (requantizing loses precision)")

@@ -56,6 +56,7 @@ FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 QUANT_TYPES = (
     Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ1_S, Q.IQ1_M,
     Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_NL, Q.IQ4_XS, Q.TQ1_0, Q.TQ2_0, Q.MXFP4,
+    Q.NVFP4,  # routed experts only, ModelOpt-exact with a per-expert `.scale` tensor (glmgguf.nvfp4.gguf)
 )
 RECIPE_TYPES = FLOAT_TYPES + QUANT_TYPES
 
@@ -100,6 +101,7 @@ FILE_TYPES: dict[Q, tuple[str, gguf.LlamaFileType]] = {
     Q.TQ1_0: ("TQ1_0", gguf.LlamaFileType.MOSTLY_TQ1_0),
     Q.TQ2_0: ("TQ2_0", gguf.LlamaFileType.MOSTLY_TQ2_0),
     Q.MXFP4: ("MXFP4_MOE", gguf.LlamaFileType.MOSTLY_MXFP4_MOE),
+    Q.NVFP4: ("NVFP4", gguf.LlamaFileType.MOSTLY_NVFP4),
 }
 
 _RULE_KEYS = {"role", "name", "layers", "type", "note"}
