@@ -512,8 +512,16 @@ def test_prune_global_per_layer(stream_stats, trained_testbed_dir, chunks, tmp_p
     assert {x.index: x.n_experts for x in ck.layout.moe_layers} == plan.counts
     assert ck.layout.uniform_experts is None
     res = CliRunner().invoke(main, ["convert", str(out), str(tmp_path / "g.gguf")])
-    assert res.exit_code == 1 and "per-layer expert counts" in res.output and "Traceback" not in res.output
-    assert not (tmp_path / "g.gguf").exists()
+    assert "Traceback" not in res.output
+    if res.exit_code == 1:  # the pinned llama.cpp needs one count: a clear refusal, nothing written
+        assert "per-layer expert counts" in res.output
+        assert not (tmp_path / "g.gguf").exists()
+    else:  # a converter that supports per-layer counts must mark the file as needing the patched runtime
+        from gguf import GGUFReader
+
+        assert res.exit_code == 0, res.output
+        fields = GGUFReader(tmp_path / "g.gguf").fields
+        assert any("requires_patches" in k for k in fields), sorted(fields)
     # the streaming runner builds each layer with its own count
     st = observe(out, chunks[:1], streaming=True, dtype=torch.float32)
     assert {L: st.n_experts(L) for L in st.layers} == plan.counts
