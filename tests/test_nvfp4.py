@@ -30,6 +30,15 @@ from glmgguf.nvfp4.export import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small tensors on a shared CPU: one torch thread is several times faster than threads waiting on each other."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="module")
 def modelopt_nvfp4():
     """ModelOpt's NVFP4QTensor (the reference quantizer; the `test` extra installs nvidia-modelopt)."""
