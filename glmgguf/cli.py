@@ -9,6 +9,7 @@ from glmgguf.demo import demo
 from glmgguf.gguf.cli import convert_cmd, inspect_cmd, quantize_cmd, recipes_cmd
 from glmgguf.gguf.kld import kld_cmd
 from glmgguf.llama import cli as llama_cli
+from glmgguf.llama.patch_cli import patch as patch_cmd
 from glmgguf.nvfp4.cli import nvfp4 as nvfp4_cmd
 from glmgguf.reap.cli import reap as reap_cmd
 from glmgguf.testbed.cli import testbed as testbed_cmd
@@ -21,6 +22,7 @@ def main() -> None:
 
 
 main.add_command(llama_cli.llama)
+main.add_command(patch_cmd)
 main.add_command(convert_cmd)
 main.add_command(quantize_cmd)
 main.add_command(inspect_cmd)
