@@ -38,6 +38,8 @@ KNOWN_EXTRA_KEYS: dict[str, str] = {
     # Written explicitly from tokenizer_config.json (false for GLM). Upstream omits it when the config has no
     # `add_bos_token`; llama.cpp's default for the glm4 pre-tokenizer is also false, so the behaviour is equal.
     "tokenizer.ggml.add_bos_token": "explicit add_bos_token (llama.cpp's glm4 default is the same: false)",
+    # The reference indexer LayerNorm eps (1e-6); read by the patched runtime, ignored by the pinned one.
+    "glm-dsa.attention.indexer.layer_norm_epsilon": "indexer k_norm eps for the patched runtime",
 }
 
 

@@ -102,6 +102,9 @@ def convert_cmd(src: Path, out: Path, outtype: str | None, recipe: str | None, m
                          allow_nonfinite=allow_nonfinite, imatrix=imat, threads=threads,
                          split_max_size=split_max_size)
     _echo_written(result.paths or [result.path], result.n_tensors, result.n_bytes, result.seconds, result.peak_rss)
+    if result.requires_patches:
+        click.echo(f"note: this GGUF needs llama.cpp with {', '.join(result.requires_patches)} (an unpatched "
+                   "llama.cpp refuses it): `glmgguf llama build --patches`, or `glmgguf patch apply --llama-cpp DIR`")
 
 
 @click.command("quantize")

@@ -53,6 +53,7 @@ class ConvertResult:
     peak_rss: int
     paths: list[Path] | None = None  # every part of a split output (else [path])
     warnings: list[str] | None = None
+    requires_patches: list[str] | None = None  # llama.cpp patches the file needs (see glmgguf.llama.patches)
 
 
 # dtype -> (same-width int type, mask without the sign bit, bits of +Inf): |x| < Inf on the raw bits
@@ -154,7 +155,7 @@ def convert(
         w.add_file_type(file_type(plan))
         if any(t.ggml_type not in (Q.F32, Q.F16, Q.BF16) for t in plan):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_hparams(w, ckpt.layout, block_count, with_mtp)
+        needs = write_hparams(w, ckpt.layout, block_count, with_mtp)
         write_vocab(w, ckpt.reader.root, ckpt.layout.vocab_size)
         if imatrix is not None:
             write_imatrix_keys(w, imatrix)
@@ -171,4 +172,4 @@ def convert(
                 bar.update(write_tensor_chunks(w, chunks))
                 peak = max(peak, proc.memory_info().rss)
         paths = list(w.final_paths)
-    return ConvertResult(paths[0], len(plan), total, time.perf_counter() - start, peak, paths, warnings)
+    return ConvertResult(paths[0], len(plan), total, time.perf_counter() - start, peak, paths, warnings, needs)

@@ -9,8 +9,12 @@ import gguf
 
 from glmgguf import __version__
 from glmgguf.layout import GGUF_ARCH, GlmLayout, LayoutError
+from glmgguf.llama import patches
 
 PROVENANCE_PREFIX = "glmgguf."
+# transformers' GlmMoeDsaIndexer normalizes keys with nn.LayerNorm(index_head_dim, eps=1e-6) (no config key)
+INDEXER_NORM_EPS = 1e-6
+INDEXER_NORM_EPS_KEY = f"{GGUF_ARCH}.attention.indexer.layer_norm_epsilon"
 
 
 def _rope_theta(cfg: dict) -> float:
@@ -21,15 +25,22 @@ def _rope_theta(cfg: dict) -> float:
     return float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
 
 
-def write_hparams(w: gguf.GGUFWriter, layout: GlmLayout, block_count: int, with_mtp: bool) -> None:
-    """Hyperparameters exactly as llama.cpp's loader for glm-dsa reads them."""
+def expert_counts(layout: GlmLayout, block_count: int) -> list[int] | None:
+    """Routed experts of each written block (0 for dense ones) when they differ between blocks, else None."""
+    counts = [layer.n_experts for layer in layout.layers[:block_count]]
+    return None if len({c for c in counts if c}) <= 1 else counts
+
+
+def write_hparams(w: gguf.GGUFWriter, layout: GlmLayout, block_count: int, with_mtp: bool) -> list[str]:
+    """Hyperparameters exactly as llama.cpp's loader for glm-dsa reads them.
+
+    Returns the llama.cpp patches the file needs (also written as `glmgguf.requires_patches`): per-layer expert
+    counts are an array-typed `expert_count`, which the unpatched loader refuses ("key glm-dsa.expert_count has
+    wrong type arr but expected type u32") instead of misreading.
+    """
     cfg = layout.config
-    n_experts = layout.uniform_experts
-    if n_experts is None:
-        raise LayoutError(
-            "this model has per-layer expert counts (num_routed_experts_per_layer); the pinned llama.cpp needs "
-            "one count for all layers - prune with --per-layer uniform, or use the patched runtime"
-        )
+    per_layer = expert_counts(layout, block_count)
+    needs = [patches.PER_LAYER_EXPERTS] if per_layer is not None else []
     w.add_block_count(block_count)
     w.add_context_length(int(cfg.get("max_position_embeddings", 202752)))
     w.add_embedding_length(layout.hidden_size)
@@ -38,7 +49,11 @@ def write_hparams(w: gguf.GGUFWriter, layout: GlmLayout, block_count: int, with_
     w.add_head_count_kv(1)
     w.add_rope_freq_base(_rope_theta(cfg))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
-    w.add_expert_count(n_experts)
+    if per_layer is None:
+        w.add_expert_count(max(layer.n_experts for layer in layout.layers[:block_count]))
+    else:
+        w.add_key_value(gguf.Keys.LLM.EXPERT_COUNT.format(arch=GGUF_ARCH), per_layer, gguf.GGUFValueType.ARRAY,
+                        sub_type=gguf.GGUFValueType.UINT32)
     w.add_expert_used_count(layout.experts_per_tok)
     w.add_expert_group_count(layout.n_group)
     w.add_expert_group_used_count(layout.topk_group)
@@ -65,6 +80,11 @@ def write_hparams(w: gguf.GGUFWriter, layout: GlmLayout, block_count: int, with_
     # gguf 0.19.0 has no add_indexer_types; without the key llama.cpp guesses the pattern from n_ctx_train.
     types = [layer.indexer == "full" for layer in layout.layers if not layer.is_mtp]
     w.add_array(f"{GGUF_ARCH}.attention.indexer.types", types)
+    # read by the patched runtime (glmgguf.llama.patches.INDEXER_NORM_EPS); an unpatched one ignores it (eps 0)
+    w.add_float32(INDEXER_NORM_EPS_KEY, INDEXER_NORM_EPS)
+    if needs:
+        w.add_array(PROVENANCE_PREFIX + "requires_patches", needs)
+    return needs
 
 
 def config_digest(cfg: dict) -> str:
