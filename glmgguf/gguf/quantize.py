@@ -82,7 +82,10 @@ def _layers_from_kv(fields: dict[str, gguf.ReaderField], path: Path) -> tuple[La
         raise GgufInputError(f"{path}: no {GGUF_ARCH}.block_count")
     n_mtp = int(val("nextn_predict_layers", 0) or 0)
     n_dense = int(val("leading_dense_block_count", 0) or 0)
-    n_expert = int(val("expert_count", 0) or 0)
+    n_expert = val("expert_count", 0) or 0  # one count, or one per block (per-layer expert counts)
+    counts = [int(c) for c in n_expert] if isinstance(n_expert, list) else [int(n_expert)] * n_blocks
+    if len(counts) != n_blocks:
+        raise GgufInputError(f"{path}: {GGUF_ARCH}.expert_count has {len(counts)} entries for {n_blocks} blocks")
     types = val("attention.indexer.types") or []
     n_trunk = n_blocks - n_mtp
     layers = []
@@ -95,7 +98,7 @@ def _layers_from_kv(fields: dict[str, gguf.ReaderField], path: Path) -> tuple[La
         moe = is_mtp or i >= n_dense
         layers.append(LayerInfo(index=i, kind=LayerKind.MOE if moe else LayerKind.DENSE, is_mtp=is_mtp,
                                 indexer=None if is_mtp else ("full" if full else "shared"),
-                                indexer_source=None if is_mtp else last_full, n_experts=n_expert if moe else 0))
+                                indexer_source=None if is_mtp else last_full, n_experts=counts[i] if moe else 0))
     return tuple(layers)
 
 
