@@ -17,7 +17,7 @@ from glmgguf.checkpoint import open_checkpoint
 from glmgguf.cli import main
 from glmgguf.layout import GlmLayout
 from glmgguf.reap.data import load_calibration, pack, read_records
-from glmgguf.reap.errors import DataError, PruneError, StatsError
+from glmgguf.reap.errors import DataError, PruneError, ReapError, StatsError
 from glmgguf.reap.observe import LayerAccumulator, instrument_moe, load_in_memory_model, observe
 from glmgguf.reap.prune import KEEP_MAP_NAME, STATS_NAME, load_keep_map, plan_prune, prune_checkpoint
 from glmgguf.reap.routing import RouterSpec, route
@@ -525,6 +525,8 @@ def test_prune_global_per_layer(stream_stats, trained_testbed_dir, chunks, tmp_p
     # the streaming runner builds each layer with its own count
     st = observe(out, chunks[:1], streaming=True, dtype=torch.float32)
     assert {L: st.n_experts(L) for L in st.layers} == plan.counts
+    with pytest.raises(ReapError, match="--streaming"):
+        observe(out, chunks[:1], streaming=False)
 
 
 def test_random_and_ean_plans_are_deterministic(stream_stats, trained_testbed_dir):
@@ -587,3 +589,37 @@ def test_cli_observe_prune_report(trained_testbed_dir, tmp_path):
     r = run.invoke(main, ["reap", "prune", str(tmp_path / "p"), "--stats", str(merged), "--keep", "4",
                           "--out", str(tmp_path / "q")])
     assert r.exit_code == 1 and "another model" in r.output
+
+
+def test_reap_beats_random_pruning(stream_stats, trained_testbed_dir):
+    """The real effect, small scale: KL(unpruned || pruned) on held-out text, REAP vs random expert choices.
+
+    Pruned models are emulated by making the dropped experts unselectable (test_prune_uniform shows that equals
+    the pruned checkpoint). REAP vs frequency is measured, not asserted: on this testbed frequency wins (its
+    expert loads are skewed 10-80x; see bench/reap_quality.py and the README).
+    """
+    from glmgguf.testbed.train import heldout_batch
+
+    lay = GlmLayout.from_dir(trained_testbed_dir)
+    held = heldout_batch(16, SEQ_LEN)[:, :SEQ_LEN]
+    model = load_in_memory_model(trained_testbed_dir, torch.float32, None)
+    gates = {L: model.model.layers[L].mlp.gate for L in stream_stats.layers if L < lay.n_layers}
+    original = {L: g.e_score_correction_bias.clone() for L, g in gates.items()}
+    with torch.no_grad():
+        ref = torch.log_softmax(model(held).logits.double(), -1)
+
+        def kl(keep: dict[int, list[int]]) -> float:
+            for L, g in gates.items():
+                g.e_score_correction_bias.copy_(original[L])
+                dropped = torch.ones(g.num_experts, dtype=torch.bool)
+                dropped[keep[L]] = False
+                g.e_score_correction_bias[dropped] = -1e4
+            q = torch.log_softmax(model(held).logits.double(), -1)
+            return float((ref.exp() * (ref - q)).sum(-1).mean())
+
+        for ratio in (0.25, 0.5):
+            reap = kl(plan_prune(lay, stream_stats, ratio=ratio, metric="reap").keep)
+            freq = kl(plan_prune(lay, stream_stats, ratio=ratio, metric="frequency").keep)
+            rand = [kl(plan_prune(lay, stream_stats, ratio=ratio, metric="random", seed=s).keep) for s in range(4)]
+            print(f"ratio {ratio}: KL reap {reap:.4f}, frequency {freq:.4f}, random {[round(r, 4) for r in rand]}")
+            assert reap < min(rand), (reap, rand)

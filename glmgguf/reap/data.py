@@ -90,11 +90,11 @@ def read_records(path: str | os.PathLike, text_field: str = "text") -> list[str 
 
 def _render(tokenizer, doc: str | list[dict]) -> list[int]:
     if isinstance(doc, str):
-        return tokenizer(doc, add_special_tokens=False)["input_ids"]
+        return tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
     msgs = [{"role": m.get("role") or m.get("from"), "content": m.get("content") or m.get("value") or ""}
             for m in doc]
     text = tokenizer.apply_chat_template(msgs, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _separator(tokenizer) -> list[int]:

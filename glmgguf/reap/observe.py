@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmgguf.layout import GlmLayout, LayerInfo, LayerKind
+from glmgguf.reap.errors import ReapError
 from glmgguf.reap.routing import RouterSpec, route
 from glmgguf.reap.stats import FIELDS, ReapStats, empty_layer, model_fingerprint
 from glmgguf.runner import (
@@ -207,9 +208,11 @@ def observe_in_memory(model_dir: str | os.PathLike, chunks: Sequence[torch.Tenso
 
     from glmgguf.io import CheckpointReader
 
-    model = load_in_memory_model(model_dir, dtype, device_map)
     reader = CheckpointReader(model_dir)
     layout = GlmLayout.from_config(reader.config)
+    if layout.uniform_experts is None:
+        raise ReapError("transformers cannot build a model with per-layer expert counts: observe it with --streaming")
+    model = load_in_memory_model(model_dir, dtype, device_map)
     observer = ExpertObserver(layout)
     in_dev = model.model.embed_tokens.weight.device
     out_dev = model.model.norm.weight.device
