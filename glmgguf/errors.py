@@ -11,9 +11,10 @@ from glmgguf.io import CheckpointError
 from glmgguf.io.atomic import OutputExistsError
 from glmgguf.layout import LayoutError
 from glmgguf.reap.errors import ReapError
+from glmgguf.runner import RunnerError
 
 USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, LayoutError, OutputExistsError, FileNotFoundError,
-                                            ReapError)
+                                            ReapError, RunnerError)
 
 
 @contextmanager

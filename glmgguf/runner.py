@@ -202,8 +202,8 @@ class ActivationStore:
             directory.mkdir(parents=True, exist_ok=True)
 
     def put(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
-        if self.directory is None:
-            self.mem[i] = tensors
+        if self.directory is None:  # host memory: the accelerator holds only the layer and the chunk in flight
+            self.mem[i] = {k: v.detach().to("cpu") for k, v in tensors.items()}
         else:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
                       str(self.directory / f"chunk-{i:06d}.safetensors"))
@@ -244,6 +244,19 @@ class RunReport:
     layers_skipped: list[int]
     spilled: bool
     activation_bytes: int
+
+
+class RunnerError(ValueError):
+    """A run that cannot start (work directory, spill settings)."""
+
+
+def clear_work_dir(wd: Path) -> None:
+    """Remove a work directory of this runner; refuse to delete a non-empty directory it did not create."""
+    if not wd.exists():
+        return
+    if any(wd.iterdir()) and not (wd / MANIFEST).is_file():
+        raise RunnerError(f"work directory {wd} is not empty and holds no {MANIFEST}: refusing to clear it")
+    shutil.rmtree(wd)
 
 
 class RunInterrupted(RuntimeError):
@@ -313,7 +326,7 @@ class StreamingRunner:
         act_bytes = self.activation_bytes(chunks)
         spill = opts.work_dir is not None and act_bytes > opts.spill_bytes
         if act_bytes > opts.spill_bytes and opts.work_dir is None:
-            raise ValueError("activations exceed the spill threshold but no work directory was given")
+            raise RunnerError("activations exceed the spill threshold but no work directory was given")
         key = _run_key(reader, chunks, opts) if spill else None
         wd = opts.work_dir
 
@@ -322,7 +335,7 @@ class StreamingRunner:
 
         manifest = self._manifest() if spill else None
         if spill and (manifest is None or manifest.get("key") != key):
-            shutil.rmtree(wd, ignore_errors=True)
+            clear_work_dir(wd)
             wd.mkdir(parents=True)
             manifest = {"key": key, "done": [], "acts": None, "topk": None}
             self._write_manifest(manifest)

@@ -25,6 +25,7 @@ from glmgguf.reap.stats import FIELDS, ReapStats
 from glmgguf.runner import (
     LayerVisitor,
     RunInterrupted,
+    RunnerError,
     StreamingRunner,
     chunk_sequences,
     load_decoder_layer,
@@ -302,6 +303,13 @@ def test_streaming_resumes_after_interruption(trained_testbed_dir, chunks, strea
     # other inputs (a different calibration set) do not resume from that manifest
     other = observe_streaming(trained_testbed_dir, chunks[:1], **kw)
     assert other.meta["layers_resumed"] == []
+    # a non-empty directory the runner did not create is never cleared
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(RunnerError, match="not empty"):
+        observe_streaming(trained_testbed_dir, chunks[:1], dtype=torch.float32, work_dir=foreign, spill_bytes=0)
+    assert (foreign / "keep.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -96,9 +96,9 @@ def observe_cmd(model: Path, data: tuple[Path, ...], out: Path, seq_len: int, ma
             bar.close()
         stats.save(out, force=force)
         if streaming:
-            import shutil
+            from glmgguf.runner import clear_work_dir
 
-            shutil.rmtree(work_dir or out.with_name(out.name + ".work"), ignore_errors=True)
+            clear_work_dir(work_dir or out.with_name(out.name + ".work"))
     secs, resumed = stats.meta["seconds"], stats.meta.get("layers_resumed")
     click.echo(f"wrote {out} ({len(stats.layers)} MoE layers, {stats.meta['tokens']} tokens in {secs:.1f} s, "
                f"{stats.meta['tokens'] / max(secs, 1e-9):.0f} tok/s"
