@@ -20,6 +20,8 @@ from gguf import GGMLQuantizationType
 _LIB_NAMES = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
 ROWS_PER_TASK = 32
 MIN_TASK_ELEMENTS = 1 << 16  # short rows: more of them per task, to keep the per-task overhead small
+# 16-bit input rows are widened to F32 inside each task, by ggml's own row converters (what llama-quantize uses)
+_TO_F32_ROW = {GGMLQuantizationType.BF16: "ggml_bf16_to_fp32_row", GGMLQuantizationType.F16: "ggml_fp16_to_fp32_row"}
 
 
 class GgmlError(RuntimeError):
@@ -45,6 +47,9 @@ class GgmlKernels:
         lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         lib.ggml_validate_row_data.restype = ctypes.c_bool
         lib.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+        for fn in _TO_F32_ROW.values():
+            getattr(lib, fn).restype = None
+            getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         self.lib = lib
         self.path = path
 
@@ -55,14 +60,28 @@ class GgmlKernels:
         return int(self.lib.ggml_row_size(int(qtype), n_per_row))
 
     def quantize(self, rows: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None,
-                 rows_per_matrix: int | None = None, threads: int = 1) -> np.ndarray:
-        """Quantize float32 `rows` [n_rows, n_per_row] to `qtype` bytes.
+                 rows_per_matrix: int | None = None, threads: int = 1,
+                 src_type: GGMLQuantizationType = GGMLQuantizationType.F32) -> np.ndarray:
+        """Quantize `rows` [n_rows, n_per_row] to `qtype` bytes.
 
+        `rows` are float32, or with `src_type` BF16/F16 their raw 16-bit words: each task then widens its own
+        rows to F32 with ggml's converter just before quantizing them (no separate F32 copy of the input).
         `imatrix` is [n_matrices, n_per_row] (one importance vector per expert) or [n_per_row]; matrix m covers
         rows m*rows_per_matrix .. (m+1)*rows_per_matrix-1.
         """
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        widen = None
+        if src_type is GGMLQuantizationType.F32:
+            rows = np.ascontiguousarray(rows, dtype=np.float32)
+        elif src_type in _TO_F32_ROW:
+            rows = np.ascontiguousarray(rows)
+            if rows.dtype.itemsize not in (1, 2):
+                raise GgmlError(f"{src_type.name} rows must be 16-bit words or their bytes, not {rows.dtype}")
+            rows = rows.view(np.uint16)
+            widen = getattr(self.lib, _TO_F32_ROW[src_type])
+        else:
+            raise GgmlError(f"cannot quantize from {src_type.name}")
         n_rows, n_per_row = rows.shape
+        src_item = rows.dtype.itemsize
         if imatrix is None and self.requires_imatrix(qtype):
             raise GgmlError(f"{qtype.name} needs an importance matrix (--imatrix)")
         rows_per_matrix = rows_per_matrix or n_rows
@@ -80,8 +99,12 @@ class GgmlKernels:
         def task(first: int) -> None:
             n = min(per_task, n_rows - first, rows_per_matrix - first % rows_per_matrix)
             im = None if imat is None else imat[first // rows_per_matrix].ctypes.data
-            size = self.lib.ggml_quantize_chunk(int(qtype), src + first * n_per_row * 4, dst + first * row_size,
-                                                0, n, n_per_row, im)
+            f32 = src + first * n_per_row * src_item
+            if widen is not None:
+                buf = np.empty(n * n_per_row, dtype=np.float32)
+                widen(f32, buf.ctypes.data, n * n_per_row)
+                f32 = buf.ctypes.data
+            size = self.lib.ggml_quantize_chunk(int(qtype), f32, dst + first * row_size, 0, n, n_per_row, im)
             if not self.lib.ggml_validate_row_data(int(qtype), dst + first * row_size, size):
                 raise GgmlError(f"ggml produced invalid {qtype.name} data")
 

@@ -25,7 +25,7 @@ from gguf import GGUFReader, GGUFValueType
 from tqdm import tqdm
 
 from glmgguf import __version__
-from glmgguf.gguf.encode import FLOAT_TYPES, encode, nbytes
+from glmgguf.gguf.encode import FLOAT_TYPES, default_kernels, encode, nbytes
 from glmgguf.gguf.imatrix import Imatrix, imatrix_for_plan, write_imatrix_keys
 from glmgguf.gguf.metadata import PROVENANCE_PREFIX
 from glmgguf.gguf.plan import PlannedTensor
@@ -193,11 +193,16 @@ def tensor_chunks(rt: gguf.ReaderTensor, src_type: Q, t: PlannedTensor, imatrix:
     data = np.asarray(rt.data)
     flat = data.reshape(n_mat * rows_per_matrix, -1)
     for r0, r1, m0, m1 in _slabs(n_mat, rows_per_matrix, max(1, SLAB_ELEMENTS // n_per_row)):
+        im = None if imatrix is None else imatrix[m0:m1]
+        if t.ggml_type not in FLOAT_TYPES and src_type in FLOAT_TYPES:
+            # ggml widens 16-bit rows to F32 inside each quantization task: no F32 copy of the slab
+            yield default_kernels().quantize(flat[r0:r1], t.ggml_type, imatrix=im, threads=threads,
+                                             rows_per_matrix=(r1 - r0) // (m1 - m0), src_type=src_type)
+            continue
         f32 = to_f32(flat[r0:r1], src_type).reshape(m1 - m0, -1, n_per_row)
         if t.ggml_type in FLOAT_TYPES:
             yield encode(f32, t.ggml_type)
         else:
-            im = None if imatrix is None else imatrix[m0:m1]
             yield encode(f32, t.ggml_type, imatrix=im, threads=threads)
 
 
