@@ -8,6 +8,7 @@ from glmgguf import __version__
 from glmgguf.demo import demo
 from glmgguf.gguf.cli import convert_cmd, inspect_cmd, quantize_cmd, recipes_cmd
 from glmgguf.gguf.kld import kld_cmd
+from glmgguf.kd.cli import kd as kd_cmd
 from glmgguf.llama import cli as llama_cli
 from glmgguf.llama.patch_cli import patch as patch_cmd
 from glmgguf.nvfp4.cli import nvfp4 as nvfp4_cmd
@@ -31,4 +32,5 @@ main.add_command(kld_cmd)
 main.add_command(testbed_cmd)
 main.add_command(demo)
 main.add_command(reap_cmd)
+main.add_command(kd_cmd)
 main.add_command(nvfp4_cmd)

@@ -1,0 +1,244 @@
+"""`glmgguf kd`: teacher (cache the unpruned model's distributions), train (router-only distillation), eval."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from glmgguf.errors import user_errors
+
+DTYPES = {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}
+
+
+@contextmanager
+def kd_errors() -> Iterator[None]:
+    """The toolkit's input errors and the KD stage's own as one-line CLI errors."""
+    from glmgguf.kd.errors import KdError
+
+    with user_errors():
+        try:
+            yield
+        except KdError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from glmgguf.runner import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+_threads_opt = click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch.")
+
+
+@click.group("kd")
+def kd() -> None:
+    """Router-KD: distill a pruned model's routers to the unpruned teacher (only gate tensors change)."""
+
+
+@kd.command("teacher")
+@click.argument("model", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="KD text: .txt, .jsonl or .parquet with 'text' or chat 'messages' (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Cache directory.")
+@click.option("--top-k", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Teacher tokens kept per position (the rest is one bucket); >= vocab size keeps all.")
+@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per packed sequence.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Token budget (rounded down to whole sequences).")
+@click.option("--num-samples", type=click.IntRange(min=1), help="Number of sequences (with --max-tokens: the min).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the document order.")
+@click.option("--text-field", default="text", show_default=True, help="Field holding plain text in jsonl/parquet.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Sequences per forward chunk.")
+@click.option("--streaming", is_flag=True,
+              help="One decoder layer resident at a time, loaded from the shards (for models larger than memory).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Streaming: device of the resident layer. In-memory: the device_map ('auto' spreads the model "
+                   "over all GPUs with accelerate).")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bf16", show_default=True,
+              help="Compute dtype of the teacher.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Streaming: where hidden states spill and the resume manifest lives  [default: OUT.work]")
+@click.option("--spill-threshold", default="4G", show_default=True, callback=_size,
+              help="Streaming: hidden states larger than this go to --work-dir (and the run becomes resumable).")
+@click.option("--shard-size", default="2G", show_default=True, callback=_size, help="Bytes per cache shard.")
+@_threads_opt
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_len: int, max_tokens: int | None,
+                num_samples: int | None, seed: int, text_field: str, batch_size: int, streaming: bool, device: str,
+                dtype: str, work_dir: Path | None, spill_threshold: int, shard_size: int, threads: int | None,
+                force: bool) -> None:
+    """Run the unpruned teacher MODEL over the KD text once and cache its top-k next-token distributions."""
+    with kd_errors():
+        import torch
+        from tqdm import tqdm
+
+        from glmgguf.io.atomic import OutputExistsError
+        from glmgguf.kd.teacher import build_teacher_cache, file_hashes
+        from glmgguf.layout import GlmLayout
+        from glmgguf.reap.data import load_calibration, load_tokenizer
+
+        _threads(threads)
+        if out.exists() and not force:
+            raise OutputExistsError(f"{out} already exists (use --force to overwrite)")
+        layout = GlmLayout.from_dir(model)
+        cal = load_calibration(data, load_tokenizer(model), seq_len, max_tokens=max_tokens,
+                               num_samples=num_samples, seed=seed, text_field=text_field)
+        text = {"files": file_hashes(data), "seed": seed, "max_tokens": max_tokens, "num_samples": num_samples,
+                "text_field": text_field, **cal.describe()}
+        click.echo(f"KD text: {cal.sequences.shape[0]} x {seq_len} tokens from {cal.documents_used} of "
+                   f"{cal.documents_total} documents; teacher {'streaming' if streaming else 'in-memory'} on "
+                   f"{device}, top-{min(top_k, layout.vocab_size)} of {layout.vocab_size}")
+        blocks = layout.n_layers if streaming else 1
+        bar = tqdm(total=cal.n_tokens * blocks, unit="tok", unit_scale=True, desc="teacher", dynamic_ncols=True)
+        wd = work_dir or out.with_name(out.name + ".work")
+        try:
+            res = build_teacher_cache(
+                model, cal.sequences, out, top_k=top_k, streaming=streaming, batch_size=batch_size,
+                dtype=getattr(torch, DTYPES[dtype]), device=device, device_map=None if device == "cpu" else device,
+                work_dir=wd, spill_bytes=spill_threshold, shard_bytes=shard_size, text=text, force=force,
+                progress=lambda block, n: bar.update(n))
+        finally:
+            bar.close()
+        if streaming:
+            shutil.rmtree(wd, ignore_errors=True)
+    m = res.manifest
+    click.echo(f"wrote {out}: {m['positions']} positions in {len(m['shards'])} shard(s), top-{m['top_k']}, "
+               f"mean mass outside the top-k {m['mean_rest_mass']:.4f}, {res.seconds:.1f} s")
+
+
+@kd.command("train")
+@click.argument("student", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--teacher-cache", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Cache written by `glmgguf kd teacher` from the unpruned teacher.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output checkpoint: STUDENT with only the router tensors changed.")
+@click.option("--lr", default=5e-5, show_default=True, type=float, help="AdamW learning rate.")
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="Learning-rate schedule after warmup (cosine ends at 10%).")
+@click.option("--warmup", "warmup_steps", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Linear warmup steps.")
+@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0.0))
+@click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="Clip the gradient norm (0: off).")
+@click.option("--train-bias", is_flag=True,
+              help="Also train e_score_correction_bias (straight-through gradient; it only selects experts).")
+@click.option("--no-mtp", is_flag=True, help="Leave the MTP block's router unchanged.")
+@click.option("--mtp-weight", default=1.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="Weight of the MTP head's KL in the loss.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the data order.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="f32", show_default=True,
+              help="Dtype the frozen model runs in (routers train in float32 either way).")
+@click.option("--device-map", default=None,
+              help="accelerate device_map of the student: 'auto' places it across all GPUs, 'cuda', 'cpu' "
+                   "[default: cpu].")
+@click.option("--no-gradient-checkpointing", is_flag=True, help="Keep all activations (faster, more memory).")
+@click.option("--save-every", default=50, show_default=True, type=click.IntRange(min=0),
+              help="Checkpoint every N steps (0: only at the end).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --work-dir.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Checkpoints  [default: OUT.work]")
+@click.option("--eval-cache", type=click.Path(file_okay=False, path_type=Path),
+              help="A held-out teacher cache to measure during training.")
+@click.option("--eval-every", default=0, show_default=True, type=click.IntRange(min=0),
+              help="With --eval-cache: measure every N steps (and at start and end).")
+@click.option("--data", "data", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The KD text files: checked against the cache (refused when the cache was made from others).")
+@_threads_opt
+@click.option("--force", is_flag=True, help="Overwrite OUT; discard checkpoints of an earlier run.")
+def train_cmd(student: Path, cache: Path, out: Path, lr: float, steps: int, batch_size: int, schedule: str,
+              warmup_steps: int, weight_decay: float, grad_clip: float, train_bias: bool, no_mtp: bool,
+              mtp_weight: float, seed: int, dtype: str, device_map: str | None, no_gradient_checkpointing: bool,
+              save_every: int, resume: bool, work_dir: Path | None, eval_cache: Path | None, eval_every: int,
+              data: tuple[Path, ...], threads: int | None, force: bool) -> None:
+    """Train only the MoE routers of STUDENT (pruned from the teacher) to match the teacher cache."""
+    with kd_errors():
+        from tqdm import tqdm
+
+        from glmgguf.kd.train import LOG_NAME, TrainOptions, train_router
+
+        _threads(threads)
+        opts = TrainOptions(steps=steps, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                            warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip, train_bias=train_bias,
+                            mtp=not no_mtp, mtp_weight=mtp_weight, seed=seed, dtype=DTYPES[dtype],
+                            device_map=None if device_map in (None, "cpu") else device_map,
+                            gradient_checkpointing=not no_gradient_checkpointing, save_every=save_every,
+                            eval_every=eval_every)
+        bar: list = []
+
+        def progress(step: int, total: int, rec: dict) -> None:
+            if not bar:
+                bar.append(tqdm(total=total, initial=step - 1, unit="step", desc="router-KD", dynamic_ncols=True))
+            b = bar[0]
+            b.update(1)
+            post = f"KL {rec['kl']:.4f}"
+            if rec.get("mtp_kl") is not None:
+                post += f", MTP {rec['mtp_kl']:.4f}"
+            b.set_postfix_str(post + f", lr {rec['lr']:.2e}")
+
+        def log(line: str) -> None:
+            (bar[0].write if bar else click.echo)(line)
+
+        try:
+            res = train_router(student, cache, out, opts, work_dir=work_dir, resume=resume, force=force,
+                               eval_cache=eval_cache, data=list(data) or None, progress=progress, log=log)
+        finally:
+            if bar:
+                bar[0].close()
+    w = res.write
+    recs = res.records
+    first = sum(r["kl"] for r in recs[:10]) / max(len(recs[:10]), 1) if recs else float("nan")
+    last = sum(r["kl"] for r in recs[-10:]) / max(len(recs[-10:]), 1) if recs else float("nan")
+    click.echo(f"train KL {first:.5f} (first 10 steps) -> {last:.5f} (last 10)")
+    click.echo(f"wrote {out}: {len(w.changed)} router tensors changed, {w.identical} of {w.n_tensors} tensors "
+               f"verified byte-identical to the student; log {out / LOG_NAME}, curve {out / 'kd_loss.png'} "
+               f"({res.seconds:.1f} s)")
+
+
+@kd.command("eval")
+@click.argument("model", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--teacher-cache", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Teacher cache of held-out text (`glmgguf kd teacher`).")
+@click.option("--data", "data", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The text the cache should have been made from (checked).")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="f32", show_default=True)
+@click.option("--device-map", default=None, help="accelerate device_map ('auto' over all GPUs) [default: cpu].")
+@click.option("--no-mtp", is_flag=True, help="Do not measure the MTP head.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result.")
+@_threads_opt
+def eval_cmd(model: Path, cache: Path, data: tuple[Path, ...], batch_size: int, dtype: str, device_map: str | None,
+             no_mtp: bool, json_out: Path | None, threads: int | None) -> None:
+    """KL(teacher || MODEL) and top-1 agreement on the cached (held-out) text, for any checkpoint."""
+    with kd_errors():
+        import torch
+
+        from glmgguf.kd.evaluate import evaluate
+
+        _threads(threads)
+        t0 = time.perf_counter()
+        res = evaluate(model, cache, batch_size=batch_size, dtype=getattr(torch, DTYPES[dtype]),
+                       device_map=None if device_map in (None, "cpu") else device_map, mtp=not no_mtp,
+                       data=list(data) or None)
+        if json_out is not None:
+            json_out.write_text(json.dumps(res.to_json(), indent=1) + "\n")
+    click.echo(f"{model.name}: {res} (top-{res.cache_top_k} cache, {time.perf_counter() - t0:.1f} s)")

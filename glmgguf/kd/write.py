@@ -1,0 +1,131 @@
+"""Write the distilled student: the input checkpoint streamed through, with only the router tensors replaced.
+
+Every tensor is read once from the student's shards and written once with `ShardedWriter`, in the input's order,
+names, shapes and stored dtypes (trained gates are cast back to their stored dtype, e.g. BF16); config.json and
+every other file are copied byte for byte. Before the output directory is moved into place it is read back: each
+tensor that KD does not train must be byte-identical to the input's, each replaced tensor must hold exactly the
+trained values. The input is only read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glmgguf.io import CheckpointReader, ShardedWriter, atomic_dir
+from glmgguf.io.reader import TensorInfo, read_header
+from glmgguf.io.writer import tensor_bytes
+from glmgguf.kd.errors import WriteVerifyError
+
+
+def raw_bytes(info: TensorInfo) -> bytes:
+    with open(info.shard, "rb") as f:
+        f.seek(info.offset)
+        return f.read(info.nbytes)
+
+
+def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
+    """Names of tensors whose stored bytes (or dtype / shape, or presence) differ between two checkpoints."""
+    ra, rb = CheckpointReader(a), CheckpointReader(b)
+    out = sorted(set(ra.names()) ^ set(rb.names()))
+    for name in ra.names():
+        if name not in rb:
+            continue
+        ia, ib = ra.info(name), rb.info(name)
+        if ia.dtype != ib.dtype or ia.shape != ib.shape or raw_bytes(ia) != raw_bytes(ib):
+            out.append(name)
+    return sorted(out)
+
+
+@dataclass
+class WriteReport:
+    out: Path
+    n_tensors: int
+    identical: int  # tensors verified byte-identical to the input
+    replaced: list[str]  # tensors replaced with trained values
+    changed: list[str]  # replaced tensors whose bytes really differ from the input's
+    max_abs_change: dict[str, float]
+
+
+def _max_shard_bytes(reader: CheckpointReader) -> int:
+    sizes = [os.path.getsize(p) for p in {i.shard for i in reader.tensors.values()}]
+    return max(sizes) if sizes else 5 * 1024**3
+
+
+def write_student(student: str | os.PathLike, out: str | os.PathLike, replacements: dict[str, torch.Tensor], *,
+                  extra_files: dict[str, bytes] | None = None, metadata: dict[str, str] | None = None,
+                  force: bool = False, progress: Callable[[int, int], None] | None = None) -> WriteReport:
+    """Copy `student` to `out` with `replacements` (HF name -> tensor) in place of those tensors; verified."""
+    src, out = Path(student), Path(out)
+    if src.resolve() == out.resolve():
+        raise WriteVerifyError("the output directory must differ from the student's (the input is never modified)")
+    reader = CheckpointReader(src)
+    unknown = sorted(set(replacements) - set(reader.names()))
+    if unknown:
+        raise WriteVerifyError(f"{unknown[0]} is not a tensor of {src}")
+    stored: dict[str, torch.Tensor] = {}
+    for name, t in replacements.items():
+        info = reader.info(name)
+        if tuple(t.shape) != info.shape:
+            raise WriteVerifyError(f"{name}: trained shape {list(t.shape)} differs from the stored {list(info.shape)}")
+        if not torch.isfinite(t).all():
+            raise WriteVerifyError(f"{name}: trained values are not finite")
+        stored[name] = t.detach().to("cpu").to(info.torch_dtype).contiguous()
+    names = reader.names()
+    first_shard = min({i.shard for i in reader.tensors.values()})
+    meta = dict(read_header(first_shard)[1])
+    meta.pop("format", None)
+    meta.update(metadata or {})
+    with atomic_dir(out, force=force) as tmp:
+        plan = [(n, reader.info(n).shape, reader.info(n).torch_dtype) for n in names]
+        with ShardedWriter(tmp, plan, max_shard_bytes=_max_shard_bytes(reader), metadata=meta) as writer:
+            for i, name in enumerate(names):
+                writer.add(name, stored[name] if name in stored else reader.get(name))
+                if progress:
+                    progress(i + 1, 2 * len(names))
+        shutil.copy2(src / "config.json", tmp / "config.json")
+        for f in reader.extra_files():
+            shutil.copy2(f, tmp / f.name)
+        for fname, data in (extra_files or {}).items():
+            (tmp / fname).write_bytes(data)
+        # read everything back before the directory appears
+        check = CheckpointReader(tmp)
+        if check.names() != names:
+            raise WriteVerifyError("written checkpoint lists other tensors than the input")
+        identical, changed, max_change = 0, [], {}
+        for i, name in enumerate(names):
+            a, b = reader.info(name), check.info(name)
+            if (a.dtype, a.shape) != (b.dtype, b.shape):
+                raise WriteVerifyError(f"{name}: written as {b.dtype}{list(b.shape)}, input {a.dtype}{list(a.shape)}")
+            got = raw_bytes(b)
+            if name in stored:
+                if got != bytes(tensor_bytes(stored[name])):
+                    raise WriteVerifyError(f"{name}: written bytes differ from the trained values")
+                if got != raw_bytes(a):
+                    changed.append(name)
+                    max_change[name] = float((check.get(name).float() - reader.get(name).float()).abs().max())
+            elif got != raw_bytes(a):
+                raise WriteVerifyError(f"{name} changed although KD must leave it byte-identical")
+            else:
+                identical += 1
+            if progress:
+                progress(len(names) + i + 1, 2 * len(names))
+        if (src / "config.json").read_bytes() != (tmp / "config.json").read_bytes():
+            raise WriteVerifyError("config.json changed")
+    return WriteReport(out, len(names), identical, sorted(stored), changed, max_change)
+
+
+def checkpoint_digest(model_dir: str | os.PathLike, names: list[str]) -> str:
+    """sha256 over config.json and the stored bytes of `names` (identifies a student for resuming)."""
+    reader = CheckpointReader(model_dir)
+    h = hashlib.sha256(json.dumps(reader.config, sort_keys=True).encode())
+    for n in names:
+        h.update(n.encode() + raw_bytes(reader.info(n)))
+    return h.hexdigest()[:16]
