@@ -7,7 +7,6 @@ libllama only, so llama.cpp logits are computed in a child process (`glmgguf.par
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -23,12 +22,12 @@ from gguf import GGUFReader, GGUFValueType
 from glmgguf.cli import main
 from glmgguf.gguf.convert import convert, outtype_chooser
 from glmgguf.gguf.plan import IndexerMode, MtpMode
-from glmgguf.io import CheckpointReader, ShardedWriter
-from glmgguf.layout import GlmLayout, Role, parse_hf_name
+from glmgguf.layout import GlmLayout
 from glmgguf.llama import LlamaServer, LlamaServerError, Toolchain, ensure_toolchain
 from glmgguf.llama.patches import PER_LAYER_EXPERTS, SERIES, apply_module
 from glmgguf.llama.source import PINNED_LLAMA_CPP_COMMIT, PINNED_LLAMA_CPP_PYTHON, fetch_pinned_source
 from glmgguf.parity import kl_stats, llama_logits_isolated, masked_transformers_logits, transformers_logits
+from glmgguf.reap.prune import PrunePlan, prune_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 APPLY = REPO / "patches" / "apply.py"
@@ -49,39 +48,10 @@ def keep_map(counts: dict[int, int], n_experts: int, seed: int = 0) -> dict[int,
 
 
 def slice_experts(src: Path, out: Path, keep: dict[int, list[int]]) -> Path:
-    """Copy checkpoint `src` keeping only experts `keep[L]` of each MoE block L (renumbered 0..n-1)."""
-    reader = CheckpointReader(src)
-    layout = GlmLayout.from_config(reader.config)
-    new_id = {L: {old: new for new, old in enumerate(ids)} for L, ids in keep.items()}
-    plan: list[tuple[str, str, list[int] | None]] = []  # (output name, source name, router rows to keep)
-    for name in reader.names():
-        p = parse_hf_name(name)
-        layer = p.layer if p is not None else None
-        if p is not None and layer in keep and p.expert is not None:
-            if p.expert in new_id[layer]:
-                plan.append((name.replace(f".experts.{p.expert}.", f".experts.{new_id[layer][p.expert]}.", 1),
-                             name, None))
-        elif p is not None and layer in keep and p.rule.role in (Role.ROUTER, Role.ROUTER_BIAS):
-            plan.append((name, name, keep[layer]))
-        else:
-            plan.append((name, name, None))
-    out.mkdir(parents=True)
-    shapes = []
-    for dst, name, rows in plan:
-        info = reader.info(name)
-        shapes.append((dst, (len(rows), *info.shape[1:]) if rows is not None else info.shape, info.torch_dtype))
-    with ShardedWriter(out, shapes) as w:
-        for dst, name, rows in plan:
-            t = reader.get(name)
-            w.add(dst, t[torch.tensor(rows)].contiguous() if rows is not None else t)
-    counts = [len(keep[x.index]) if x.index in keep else 0 for x in layout.layers]
-    cfg = dict(reader.config, n_routed_experts=max(counts))
-    if len({c for c in counts if c}) > 1:
-        cfg["num_routed_experts_per_layer"] = counts
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    for f in reader.extra_files():
-        shutil.copy2(f, out / f.name)
-    return out
+    """A REAP-style prune of `src` keeping experts `keep[L]` of every MoE block L (renumbered 0..n-1)."""
+    n = {x.index: x.n_experts for x in GlmLayout.from_dir(src).moe_layers}
+    plan = PrunePlan(keep=keep, source_experts=n, metric="manual", per_layer="global")
+    return prune_checkpoint(src, plan, out).out
 
 
 def _kv(reader: GGUFReader, key: str):
