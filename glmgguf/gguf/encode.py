@@ -20,6 +20,8 @@ FLOAT_TYPES = {
     GGMLQuantizationType.BF16: torch.bfloat16,
 }
 
+_WIDENED_BY_GGML = {torch.bfloat16: GGMLQuantizationType.BF16, torch.float16: GGMLQuantizationType.F16}
+
 
 def block_size(qtype: GGMLQuantizationType) -> int:
     return GGML_QUANT_SIZES[qtype][0]
@@ -54,7 +56,13 @@ def encode(t: torch.Tensor | np.ndarray, qtype: GGMLQuantizationType, imatrix: n
     if qtype in FLOAT_TYPES:
         x = t if isinstance(t, torch.Tensor) else torch.from_numpy(t if t.flags.writeable else t.copy())
         return x.to(FLOAT_TYPES[qtype]).contiguous().reshape(-1).view(torch.uint8).numpy()
-    if isinstance(t, torch.Tensor):
+    src_type = GGMLQuantizationType.F32
+    if isinstance(t, torch.Tensor) and t.dtype in _WIDENED_BY_GGML:
+        # ggml widens the raw 16-bit words to F32 inside each quantization task (no torch conversion pass,
+        # whose OpenMP threads would also compete with ggml's for the cores)
+        src_type = _WIDENED_BY_GGML[t.dtype]
+        rows = t.detach().contiguous().view(torch.int16).numpy()
+    elif isinstance(t, torch.Tensor):
         rows = t.detach().to(torch.float32).contiguous().numpy()
     else:
         rows = np.asarray(t, dtype=np.float32)
@@ -68,4 +76,4 @@ def encode(t: torch.Tensor | np.ndarray, qtype: GGMLQuantizationType, imatrix: n
             raise ValueError(f"imatrix has {imatrix.shape[0]} vectors for {n_mat} matrices of shape {shape}")
         rows_per_matrix = rows.shape[0] // n_mat
     return (ggml or default_kernels()).quantize(rows, qtype, imatrix=imatrix, rows_per_matrix=rows_per_matrix,
-                                                threads=threads)
+                                                threads=threads, src_type=src_type)
