@@ -362,7 +362,7 @@ def test_cli_train_and_eval(pruned, kd_cache, held_cache, texts, tmp_path):
                           "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--data", str(texts["train"]),
                           "--eval-cache", str(held_cache), "--eval-every", "1", "--threads", "1"])
     assert r.exit_code == 0, r.output
-    assert "trainable:" in r.output and "verified byte-identical" in r.output and "held-out KL" in r.output
+    assert "trainable:" in r.output and "verified byte-identical" in r.output and "eval-cache KL" in r.output
     js = tmp_path / "eval.json"
     r = run.invoke(main, ["kd", "eval", str(out), "--teacher-cache", str(held_cache), "--data",
                           str(texts["heldout"]), "--json", str(js)])

@@ -197,7 +197,7 @@ def plot_curve(log: dict, path: Path) -> None:
             ax.plot(xs, [r["mtp_kl"] for r in recs], color="tab:orange", alpha=0.5, lw=0.8, label="train MTP KL")
     evals = log.get("evals") or []
     if evals:
-        ax.plot([e["step"] for e in evals], [e["kl"] for e in evals], "o-", color="tab:red", label="held-out KL")
+        ax.plot([e["step"] for e in evals], [e["kl"] for e in evals], "o-", color="tab:red", label="eval-cache KL")
     ax.set_xlabel("step")
     ax.set_ylabel("KL(teacher || student), nats/token")
     ax.set_title(f"Router-KD: {log.get('student', '')}", fontsize=9)
@@ -345,7 +345,7 @@ def train_router(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, o
 
         res = evaluate_student(student, held, batch_size=opts.batch_size)
         evals.append({"step": step, "kl": res.kl, "top1": res.top1, "mtp_kl": res.mtp_kl})
-        say(f"step {step}: held-out KL {res.kl:.5f}, top-1 agreement {res.top1:.4f}"
+        say(f"step {step}: eval-cache KL {res.kl:.5f}, top-1 agreement {res.top1:.4f}"
             + (f", MTP KL {res.mtp_kl:.5f}" if res.mtp_kl is not None else ""))
 
     if held is not None and opts.eval_every and not any(e["step"] == start for e in evals):
