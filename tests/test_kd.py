@@ -285,6 +285,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(pruned, kd_cache, tmp_pat
     assert res.resumed_from == 2 and out.is_dir()
 
 
+def test_write_verifies_every_tensor(pruned, tmp_path, monkeypatch):
+    import glmgguf.kd.write as kd_write
+    from glmgguf.io import CheckpointReader
+    from glmgguf.kd.errors import WriteVerifyError
+    from glmgguf.kd.write import write_student
+
+    reader = CheckpointReader(pruned)
+    gate = "model.layers.2.mlp.gate.weight"
+    new = reader.get(gate).float() + 0.25
+    rep = write_student(pruned, tmp_path / "ok", {gate: new})
+    assert rep.changed == [gate] and rep.identical == len(reader.names()) - 1
+    assert diff_checkpoints(pruned, tmp_path / "ok") == [gate]
+
+    class Corrupting(kd_write.ShardedWriter):  # a writer that silently alters one frozen tensor
+        def add(self, name, tensor):
+            super().add(name, tensor + 1 if name == "model.norm.weight" else tensor)
+
+    monkeypatch.setattr(kd_write, "ShardedWriter", Corrupting)
+    with pytest.raises(WriteVerifyError, match="model.norm.weight changed although KD must leave it"):
+        write_student(pruned, tmp_path / "bad", {gate: new})
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Every tensor is read once from the student's shards and written once with `Shard
 names, shapes and stored dtypes (trained gates are cast back to their stored dtype, e.g. BF16); config.json and
 every other file are copied byte for byte. Before the output directory is moved into place it is read back: each
 tensor that KD does not train must be byte-identical to the input's, each replaced tensor must hold exactly the
-trained values. The input is only read.
+trained values (the input's bytes are hashed as they stream through the writer, so the input is read once and
+the output once). The input is only read.
 """
 
 from __future__ import annotations
@@ -85,9 +86,13 @@ def write_student(student: str | os.PathLike, out: str | os.PathLike, replacemen
     meta.update(metadata or {})
     with atomic_dir(out, force=force) as tmp:
         plan = [(n, reader.info(n).shape, reader.info(n).torch_dtype) for n in names]
+        read_hash: dict[str, bytes] = {}  # sha256 of each input tensor's bytes, taken as it streams through
         with ShardedWriter(tmp, plan, max_shard_bytes=_max_shard_bytes(reader), metadata=meta) as writer:
             for i, name in enumerate(names):
-                writer.add(name, stored[name] if name in stored else reader.get(name))
+                t = reader.get(name)
+                read_hash[name] = hashlib.sha256(tensor_bytes(t)).digest()
+                writer.add(name, stored[name] if name in stored else t)
+                del t
                 if progress:
                     progress(i + 1, 2 * len(names))
         shutil.copy2(src / "config.json", tmp / "config.json")
@@ -104,14 +109,14 @@ def write_student(student: str | os.PathLike, out: str | os.PathLike, replacemen
             a, b = reader.info(name), check.info(name)
             if (a.dtype, a.shape) != (b.dtype, b.shape):
                 raise WriteVerifyError(f"{name}: written as {b.dtype}{list(b.shape)}, input {a.dtype}{list(a.shape)}")
-            got = raw_bytes(b)
+            got = hashlib.sha256(raw_bytes(b)).digest()
             if name in stored:
-                if got != bytes(tensor_bytes(stored[name])):
+                if got != hashlib.sha256(tensor_bytes(stored[name])).digest():
                     raise WriteVerifyError(f"{name}: written bytes differ from the trained values")
-                if got != raw_bytes(a):
+                if got != read_hash[name]:
                     changed.append(name)
                     max_change[name] = float((check.get(name).float() - reader.get(name).float()).abs().max())
-            elif got != raw_bytes(a):
+            elif got != read_hash[name]:
                 raise WriteVerifyError(f"{name} changed although KD must leave it byte-identical")
             else:
                 identical += 1
