@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from glmgguf.cli import main
-from glmgguf.gguf.kld import KldError, format_table, parse_kld_output
+from glmgguf.gguf.kld import KldError, KldOutputTruncated, format_table, parse_kld_output
 
 # The end of a `llama-perplexity --kl-divergence` run of the pinned version (chunk table + statistics).
 SAMPLE = """\
@@ -73,10 +73,22 @@ def test_parse_statistics():
 
 def test_parse_falls_back_to_the_last_chunk_row():
     """Below 100 scored tokens llama-perplexity prints only the chunk table: its last row is the running mean."""
-    s = parse_kld_output(SAMPLE[:SAMPLE.index("====== Perplexity")])
+    table_only = SAMPLE[:SAMPLE.index("====== Perplexity")].replace("n_ctx=256", "n_ctx=8")  # 16 x 3 tokens
+    s = parse_kld_output(table_only)
     assert (s.mean_kld, s.mean_kld_err) == (0.00588, 0.00085)
     assert (s.same_top_pct, s.same_top_pct_err) == (94.882, 0.489)
-    assert s.kld_percentiles == {} and s.ppl == 196.6095
+    assert s.kld_percentiles == {} and s.ppl == 196.6095 and (s.chunks, s.ctx) == (16, 8)
+
+
+def test_parse_refuses_truncated_output():
+    """The pinned llama-perplexity can exit before its logger thread printed everything (seen on a busy machine):
+    no statistics although 16 x 127 tokens were scored, or a table that stops before the last chunk."""
+    with pytest.raises(KldOutputTruncated, match="before its statistics"):
+        parse_kld_output(SAMPLE[:SAMPLE.index("====== Perplexity")])
+    with pytest.raises(KldOutputTruncated, match="chunk 1 of 16"):
+        parse_kld_output(SAMPLE[:SAMPLE.index("  16     196")])
+    with pytest.raises(KldOutputTruncated, match="before its first chunk row"):
+        parse_kld_output(SAMPLE[:SAMPLE.index("chunk  ")])
 
 
 def test_parse_nonfinite_and_garbage():

@@ -31,6 +31,15 @@ class KldError(RuntimeError):
     """llama-perplexity / llama-imatrix failed or printed nothing this module can read."""
 
 
+class KldOutputTruncated(KldError):
+    """llama-perplexity's output ends early: its logger thread had not printed everything when it exited.
+
+    The pinned llama.cpp leaks its logger singleton on purpose and queued lines can be lost at exit (see the comment
+    on common_log_main in common/log.cpp); on a busy machine that cuts off the statistics, sometimes the end of
+    the chunk table too. A rerun prints them.
+    """
+
+
 _NUM = r"(-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|-?nan|-?inf)"
 _PM = r"\s*(?:±|\+/-)\s*"
 _MEAN_KLD = re.compile(rf"^Mean\s+KLD:\s*{_NUM}{_PM}{_NUM}", re.MULTILINE)
@@ -86,8 +95,9 @@ class KldStats:
 
 
 def parse_kld_output(text: str) -> KldStats:
-    """Read llama-perplexity's `--kl-divergence` output (its final statistics; the last chunk row as a fallback
-    when the run scored too few tokens for the statistics block)."""
+    """Read llama-perplexity's `--kl-divergence` output: its final statistics, or the last chunk row when the run
+    scored too few tokens for the statistics block. Raises KldOutputTruncated when the output ends before the
+    statistics of a run that should have them, or before the last chunk's row."""
     chunks = ctx = None
     if m := _COMPUTING.search(text):
         chunks, ctx = int(m.group(1)), int(m.group(2))
@@ -108,8 +118,14 @@ def parse_kld_output(text: str) -> KldStats:
         return stats
     rows = list(_ROW.finditer(text))
     if not rows:
+        if chunks is not None:
+            raise KldOutputTruncated("llama-perplexity's output ends before its first chunk row")
         raise KldError("no KL divergence statistics in the llama-perplexity output")
     g = rows[-1].groups()
+    if chunks is None or int(g[0]) != chunks:
+        raise KldOutputTruncated(f"llama-perplexity's output ends at chunk {g[0]} of {chunks or '?'}")
+    if ctx is not None and chunks * (ctx - 1 - ctx // 2) >= MIN_KLD_VALUES:
+        raise KldOutputTruncated("llama-perplexity's output ends before its statistics")
     return KldStats(mean_kld=_f(g[5]), mean_kld_err=_f(g[6]), same_top_pct=_f(g[9]), same_top_pct_err=_f(g[10]),
                     ppl=_f(g[1]), ppl_err=_f(g[2]), ln_ppl_ratio=_f(g[3]), ln_ppl_ratio_err=_f(g[4]),
                     rms_dp_pct=_f(g[7]), chunks=chunks or int(g[0]), ctx=ctx)
@@ -172,21 +188,29 @@ def kld_base(base: str | os.PathLike, text: str | os.PathLike, logits: str | os.
 
 def kld_candidate(candidate: str | os.PathLike, logits: str | os.PathLike, ctx: int = DEFAULT_CTX,
                   threads: int | None = None, f32_kv: bool = True, perplexity: str | os.PathLike | None = None,
-                  log: Path | None = None) -> KldStats:
-    """KL divergence of `candidate` against the base log-probabilities `logits` (same `ctx` as the base run)."""
+                  log: Path | None = None, attempts: int = 3) -> KldStats:
+    """KL divergence of `candidate` against the base log-probabilities `logits` (same `ctx` as the base run).
+
+    A run whose output was cut off at exit (KldOutputTruncated) is repeated, up to `attempts` runs in all.
+    """
     cmd = [_tool("perplexity", perplexity), "-m", candidate, "-c", str(ctx), "--kl-divergence-base", logits,
            "--kl-divergence", "-t", str(threads or os.cpu_count() or 1)]
     if f32_kv:
         cmd += list(KV_F32)
-    output = _run(cmd, f"llama-perplexity --kl-divergence on {candidate}", log)
-    errors = _errors_in(output)
-    if errors:
-        raise KldError(f"llama-perplexity on {candidate}: " + "; ".join(errors))
-    try:
-        return parse_kld_output(output)
-    except KldError:
-        tail = "\n".join(line for line in output.splitlines()[-20:] if " W model has unused tensor" not in line)
-        raise KldError(f"llama-perplexity on {candidate} printed no KL divergence statistics:\n{tail}") from None
+    for attempt in range(1, attempts + 1):
+        output = _run(cmd, f"llama-perplexity --kl-divergence on {candidate}", log)
+        errors = _errors_in(output)
+        if errors:
+            raise KldError(f"llama-perplexity on {candidate}: " + "; ".join(errors))
+        try:
+            return parse_kld_output(output)
+        except KldOutputTruncated as e:
+            if attempt == attempts:
+                raise KldOutputTruncated(f"llama-perplexity on {candidate}, {attempts} runs: {e}") from None
+        except KldError:
+            tail = "\n".join(line for line in output.splitlines()[-20:] if " W model has unused tensor" not in line)
+            raise KldError(f"llama-perplexity on {candidate} printed no KL divergence statistics:\n{tail}") from None
+    raise AssertionError("unreachable")
 
 
 def compute_imatrix(model: str | os.PathLike, text: str | os.PathLike, out: str | os.PathLike,
