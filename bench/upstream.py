@@ -29,7 +29,7 @@ ru = resource.getrusage(resource.RUSAGE_CHILDREN)
 scale = 1 if sys.platform == "darwin" else 1024
 with open(out, "w") as fh:
     json.dump({"returncode": rc, "wall_s": wall, "peak_rss_bytes": ru.ru_maxrss * scale,
-               "user_s": ru.ru_utime, "sys_s": ru.ru_stime}, fh)
+               "user_s": ru.ru_utime, "sys_s": ru.ru_stime, "write_bytes": ru.ru_oublock * 512}, fh)
 """
 
 
@@ -48,7 +48,11 @@ def busy_cpu_seconds() -> float | None:
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> dict:
-    """Run `cmd` under the wrapper; returns returncode, wall_s, peak_rss_bytes, user_s, sys_s, other_cpu_s.
+    """Run `cmd` under the wrapper; returns returncode, wall_s, peak_rss_bytes, user_s, sys_s, write_bytes,
+    other_cpu_s.
+
+    `write_bytes` is the child's block output count (`ru_oublock`, 512-byte units; on Linux the bytes it dirtied
+    for the storage layer, whether or not they reached the disk during the run).
 
     The child's stdout/stderr go to `log` when given (else they are inherited).
     """
