@@ -6,6 +6,7 @@ import click
 
 from glmgguf import __version__
 from glmgguf.demo import demo
+from glmgguf.eval.cli import eval_group
 from glmgguf.gguf.cli import convert_cmd, inspect_cmd, quantize_cmd, recipes_cmd
 from glmgguf.gguf.kld import kld_cmd
 from glmgguf.kd.cli import kd as kd_cmd
@@ -34,3 +35,4 @@ main.add_command(demo)
 main.add_command(reap_cmd)
 main.add_command(kd_cmd)
 main.add_command(nvfp4_cmd)
+main.add_command(eval_group)

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import click
 
+from glmgguf.eval.probes import EvalError
 from glmgguf.io import CheckpointError
 from glmgguf.io.atomic import OutputExistsError
 from glmgguf.layout import LayoutError
@@ -14,7 +15,7 @@ from glmgguf.reap.errors import ReapError
 from glmgguf.runner import RunnerError
 
 USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, LayoutError, OutputExistsError, FileNotFoundError,
-                                            ReapError, RunnerError)
+                                            ReapError, RunnerError, EvalError)
 
 
 @contextmanager

@@ -1,0 +1,1 @@
+"""Degeneration evaluation: loop probes on llama-server, loop detection, run statistics and comparison."""

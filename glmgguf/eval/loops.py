@@ -1,0 +1,138 @@
+"""Loop detection on a generated token stream, and the n-gram diversity metrics.
+
+A generation is a *loop* once one of these holds (token ids, checked after every token):
+
+- (a) periodic tail: the last `window` tokens (96) are exactly periodic with a period <= `max_period` (32);
+- (b) repeated block: the output ends with a block of p <= `max_block` tokens (256) repeated
+  `min_repeats` (20) times in a row, spanning >= `window` tokens (catches periods that (a) cannot see);
+- (c) think restart: the text re-opens `<think>` after a `</think>`, or closes it a second time.
+
+*Borderline* (never a loop; kept apart): a periodic stretch of >= `borderline_span` tokens (48) holding >= 3
+copies of its block, or a whole-output seq-rep-4 >= `borderline_seq_rep4` (0.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Thresholds of the loop and borderline rules (see the module docstring)."""
+
+    window: int = 96
+    max_period: int = 32
+    min_repeats: int = 20
+    max_block: int = 256
+    borderline_span: int = 48
+    borderline_seq_rep4: float = 0.5
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A confirmed loop: `kind` periodic | repeat | think_restart, its period (tokens), copies, where found."""
+
+    kind: str
+    period: int
+    copies: float
+    at_token: int
+
+
+def distinct_n(tokens: Sequence[int], n: int = 4) -> float | None:
+    """Unique n-grams / all n-grams (None when the output has fewer than n tokens)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+class LoopDetector:
+    """Feed tokens (and their text) as they stream; `loop` is set once a loop is confirmed."""
+
+    def __init__(self, config: LoopConfig | None = None) -> None:
+        self.config = config or LoopConfig()
+        self.tokens: list[int] = []
+        self._hist = np.zeros(1024, dtype=np.int64)
+        # _run[p-1]: how many consecutive latest positions i satisfy t[i] == t[i-p]
+        self._run = np.zeros(self.config.max_block, dtype=np.int64)
+        self._periods = np.arange(1, self.config.max_block + 1)
+        self._text_tail = ""
+        self._closed = 0
+        self._reopened = False
+        self.loop: Loop | None = None
+        self.borderline_stretch = False
+
+    def feed(self, token: int) -> Loop | None:
+        """Add one token; returns the loop once confirmed (and keeps returning it)."""
+        n = len(self.tokens)
+        self.tokens.append(token)
+        if n >= len(self._hist):
+            self._hist = np.concatenate([self._hist, np.zeros_like(self._hist)])
+        self._hist[n] = token
+        k = min(n, len(self._run))
+        if k:
+            run = self._run[:k]
+            same = self._hist[n - self._periods[:k]] == token
+            run[:] = np.where(same, run + 1, 0)
+            if self.loop is None:
+                self._check(n + 1, run, self._periods[:k])
+        return self.loop
+
+    def _check(self, length: int, run: np.ndarray, periods: np.ndarray) -> None:
+        c = self.config
+        span = run + periods  # the last `span` tokens are periodic with that period
+        periodic = np.flatnonzero((span >= c.window) & (periods <= c.max_period))
+        repeat = np.flatnonzero((span >= c.min_repeats * periods) & (span >= c.window))
+        hits = [(int(periodic[0]), "periodic")] if periodic.size else []
+        hits += [(int(repeat[0]), "repeat")] if repeat.size else []
+        if hits:
+            i, kind = min(hits)
+            self.loop = Loop(kind, int(periods[i]), float(span[i] / periods[i]), length)
+        elif not self.borderline_stretch:
+            self.borderline_stretch = bool(np.any((span >= c.borderline_span) & (span >= 3 * periods)))
+
+    def feed_text(self, text: str) -> Loop | None:
+        """Add the text of the tokens fed so far; detects think restarts."""
+        if not text:
+            return self.loop
+        window = self._text_tail + text
+        start = 0
+        while True:
+            i_open, i_close = window.find(THINK_OPEN, start), window.find(THINK_CLOSE, start)
+            hits = [(i, tag) for i, tag in ((i_open, THINK_OPEN), (i_close, THINK_CLOSE)) if i >= 0]
+            if not hits:
+                break
+            i, tag = min(hits)
+            if tag == THINK_CLOSE:
+                self._closed += 1
+            elif self._closed:
+                self._reopened = True
+            start = i + len(tag)
+        keep = max(start, len(window) - len(THINK_CLOSE) + 1)
+        self._text_tail = window[keep:]
+        if self.loop is None and (self._closed >= 2 or self._reopened):
+            self.loop = Loop("think_restart", 0, float(self._closed), len(self.tokens))
+        return self.loop
+
+    def borderline(self) -> bool:
+        """Borderline verdict of the output so far (False once it is a loop)."""
+        if self.loop is not None:
+            return False
+        d4 = distinct_n(self.tokens)
+        return self.borderline_stretch or (d4 is not None and len(self.tokens) >= 64
+                                           and 1 - d4 >= self.config.borderline_seq_rep4)
+
+
+def detect(tokens: Sequence[int], config: LoopConfig | None = None) -> tuple[Loop | None, bool]:
+    """Run the detector over a finished token sequence: (loop or None, borderline)."""
+    det = LoopDetector(config)
+    for t in tokens:
+        if det.feed(t) is not None:
+            break
+    return det.loop, det.borderline()
