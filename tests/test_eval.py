@@ -1,0 +1,366 @@
+"""The degeneration evaluation harness: loop detector, statistics, prompts, and probes on a real llama-server."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from click.testing import CliRunner
+
+from glmgguf.cli import main
+from glmgguf.eval.compare import OUTCOMES, compare_table, load_run, summarize
+from glmgguf.eval.loops import LoopDetector, detect, distinct_n
+from glmgguf.eval.probes import EvalError, load_prompts
+from glmgguf.eval.run import RunSpec, journal_path, run_probes, sampler_settings
+from glmgguf.eval.stats import two_proportion_z, wilson
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loop detector on crafted token streams
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _random_tokens(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(4000) for _ in range(n)]
+
+
+def test_periodic_tail_is_a_loop_at_the_window():
+    prefix = _random_tokens(50)
+    stream = prefix + [7, 8, 9] * 100
+    loop, borderline = detect(stream)
+    assert loop is not None and loop.kind == "periodic" and loop.period == 3
+    # confirmed as soon as the last 96 tokens are periodic: 50 prefix tokens + 96
+    assert loop.at_token == 50 + 96
+    assert not borderline
+
+
+def test_long_block_needs_twenty_copies_and_fewer_are_borderline():
+    block = _random_tokens(60, seed=1)
+    loop, _ = detect(_random_tokens(10, seed=2) + block * 25)
+    assert loop is not None and loop.kind == "repeat" and loop.period == 60
+    assert loop.at_token == 10 + 20 * 60
+    loop, borderline = detect(_random_tokens(10, seed=2) + block * 5 + _random_tokens(100, seed=3))
+    assert loop is None and borderline
+
+
+def test_random_text_is_neither_loop_nor_borderline():
+    loop, borderline = detect(_random_tokens(3000))
+    assert loop is None and not borderline
+
+
+def test_think_restart_across_pieces():
+    det = LoopDetector()
+    for piece in ["<think>", "plan", "</thi", "nk>answer"]:
+        assert det.feed_text(piece) is None
+    loop = det.feed_text("more <thi") or det.feed_text("nk> again")
+    assert loop is not None and loop.kind == "think_restart"
+    det = LoopDetector()
+    det.feed_text("</think>a")
+    assert det.feed_text("b</think>").kind == "think_restart"  # closed twice
+
+
+def test_distinct_4():
+    assert distinct_n([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(4 / 5)
+    assert distinct_n([1, 2, 3]) is None
+
+
+@pytest.fixture(scope="session")
+def testbed_tokenizer(trained_testbed_dir):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(trained_testbed_dir) / "tokenizer.json"))
+
+
+LEGIT_REPETITION = {
+    "markdown table": "| name | value | unit |\n|---|---|---|\n" + "".join(
+        f"| item{i} | {i * 37 % 101} | ms |\n" for i in range(40)),
+    "closing braces": "int f(int x) {\n" + "".join("  " * i + f"if (x > {i}) {{\n" for i in range(12)) + "".join(
+        "  " * i + "}\n" for i in reversed(range(13))),
+    "similar lines": "".join(f"    self.assertEqual(parse('{i}'), {i})\n" for i in range(60)),
+    "rulers": "".join(f"# {'-' * 77}\n# {name}\n# {'=' * 77}\n\ndef {name}():\n    pass\n\n"
+                      for name in ("setup", "parse", "render", "main", "cleanup", "report")),
+    "enum": "".join(f"    VALUE_{i} = {i}\n" for i in range(80)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEGIT_REPETITION))
+def test_legitimate_repetition_is_not_a_loop(testbed_tokenizer, name):
+    ids = testbed_tokenizer.encode(LEGIT_REPETITION[name], add_special_tokens=False).ids
+    assert len(ids) >= 150
+    loop, _ = detect(ids)
+    assert loop is None, (name, loop)
+
+
+def test_false_positive_rate_on_stdlib_source(testbed_tokenizer):
+    """Held-out standard-library source in 512-token chunks: no chunk may read as a loop (measured: 0 of 511)."""
+    from glmgguf.testbed.tokenizer import stdlib_corpus
+
+    chunks = []
+    for enc in testbed_tokenizer.encode_batch(stdlib_corpus("heldout"), add_special_tokens=False):
+        chunks += [enc.ids[i:i + 512] for i in range(0, len(enc.ids) - 511, 512)]
+    chunks = chunks[:300]
+    assert len(chunks) == 300
+    verdicts = [detect(c) for c in chunks]
+    loops = sum(loop is not None for loop, _ in verdicts)
+    borderline = sum(b for _, b in verdicts)
+    assert loops / len(chunks) <= 0.005
+    assert borderline / len(chunks) <= 0.02
+
+
+def test_detector_as_periodic_code_loop_from_real_tokens(testbed_tokenizer):
+    ids = testbed_tokenizer.encode("def f(x):\n" + "    x = x + 1\n" * 40, add_special_tokens=False).ids
+    loop, _ = detect(ids)
+    assert loop is not None and loop.kind == "periodic"
+    assert loop.period == len(testbed_tokenizer.encode("    x = x + 1\n", add_special_tokens=False).ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics against scipy's reference functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_z_test_reference_numbers():
+    from scipy.stats import norm
+
+    z, p = two_proportion_z(144, 2000, 72, 2000)  # 0.072 vs 0.036
+    assert z == pytest.approx(5.04, abs=0.01)
+    assert p == pytest.approx(2 * norm.sf(z), rel=1e-9)
+    assert p < 1e-4
+    z50, p50 = two_proportion_z(round(0.072 * 50), 50, round(0.036 * 50), 50)  # the same gap at n=50
+    assert p50 > 0.05 and z50 < 1.96
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 10), (3, 50), (144, 2000), (72, 2000), (50, 50), (1, 1)])
+def test_wilson_matches_scipy(k, n):
+    from scipy.stats import binomtest
+
+    ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = wilson(k, n)
+    assert lo == pytest.approx(ref.low, abs=1e-12)
+    assert hi == pytest.approx(ref.high, abs=1e-12)
+
+
+def _fake_run(loops: int, eos: int, n: int, source: str = "code") -> dict:
+    res = [{"id": str(i), "source": source, "outcome": "loop" if i < loops else "eos" if i < loops + eos else "cap",
+            "borderline": False, "tokens": 10 + i, "distinct4": 0.5} for i in range(n)]
+    return {"format": "glmgguf-eval-loops/1", "spec": {}, "results": res, "summary": summarize(res)}
+
+
+def test_summary_and_compare_table():
+    a, b = _fake_run(144, 1000, 2000), _fake_run(72, 1100, 2000)
+    s = a["summary"]
+    assert s["n"] == 2000 and s["loop_rate"] == pytest.approx(0.072) and s["median_tokens"] == pytest.approx(1009.5)
+    table = compare_table([("A", a), ("B", b)])
+    assert "| B | 2000 | 3.6% | 2.9-4.5% |" in table
+    assert "-5.04 (p=4.7e-07)" in table  # loop z of B against A
+    assert "| code | 144/2000 | 72/2000 |" in table
+
+
+def test_compare_cli_writes_table_and_chart(tmp_path):
+    for name, run in (("a", _fake_run(10, 30, 50)), ("b", _fake_run(2, 40, 50))):
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+    r = CliRunner().invoke(main, ["eval", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                                  "--out", str(tmp_path / "c.md"), "--png", str(tmp_path / "c.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "c.md").read_text() == r.output
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "x.json").write_text("[1, 2]")
+    r = CliRunner().invoke(main, ["eval", "compare", str(tmp_path / "x.json")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "is not a run file" in r.output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts and bad input
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_builtin_fuzz_suite():
+    prompts, _ = load_prompts("fuzz")
+    counts = {s: sum(p.source == s for p in prompts) for s in {p.source for p in prompts}}
+    assert counts == {"code": 18, "structured": 6, "reasoning": 5, "creative": 5, "math": 4, "domain": 5, "patch": 5}
+
+
+def test_malformed_lines_are_listed(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"text": "a"}\n{"text": \n\n{"messages": []}\n{"text": "b", "messages": [{"role": "user", '
+                 '"content": "x"}]}\n[1]\n')
+    with pytest.raises(EvalError, match=r"4 malformed line\(s\): 2, 4, 5, 6 \(line 2: Expecting value"):
+        load_prompts(f)
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    (b"PAR1\x00\x01\x02\xff\xfe", "is not a text file"),
+    (b'[{"text": "a"}, {"text": "b"}]', "is not a prompts file"),
+    (b"id,text\n1,hello\n", "is not a prompts file"),
+    (b'{"text": "a", "id": "x"}\n{"text": "b", "id": "x"}\n', "duplicate prompt ids: x"),
+])
+def test_other_formats_are_refused(tmp_path, content, match):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(EvalError, match=match):
+        load_prompts(f)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    from glmgguf.llama.server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    runner = CliRunner()
+    cases = [
+        (["--server", url, "--prompts", "fuzz", "--retries", "1", "--backoff", "0.05"], "cannot reach llama-server"),
+        (["--prompts", "fuzz"], "exactly one of --server URL or --gguf FILE"),
+        (["--server", url, "--prompts", str(tmp_path / "missing.jsonl")], "No such file"),
+        (["--server", url, "--prompts", "fuzz", "--preset", "greedy", "--top-k", "x"], None),  # click's own error
+    ]
+    for args, match in cases:
+        r = runner.invoke(main, ["eval", "loops", *args, "--out", str(tmp_path / "r.json")])
+        assert r.exit_code in (1, 2), r.output
+        if match:
+            assert r.exit_code == 1 and r.output.startswith("Error: ") and r.output.count("\n") == 1, r.output
+            assert match in r.output
+    r = runner.invoke(main, ["eval", "sweep", "--server", url, "--prompts", "fuzz", "--grid", "nope=1",
+                             "--out", str(tmp_path / "s")])
+    assert r.exit_code == 1 and "expected KEY=V1,V2" in r.output and r.output.count("\n") == 1
+
+
+def test_sampler_presets():
+    assert sampler_settings("guarded", {"temperature": "0.7", "seed": None}) == {
+        "temperature": 0.7, "top_p": 1.0, "top_k": 0, "min_p": 0.05, "repetition_penalty": 1.05, "seed": 0}
+    with pytest.raises(EvalError, match="unknown sampler setting"):
+        sampler_settings("raw", {"typical_p": 1})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Probes on a real llama-server serving the trained tiny testbed
+# ----------------------------------------------------------------------------------------------------------------
+
+SERVER_ARGS = ["-c", "2048", "-np", "2", "-t", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, trained_testbed_dir, llama_toolchain) -> Path:
+    from glmgguf.checkpoint import open_checkpoint
+    from glmgguf.gguf.convert import convert
+    from glmgguf.gguf.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("eval") / "tiny-q8_0.gguf"
+    choose = load_recipe("q8_0").chooser(open_checkpoint(trained_testbed_dir).layout.layers)
+    convert(trained_testbed_dir, out, choose, settings={"recipe": "q8_0"}, force=True)
+    return out
+
+
+def _llama_servers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if "llama-server" in p.name()]
+
+
+@pytest.mark.slow
+def test_loops_end_to_end_with_gguf(tmp_path, tiny_gguf):
+    out = tmp_path / "run.json"
+    r = CliRunner().invoke(main, ["eval", "loops", "--gguf", str(tiny_gguf), "--prompts", "fuzz", "--limit", "10",
+                                  "--preset", "greedy", "--safety-cap", "512", "--parallel", "2", "--threads", "1",
+                                  "--ctx-size", "2048", "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert not _llama_servers()
+    assert (tmp_path / "run.json.server.log").stat().st_size > 0
+    assert not journal_path(out).exists()
+    doc = json.loads(out.read_text())
+    assert [res["id"] for res in doc["results"]] == [p.id for p in load_prompts("fuzz")[0][:10]]
+    assert all(res["outcome"] in OUTCOMES and res["outcome"] != "error" for res in doc["results"])
+    loops = [res for res in doc["results"] if res["outcome"] == "loop"]
+    assert len(loops) >= 2  # the tiny testbed loops under greedy decoding
+    for res in loops:
+        assert res["loop"]["at_token"] <= res["tokens"] < 512
+    assert all(res["tokens"] == 512 for res in doc["results"] if res["outcome"] == "cap")
+    assert doc["summary"]["loops"] == len(loops) and "| run | 10 |" in r.output
+
+
+@pytest.fixture
+def server(tiny_gguf, tmp_path):
+    from glmgguf.llama import LlamaServer
+
+    with LlamaServer(tiny_gguf, SERVER_ARGS, log_path=tmp_path / "server.log") as srv:
+        yield srv
+
+
+def _wait_for_journal(journal: Path, lines: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if journal.exists() and len(journal.read_text().splitlines()) >= lines + 1:  # + the header
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{journal}: fewer than {lines} results after {timeout} s")
+
+
+@pytest.mark.slow
+def test_server_dying_mid_run_keeps_finished_results(server, tmp_path):
+    prompts = load_prompts("fuzz")[0][:16]
+    spec = RunSpec(sampler=sampler_settings("greedy", {}), prompts="fuzz", prompts_sha256="x", safety_cap=512)
+    out = tmp_path / "run.json"
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(
+        run_probes(server.url, prompts, spec, out, retries=2, backoff=0.05, progress=False)))
+    worker.start()
+    _wait_for_journal(journal_path(out), 3)
+    journaled = [json.loads(line) for line in journal_path(out).read_text().splitlines()[1:4]]
+    server.proc.kill()
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    by_id = {r["id"]: r for r in json.loads(out.read_text())["results"]}
+    assert len(by_id) == 16 and by_id == {r["id"]: r for r in result["results"]}
+    for rec in journaled:
+        assert rec["outcome"] != "error" and by_id[rec["id"]] == rec
+    errors = [r for r in by_id.values() if r["outcome"] == "error"]
+    assert errors and all(r["attempts"] == 3 and r["error"] for r in errors)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_where_it_stopped(server, tmp_path):
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "glmgguf", "eval", "loops", "--server", server.url, "--prompts", "fuzz",
+           "--limit", "24", "--preset", "greedy", "--safety-cap", "256", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_journal(journal_path(out), 4)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    first = {json.loads(line)["id"] for line in journal_path(out).read_text().splitlines()[1:]}
+    assert not out.exists() and 4 <= len(first) < 24
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    doc = load_run(out)
+    assert doc["resumed"] == len(first) and len(doc["results"]) == 24 and doc["summary"]["counts"]["error"] == 0
+    assert not journal_path(out).exists()
+
+
+@pytest.mark.slow
+def test_sweep_one_server_one_table(server, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"text": t, "source": s}) + "\n" for t, s in [
+        ("import os\n", "text"), ("def main():\n", "text"),
+        ("class Parser:\n    def __init__(self):\n", "text")]) + json.dumps(
+        {"messages": [{"role": "user", "content": "Write a loop."}], "source": "chat"}) + "\n")
+    out = tmp_path / "sweep"
+    args = ["eval", "sweep", "--server", server.url, "--prompts", str(prompts), "--preset", "greedy",
+            "--safety-cap", "256", "--grid", "repetition_penalty=1.0,1.3", "--out", str(out), "--quiet"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    runs = sorted(p.name for p in out.glob("*.json"))
+    assert runs == ["repetition_penalty=1.0.json", "repetition_penalty=1.3.json"]
+    for p in out.glob("*.json"):
+        doc = load_run(p)
+        assert doc["summary"]["n"] == 4 and doc["summary"]["by_source"]["text"]["n"] == 3
+        assert doc["spec"]["sampler"]["repetition_penalty"] == float(p.stem.split("=")[1])
+    table = (out / "compare.md").read_text()
+    assert "| repetition_penalty=1.0 | 4 |" in table and "| repetition_penalty=1.3 | 4 |" in table
+    assert (out / "compare.png").stat().st_size > 1000
+    r2 = CliRunner().invoke(main, args)  # finished points are reused, not run again
+    assert r2.exit_code == 0 and (out / "compare.md").read_text() == table
