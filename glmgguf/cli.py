@@ -13,6 +13,7 @@ from glmgguf.kd.cli import kd as kd_cmd
 from glmgguf.llama import cli as llama_cli
 from glmgguf.llama.patch_cli import patch as patch_cmd
 from glmgguf.nvfp4.cli import nvfp4 as nvfp4_cmd
+from glmgguf.pipeline.cli import pipeline as pipeline_cmd
 from glmgguf.reap.cli import reap as reap_cmd
 from glmgguf.testbed.cli import testbed as testbed_cmd
 
@@ -36,3 +37,4 @@ main.add_command(reap_cmd)
 main.add_command(kd_cmd)
 main.add_command(nvfp4_cmd)
 main.add_command(eval_group)
+main.add_command(pipeline_cmd)

@@ -72,7 +72,8 @@ def pruned(trained_testbed_dir, texts, tmp_path_factory) -> Path:
     seqs = _pack(trained_testbed_dir, texts["train"], seed=3)
     stats = observe(trained_testbed_dir, chunk_sequences(seqs, 4), streaming=False, dtype=torch.float32)
     out = tmp_path_factory.mktemp("kdstudent") / "pruned8"
-    prune_checkpoint(trained_testbed_dir, plan_prune(GlmLayout.from_dir(trained_testbed_dir), stats, keep=8), out)
+    plan = plan_prune(GlmLayout.from_dir(trained_testbed_dir), stats, keep=8)
+    prune_checkpoint(trained_testbed_dir, plan, out, stats=stats)
     return out
 
 
@@ -297,6 +298,9 @@ def test_write_verifies_every_tensor(pruned, tmp_path, monkeypatch):
     rep = write_student(pruned, tmp_path / "ok", {gate: new})
     assert rep.changed == [gate] and rep.identical == len(reader.names()) - 1
     assert diff_checkpoints(pruned, tmp_path / "ok") == [gate]
+    # the pruned model's calibration statistics travel with it (NVFP4 export reads its input scales there)
+    stats = "reap_stats.safetensors"
+    assert (tmp_path / "ok" / stats).read_bytes() == (pruned / stats).read_bytes()
 
     class Corrupting(kd_write.ShardedWriter):  # a writer that silently alters one frozen tensor
         def add(self, name, tensor):

@@ -24,6 +24,7 @@ from glmgguf.io import CheckpointReader, ShardedWriter, atomic_dir
 from glmgguf.io.reader import TensorInfo, read_header
 from glmgguf.io.writer import tensor_bytes
 from glmgguf.kd.errors import WriteVerifyError
+from glmgguf.reap.prune import STATS_NAME
 
 
 def raw_bytes(info: TensorInfo) -> bytes:
@@ -98,6 +99,8 @@ def write_student(student: str | os.PathLike, out: str | os.PathLike, replacemen
         shutil.copy2(src / "config.json", tmp / "config.json")
         for f in reader.extra_files():
             shutil.copy2(f, tmp / f.name)
+        if (src / STATS_NAME).is_file():  # the pruned model's calibration statistics (NVFP4 input scales)
+            shutil.copy2(src / STATS_NAME, tmp / STATS_NAME)
         for fname, data in (extra_files or {}).items():
             (tmp / fname).write_bytes(data)
         # read everything back before the directory appears

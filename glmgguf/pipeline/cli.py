@@ -1,0 +1,79 @@
+"""`glmgguf pipeline PLAN.toml`: the whole build from one file; `--dry-run` prints the stages with estimates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from glmgguf.errors import user_errors
+from glmgguf.pipeline.plan import Plan, PlanError, parse_plan
+from glmgguf.pipeline.run import StageFailed, plan_stages, run_plan, stage_status
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def dry_run_lines(plan: Plan, model_config: Path | None) -> list[str]:
+    """The stage table: status, output, disk, peak memory, and each stage's command."""
+    from glmgguf.gguf.recipe import load_recipe
+    from glmgguf.pipeline.estimate import estimate_stages, tensor_bytes
+    from glmgguf.pipeline.inputs import check_inputs, recipe_ref
+    from glmgguf.pipeline.inputs import model_config as read_config
+
+    layout = check_inputs(plan, read_config(plan, model_config), check_files=model_config is None)
+    stages = plan_stages(plan, model_config)
+    est = estimate_stages(plan, layout, {g.name: load_recipe(recipe_ref(plan, g.recipe)) for g in plan.gguf})
+    src = tensor_bytes(layout)[0]
+    lines = [f"plan {plan.path}: model {plan.model} ({layout.n_layers} layers + {layout.n_mtp} MTP, "
+             f"{len(layout.moe_layers)} MoE layers of {layout.moe_layers[0].n_experts if layout.moe_layers else 0} "
+             f"experts, {_size(src)} of BF16 weights); workdir {plan.workdir}", "",
+             "| stage | status | writes | disk | peak memory | note |", "|---|---|---|---:|---:|---|"]
+    upstream: dict[str, str | None] = {}
+    total = 0
+    for s in stages:
+        status, _, fp = stage_status(s, plan.workdir, upstream) if model_config is None else ("to run", "", None)
+        upstream[s.name] = fp
+        e = est[s.name]
+        total += e.disk
+        lines.append(f"| {s.name} | {status} | {s.output.relative_to(plan.workdir)} | {_size(e.disk)} | "
+                     f"{_size(e.memory)} | {e.note} |")
+    lines += ["", f"disk for all stages: {_size(total)} (plus the source model, {_size(src)})", "", "commands:"]
+    lines += [f"  [{s.name}] glmgguf {' '.join(s.args)}" for s in stages]
+    return lines
+
+
+@click.command("pipeline")
+@click.argument("plan_path", metavar="PLAN")
+@click.option("--dry-run", is_flag=True, help="Print the stages with their status, disk and memory estimates.")
+@click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path),
+              help="Dry run only: estimate with this config.json instead of the plan's model (files unchecked).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Override the plan's workdir.")
+@click.option("--only", multiple=True, help="Run this stage (and what it needs) only; repeatable.")
+@click.option("--quiet", is_flag=True, help="Stage output only to STAGE/log.txt.")
+def pipeline(plan_path: str, dry_run: bool, model_config: Path | None, workdir: Path | None,
+             only: tuple[str, ...], quiet: bool) -> None:
+    """Run the build described by PLAN (a .toml file or a shipped plan name, e.g. 'testbed').
+
+    Each stage writes into its own directory under the workdir with a manifest; a re-run skips finished stages
+    whose inputs and settings are unchanged and redoes the rest.
+    """
+    if model_config is not None and not dry_run:
+        raise click.UsageError("--model-config is for --dry-run only")
+    with user_errors():
+        try:
+            plan = parse_plan(plan_path, workdir)
+            if dry_run:
+                click.echo("\n".join(dry_run_lines(plan, model_config)))
+                return
+            results = run_plan(plan, quiet=quiet, echo=click.echo, only=list(only) or None)
+        except (PlanError, StageFailed) as e:
+            raise click.ClickException(str(e)) from None
+    ran = [r for r in results if r.status == "ran"]
+    click.echo(f"pipeline done: {len(ran)} stage(s) ran, {len(results) - len(ran)} skipped; outputs in "
+               f"{plan.workdir}")
+

@@ -1,0 +1,131 @@
+"""Disk and memory estimates of each stage, from the model's config alone (for `pipeline --dry-run`).
+
+Sizes are exact where the format fixes them (checkpoint and GGUF tensor bytes, the teacher cache, NVFP4) and
+approximate where they depend on runtime details (peak memory: the largest resident piece plus working space).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+from gguf.constants import GGML_QUANT_SIZES
+
+from glmgguf.checkpoint import GlmCheckpoint
+from glmgguf.layout import GlmLayout
+from glmgguf.pipeline.plan import Plan
+
+DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
+
+
+@dataclass
+class Estimate:
+    disk: int  # bytes the stage leaves on disk
+    memory: int  # peak resident bytes (RAM, or RAM + GPU memory for in-memory GPU runs)
+    note: str = ""
+
+
+class _HeaderNames:
+    """Stands in for a checkpoint reader: the tensor names a checkpoint of this config has."""
+
+    def __init__(self, names: set[str]):
+        self._names = names
+
+    def names(self) -> list[str]:
+        return sorted(self._names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+
+def pruned_layout(layout: GlmLayout, keep: int | None, ratio: float | None) -> GlmLayout:
+    """The layout after uniform pruning to `keep` experts (or by `ratio`)."""
+    cfg = copy.deepcopy(layout.config)
+    n = int(cfg["n_routed_experts"])
+    cfg["n_routed_experts"] = keep if keep is not None else n - int(round(n * (ratio or 0.0)))
+    cfg.pop("num_routed_experts_per_layer", None)
+    return GlmLayout.from_config(cfg)
+
+
+def tensor_bytes(layout: GlmLayout, dtype_bytes: int = 2) -> tuple[int, int, int]:
+    """(all, routed experts, largest single tensor) bytes of the checkpoint at `dtype_bytes` per weight."""
+    total = experts = largest = 0
+    for name, shape in layout.expected_hf_tensors(mtp_indexer=True).items():
+        n = math.prod(shape) * dtype_bytes
+        total += n
+        largest = max(largest, n)
+        if ".mlp.experts." in name:
+            experts += n
+    return total, experts, largest
+
+
+def layer_bytes(layout: GlmLayout, dtype_bytes: int = 2) -> int:
+    """Bytes of the largest decoder layer (what a streaming pass keeps resident)."""
+    per: dict[str, int] = {}
+    for name, shape in layout.expected_hf_tensors(mtp_indexer=True).items():
+        if name.startswith("model.layers."):
+            key = name.split(".")[2]
+            per[key] = per.get(key, 0) + math.prod(shape) * dtype_bytes
+    return max(per.values(), default=0)
+
+
+def gguf_bytes(layout: GlmLayout, recipe) -> int:
+    """Tensor bytes of the GGUF that `recipe` makes of a checkpoint with this layout."""
+    from glmgguf.gguf.plan import plan_tensors
+
+    ckpt = GlmCheckpoint(_HeaderNames(set(layout.expected_hf_tensors(mtp_indexer=True))), layout, True)  # type: ignore[arg-type]
+    choose = recipe.chooser(layout.layers)
+    total = 0
+    for t in plan_tensors(ckpt):
+        block, size = GGML_QUANT_SIZES[choose(t)]
+        total += t.n_elements // block * size
+    return total
+
+
+def estimate_stages(plan: Plan, layout: GlmLayout, recipes: dict) -> dict[str, Estimate]:
+    """Per stage name: what it writes and its peak memory."""
+    d = plan.data
+    src, _, largest = tensor_bytes(layout)
+    final = layout
+    out: dict[str, Estimate] = {}
+    hidden_act = d["batch_size"] * d["seq_len"] * layout.hidden_size * 4 * 8  # a chunk's activations, generously
+    if plan.observes:
+        r = plan.reap or {"streaming": False}
+        tokens = (d["calibration_samples"] or 0) * d["seq_len"]
+        spill = tokens * layout.hidden_size * 2 if r["streaming"] else 0
+        mem = layer_bytes(layout) + hidden_act + min(spill, 4 * 10**9) if r["streaming"] else src + hidden_act
+        out["observe"] = Estimate(spill, mem, "streaming: one layer resident" if r["streaming"]
+                                  else "in memory: the whole model (across GPUs with device 'auto')")
+    if plan.reap is not None:
+        final = pruned_layout(layout, plan.reap["keep"], plan.reap["ratio"])
+        pruned, _, _ = tensor_bytes(final)
+        out["prune"] = Estimate(pruned, 2 * largest, "one tensor at a time")
+    if plan.kd is not None:
+        k = plan.kd
+        from glmgguf.kd.teacher import bytes_per_sequence
+
+        per_seq = bytes_per_sequence(d["seq_len"], min(k["top_k"], layout.vocab_size))
+        out["teacher"] = Estimate(per_seq * (d["kd_samples"] or 0),
+                                  (layer_bytes(layout) if k["teacher_streaming"] else src) + hidden_act,
+                                  "x number of KD sequences" if not d["kd_samples"] else "")
+        if d["heldout"]:
+            out["teacher-heldout"] = Estimate(per_seq * (d["heldout_samples"] or 0), out["teacher"].memory)
+        student = tensor_bytes(final, DTYPE_BYTES[k["dtype"]])[0]
+        routers = sum(layer.n_experts * layout.hidden_size for layer in final.moe_layers) * 4
+        out["kd"] = Estimate(tensor_bytes(final)[0] + 3 * routers, student + k["batch_size"] * hidden_act,
+                             "the frozen student resident (across GPUs with device_map 'auto')")
+    for g in plan.gguf:
+        size = gguf_bytes(final, recipes[g.name])
+        out[f"gguf-{g.name}"] = Estimate(size, 3 * tensor_bytes(final, 4)[2], "one tensor at a time")
+    if plan.nvfp4 is not None:
+        total, experts, largest_final = tensor_bytes(final)
+        params = experts // 2  # BF16 -> 4-bit codes plus one e4m3 scale per 16 weights
+        out["nvfp4"] = Estimate(total - experts + int(params * (0.5 + 1 / 16)), 4 * largest_final,
+                                "one expert at a time")
+    if plan.eval is not None:
+        size = out[f"gguf-{plan.eval['gguf']}"].disk
+        for p in plan.eval["presets"]:
+            out[f"eval-{p}"] = Estimate(0, size, "llama-server maps the GGUF; plus its KV cache")
+        out["eval-report"] = Estimate(0, 0)
+    return out

@@ -1,0 +1,112 @@
+"""The plan's inputs: the source model, the text files, recipes and imatrix files, checked against the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from glmgguf.layout import GlmLayout, LayoutError
+from glmgguf.pipeline.plan import BUILTIN_DATA, BUILTIN_MODELS, Plan, PlanError
+
+EVAL_PROMPT_SETS = ("fuzz",)
+
+
+def _relative(plan: Plan, value: str) -> Path:
+    return (plan.base / value).resolve()
+
+
+def model_config(plan: Plan, override: Path | None = None) -> dict:
+    """The source model's config.json (`override` stands in for it in dry runs of models not on this machine)."""
+    if override is not None:
+        return json.loads(Path(override).read_text())
+    if plan.model in BUILTIN_MODELS:
+        from glmgguf.testbed.build import config_json
+
+        return config_json(plan.model.split(":", 1)[1])
+    cfg = _relative(plan, plan.model) / "config.json"
+    if not cfg.is_file():
+        raise PlanError(f"{plan.where('pipeline', 'model')}: model {plan.model!r} has no config.json "
+                        f"(looked for {cfg}; or use one of {', '.join(BUILTIN_MODELS)})")
+    return json.loads(cfg.read_text())
+
+
+def resolve_model(plan: Plan) -> Path:
+    """The source checkpoint directory; a builtin testbed is trained (once, cached) on first use."""
+    if plan.model in BUILTIN_MODELS:
+        from glmgguf.testbed.train import trained_testbed
+
+        return trained_testbed(plan.model.split(":", 1)[1])
+    return _relative(plan, plan.model)
+
+
+def data_files(plan: Plan, kind: str) -> list[Path]:
+    """The [data] `kind` files; builtin splits are written under WORKDIR/data (same bytes every time)."""
+    out = []
+    for entry in plan.data[kind]:
+        if entry in BUILTIN_DATA:
+            from glmgguf.testbed import stdlib_corpus
+
+            path = plan.workdir / "data" / f"{entry.replace(':', '-')}.jsonl"
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                docs = [d for d in stdlib_corpus(entry.split(":", 1)[1]) if d.strip()]
+                tmp = path.with_name(path.name + ".partial")
+                tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+                tmp.replace(path)
+            out.append(path)
+        else:
+            out.append(_relative(plan, entry))
+    return out
+
+
+def recipe_ref(plan: Plan, recipe: str) -> str:
+    """A shipped recipe name as is; anything else is a file relative to the plan."""
+    from glmgguf.gguf.recipe import builtin_recipes
+
+    return recipe if recipe in builtin_recipes() else str(_relative(plan, recipe))
+
+
+def eval_prompts(plan: Plan) -> str:
+    assert plan.eval is not None
+    p = plan.eval["prompts"]
+    return p if p in EVAL_PROMPT_SETS else str(_relative(plan, p))
+
+
+def check_inputs(plan: Plan, config: dict, check_files: bool = True) -> GlmLayout:
+    """Everything that can be checked before work starts; returns the source model's layout."""
+    from glmgguf.gguf.recipe import RecipeError, load_recipe
+
+    try:
+        layout = GlmLayout.from_config(config)
+    except LayoutError as e:
+        raise PlanError(f"{plan.where('pipeline', 'model')}: model {plan.model!r}: {e}") from None
+    if check_files and plan.model not in BUILTIN_MODELS and not (_relative(plan, plan.model) / "config.json").is_file():
+        raise PlanError(f"{plan.where('pipeline', 'model')}: model directory {_relative(plan, plan.model)} not found")
+    if check_files:
+        for kind in ("calibration", "kd", "heldout"):
+            for entry in plan.data[kind]:
+                if entry not in BUILTIN_DATA and not _relative(plan, entry).is_file():
+                    raise PlanError(f"{plan.where('data', kind)}: [data] {kind} file {_relative(plan, entry)} not "
+                                    f"found (builtin text: {', '.join(BUILTIN_DATA)})")
+    if plan.reap is not None and plan.reap["keep"] is not None:
+        most = max((layer.n_experts for layer in layout.moe_layers), default=0)
+        if plan.reap["keep"] > most:
+            raise PlanError(f"{plan.where('reap', 'keep')}: [reap] keep = {plan.reap['keep']} is more than the "
+                            f"model's {most} routed experts per layer")
+        if plan.reap["keep"] < layout.experts_per_tok:
+            raise PlanError(f"{plan.where('reap', 'keep')}: [reap] keep = {plan.reap['keep']} is fewer than the "
+                            f"{layout.experts_per_tok} experts each token is routed to")
+    for i, g in enumerate(plan.gguf):
+        try:
+            load_recipe(recipe_ref(plan, g.recipe))
+        except RecipeError as e:
+            raise PlanError(f"{plan.where('gguf', 'recipe', i)}: {e}") from None
+        if g.imatrix is not None:
+            g.imatrix = _relative(plan, str(g.imatrix))
+            if check_files and not g.imatrix.is_file():
+                raise PlanError(f"{plan.where('gguf', 'imatrix', i)}: imatrix file {g.imatrix} not found")
+    if plan.eval is not None and check_files and plan.eval["prompts"] not in EVAL_PROMPT_SETS:
+        if not _relative(plan, plan.eval["prompts"]).is_file():
+            raise PlanError(f"{plan.where('eval', 'prompts')}: prompts file {_relative(plan, plan.eval['prompts'])} "
+                            f"not found (builtin: {', '.join(EVAL_PROMPT_SETS)})")
+    return layout

@@ -1,0 +1,229 @@
+"""A build plan (TOML): what to prune, distill, convert, export and evaluate, checked before any work starts.
+
+Every key is declared in `SCHEMA` with its type and default; unknown sections or keys, wrong types, missing
+files, a keep count above the model's expert count and unknown recipes are refused with the plan's line named.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUILTIN_DATA = ("stdlib:train", "stdlib:heldout")  # the testbed's standard-library text splits
+BUILTIN_MODELS = ("testbed:tiny", "testbed:small")  # the trained testbed models (built and cached on demand)
+
+# section -> key -> (type(s), default); `...` marks a required key. A list type is a list of that type.
+SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
+    "pipeline": {"workdir": (str, ...), "model": (str, ...), "threads": (int, None)},
+    "data": {"calibration": ([str], []), "kd": ([str], []), "heldout": ([str], []), "seq_len": (int, 2048),
+             "calibration_samples": (int, None), "kd_samples": (int, None), "heldout_samples": (int, None),
+             "text_field": (str, "text"), "batch_size": (int, 4)},
+    "reap": {"keep": (int, None), "ratio": (float, None), "per_layer": (str, "uniform"), "metric": (str, "reap"),
+             "streaming": (bool, False), "device": (str, "cpu"), "dtype": (str, "bf16")},
+    "kd": {"steps": (int, 200), "lr": (float, 5e-5), "top_k": (int, 64), "batch_size": (int, 4),
+           "schedule": (str, "constant"), "warmup": (int, 0), "train_bias": (bool, False),
+           "device_map": (str, "cpu"), "dtype": (str, "f32"), "teacher_streaming": (bool, False),
+           "teacher_device": (str, "cpu"), "save_every": (int, 50)},
+    "gguf": {"name": (str, ...), "recipe": (str, ...), "imatrix": (str, None), "split_max_size": (str, None),
+             "mtp": (str, "keep"), "indexer": (str, "native")},
+    "nvfp4": {"format": (str, "modelopt"), "device": (str, "cpu"), "exclude": ([str], []),
+              "max_shard_size": (str, "5G")},
+    "eval": {"gguf": (str, ...), "prompts": (str, "fuzz"), "presets": ([str], ["raw"]), "ctx": (int, 4096),
+             "parallel": (int, 2), "safety_cap": (int, 4096), "temperature": (float, None), "seed": (int, 0),
+             "limit": (int, None)},
+}
+LIST_SECTIONS = frozenset({"gguf"})  # [[gguf]]: several outputs
+CHOICES = {
+    ("reap", "per_layer"): ("uniform", "global"), ("reap", "metric"): ("reap", "frequency", "ean", "random"),
+    ("reap", "dtype"): ("bf16", "f16", "f32"), ("kd", "dtype"): ("bf16", "f16", "f32"),
+    ("kd", "schedule"): ("constant", "cosine"), ("gguf", "mtp"): ("keep", "drop", "only"),
+    ("gguf", "indexer"): ("native", "duplicate"), ("nvfp4", "format"): ("modelopt", "compressed-tensors"),
+}
+
+
+class PlanError(ValueError):
+    """The plan is invalid; the message names the file and line."""
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]\]?")
+
+
+def line_of(text: str, section: str, key: str | None = None, index: int = 0) -> int | None:
+    """1-based line of `key` in `[section]` (the `index`-th `[[section]]`), or of the header when key is None."""
+    current, count, header_line = None, -1, None
+    for no, line in enumerate(text.splitlines(), 1):
+        stripped = line.split("#", 1)[0]
+        m = _HEADER.match(stripped)
+        if m:
+            current = m.group(2)
+            if current == section:
+                count += 1
+                if count == index:
+                    header_line = no
+            continue
+        if current == section and count == index and key is not None:
+            if re.match(rf"^\s*{re.escape(key)}\s*=", stripped):
+                return no
+    return header_line
+
+
+@dataclass
+class GgufOutput:
+    name: str
+    recipe: str
+    imatrix: Path | None = None
+    split_max_size: str | None = None
+    mtp: str = "keep"
+    indexer: str = "native"
+
+
+@dataclass
+class Plan:
+    """A validated plan; paths are absolute (relative ones resolve against the plan file's directory)."""
+
+    path: Path
+    text: str
+    base: Path  # relative paths in the plan resolve against this directory
+    workdir: Path
+    model: str  # a directory or one of BUILTIN_MODELS
+    threads: int | None
+    data: dict[str, Any]
+    reap: dict[str, Any] | None
+    kd: dict[str, Any] | None
+    gguf: list[GgufOutput] = field(default_factory=list)
+    nvfp4: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+
+    def where(self, section: str, key: str | None = None, index: int = 0) -> str:
+        """`plan.toml:12` for messages."""
+        no = line_of(self.text, section, key, index)
+        return f"{self.path}:{no}" if no else str(self.path)
+
+    @property
+    def observes(self) -> bool:
+        """Calibration statistics are needed (for pruning or for NVFP4 input scales)."""
+        return self.reap is not None or self.nvfp4 is not None
+
+
+def _type_ok(value: Any, kind: Any) -> bool:
+    if isinstance(kind, list):
+        return isinstance(value, list) and all(_type_ok(v, kind[0]) for v in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _type_name(kind: Any) -> str:
+    return f"a list of {_type_name(kind[0])}" if isinstance(kind, list) else {
+        str: "a string", int: "an integer", float: "a number", bool: "true or false"}[kind]
+
+
+def _section(raw: dict, name: str, text: str, path: Path, index: int = 0) -> dict[str, Any]:
+    """Check one table against SCHEMA and fill defaults."""
+    schema = SCHEMA[name]
+    here = f"[[{name}]] #{index + 1}" if name in LIST_SECTIONS else f"[{name}]"
+
+    def fail(msg: str, key: str | None = None) -> PlanError:
+        no = line_of(text, name, key, index)
+        return PlanError(f"{path}:{no or '?'}: {msg}")
+
+    if not isinstance(raw, dict):
+        raise fail(f"{here} must be a table")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in schema:
+            raise fail(f"unknown key '{key}' in {here} (known: {', '.join(schema)})", key)
+        kind = schema[key][0]
+        if not _type_ok(value, kind):
+            raise fail(f"{here} {key} must be {_type_name(kind)}, not {value!r}", key)
+        choices = CHOICES.get((name, key))
+        if choices and value not in choices:
+            raise fail(f"{here} {key} = {value!r} is not one of {', '.join(choices)}", key)
+        out[key] = float(value) if kind is float else value
+    for key, (_, default) in schema.items():
+        if key not in out:
+            if default is ...:
+                raise fail(f"{here} needs '{key}'")
+            out[key] = list(default) if isinstance(default, list) else default
+    return out
+
+
+def builtin_plans() -> dict[str, Path]:
+    """Shipped plans by name (`testbed`: the whole pipeline on the trained tiny testbed)."""
+    return {p.stem: p for p in sorted((Path(__file__).parent / "plans").glob("*.toml"))}
+
+
+def parse_plan(path: str | Path, workdir: str | Path | None = None) -> Plan:
+    """Read and check the plan's structure (types, keys, names); `check_inputs` checks files and the model.
+
+    `path` may name a shipped plan; its relative paths then resolve against the current directory (else against
+    the plan file's directory). `workdir` overrides the plan's.
+    """
+    shipped = builtin_plans()
+    builtin = isinstance(path, str) and path in shipped
+    path = shipped[path] if builtin else Path(path).resolve()
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise PlanError(f"cannot read plan {path}: {e.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PlanError(f"{path}: not valid TOML: {e}") from None
+    for name in raw:
+        if name not in SCHEMA:
+            no = line_of(text, name)
+            raise PlanError(f"{path}:{no or '?'}: unknown section [{name}] (known: {', '.join(SCHEMA)})")
+    if "pipeline" not in raw:
+        raise PlanError(f"{path}: the plan needs a [pipeline] section with workdir and model")
+    gguf_raw = raw.get("gguf", [])
+    if isinstance(gguf_raw, dict):
+        raise PlanError(f"{path}:{line_of(text, 'gguf') or '?'}: GGUF outputs are [[gguf]] tables (double brackets)")
+    sections = {n: _section(raw[n], n, text, path) for n in SCHEMA if n in raw and n not in LIST_SECTIONS}
+    base = Path.cwd() if builtin else path.parent
+    pipe = sections["pipeline"]
+    gguf = [GgufOutput(**_section(g, "gguf", text, path, i)) for i, g in enumerate(gguf_raw)]
+    plan = Plan(path=path, text=text, base=base, workdir=Path(workdir or base / pipe["workdir"]).resolve(),
+                model=pipe["model"],
+                threads=pipe["threads"], data=sections.get("data") or _section({}, "data", text, path),
+                reap=sections.get("reap"), kd=sections.get("kd"), gguf=gguf, nvfp4=sections.get("nvfp4"),
+                eval=sections.get("eval"))
+    _check_structure(plan)
+    return plan
+
+
+def _check_structure(plan: Plan) -> None:
+    def fail(section: str, key: str | None, msg: str, index: int = 0) -> PlanError:
+        return PlanError(f"{plan.where(section, key, index)}: {msg}")
+
+    names = [g.name for g in plan.gguf]
+    for i, g in enumerate(plan.gguf):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", g.name):
+            raise fail("gguf", "name", f"GGUF output name {g.name!r}: use letters, digits, '.', '_', '-'", i)
+        if names.count(g.name) > 1:
+            raise fail("gguf", "name", f"two [[gguf]] outputs are named {g.name!r}", i)
+    if plan.reap is not None:
+        if (plan.reap["keep"] is None) == (plan.reap["ratio"] is None):
+            raise fail("reap", None, "[reap] needs exactly one of keep or ratio")
+        if plan.reap["keep"] is not None and plan.reap["keep"] < 1:
+            raise fail("reap", "keep", "[reap] keep must be at least 1")
+        if plan.reap["ratio"] is not None and not 0 <= plan.reap["ratio"] < 1:
+            raise fail("reap", "ratio", "[reap] ratio is the pruned fraction, 0 <= ratio < 1")
+    if plan.observes and not plan.data["calibration"]:
+        raise fail("data", None, "[reap] and [nvfp4] need calibration text: set [data] calibration")
+    if plan.kd is not None:
+        if plan.reap is None:
+            raise fail("kd", None, "[kd] distills a pruned student: the plan needs a [reap] section too")
+        if not plan.data["kd"]:
+            raise fail("data", None, "[kd] needs KD text: set [data] kd")
+    if plan.eval is not None and plan.eval["gguf"] not in names:
+        raise fail("eval", "gguf", f"[eval] gguf = {plan.eval['gguf']!r} names no [[gguf]] output "
+                                   f"(outputs: {', '.join(names) or 'none'})")
+    for key in ("seq_len", "batch_size"):
+        if plan.data[key] < 1:
+            raise fail("data", key, f"[data] {key} must be positive")

@@ -1,0 +1,186 @@
+"""Run a plan: each stage in its own process, skipped when its manifest says it is done with the same inputs.
+
+A stage's directory gets `started.json` (its key) when it starts and `manifest.json` (key, command, input and
+output fingerprints, times, tool version) when its output is complete. On a re-run, a stage whose manifest key
+matches is skipped; one started with another key is cleared; one interrupted with the same key is run again
+(the streaming observe/teacher passes and `kd train --resume` continue from their work directories; every
+stage writes its output atomically, so an interrupted stage never leaves a complete-looking output).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from glmgguf import __version__
+from glmgguf.pipeline.inputs import check_inputs, data_files, eval_prompts, model_config, recipe_ref, resolve_model
+from glmgguf.pipeline.manifest import fingerprint, now, read_json, stage_key, write_json
+from glmgguf.pipeline.plan import Plan, PlanError
+from glmgguf.pipeline.stages import Stage, build_stages
+
+
+class StageFailed(RuntimeError):
+    """A stage's command exited with an error."""
+
+
+@dataclass
+class StageResult:
+    stage: Stage
+    status: str  # "ran" | "skipped"
+    seconds: float
+
+
+def _die_with_parent() -> None:
+    """Linux: the stage process gets SIGTERM when the pipeline process dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """One pipeline run per workdir at a time."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PlanError(f"another pipeline run is using {workdir}") from None
+        yield
+
+
+def _run_command(stage: Stage, quiet: bool) -> None:
+    """`python -m glmgguf ARGS`, its output to `STAGE/log.txt` (and the terminal unless quiet)."""
+    cmd = [sys.executable, "-m", "glmgguf", *stage.args]
+    log = stage.dir / "log.txt"
+    with open(log, "ab") as fh:
+        fh.write(f"\n$ glmgguf {' '.join(stage.args)}\n".encode())
+        fh.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent)
+        assert proc.stdout is not None
+        try:
+            for chunk in iter(lambda: os.read(proc.stdout.fileno(), 65536), b""):
+                fh.write(chunk)
+                fh.flush()
+                if not quiet:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+        finally:
+            rc = proc.wait()
+    if rc != 0:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise StageFailed(f"stage {stage.name} failed (exit status {rc}); last lines of {log}:\n" + "\n".join(tail))
+
+
+def _inputs_of(stage: Stage) -> dict[str, str]:
+    return {label: fingerprint(path) for label, path in sorted(stage.inputs.items())}
+
+
+def stage_status(stage: Stage, workdir: Path, upstream: dict[str, str | None]) -> tuple[str, str, str | None]:
+    """(status, key, output fingerprint): status is "done", "to run", "interrupted" or "changed".
+
+    `upstream` maps earlier stages to their output fingerprints (None: not done yet, so this one must run); a
+    stage whose inputs are not there yet (builtin text is written on the first run) must run too.
+    """
+    if any(upstream.get(n) is None for n in stage.after) or not all(p.exists() for p in stage.inputs.values()):
+        return "to run", "", None
+    key = stage_key(stage.args, workdir, _inputs_of(stage), {n: upstream[n] for n in stage.after})
+    manifest = read_json(stage.manifest)
+    started = read_json(stage.dir / "started.json")
+    if manifest and manifest.get("key") == key and stage.output.exists():
+        return "done", key, manifest["output_fingerprint"]
+    if manifest or (started and started.get("key") != key):
+        return "changed", key, None
+    return ("interrupted" if started else "to run"), key, None
+
+
+def run_stage(stage: Stage, workdir: Path, upstream: dict[str, str], quiet: bool,
+              echo: Callable[[str], None]) -> tuple[StageResult, str]:
+    """Run `stage` unless its manifest matches; returns the result and its output's fingerprint."""
+    status, key, out_fp = stage_status(stage, workdir, upstream)
+    if status == "done":
+        echo(f"[{stage.name}] done earlier, inputs unchanged: skipped")
+        assert out_fp is not None
+        return StageResult(stage, "skipped", 0.0), out_fp
+    if status == "changed":
+        echo(f"[{stage.name}] settings or inputs changed: clearing {stage.dir}")
+        shutil.rmtree(stage.dir)
+    elif status == "interrupted":
+        echo(f"[{stage.name}] interrupted earlier: running it again (resumable work is kept)")
+    if stage.output.is_dir():
+        shutil.rmtree(stage.output)
+    elif stage.output.exists():
+        stage.output.unlink()
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    started_at = now()
+    write_json(stage.dir / "started.json", {"key": key, "started": started_at})
+    echo(f"[{stage.name}] {stage.what}")
+    t0 = time.perf_counter()
+    _run_command(stage, quiet)
+    seconds = time.perf_counter() - t0
+    if not stage.output.exists():
+        raise StageFailed(f"stage {stage.name} finished but wrote no {stage.output}")
+    out_fp = fingerprint(stage.output)
+    write_json(stage.manifest, {
+        "stage": stage.name, "key": key, "command": ["glmgguf", *stage.args], "inputs": _inputs_of(stage),
+        "upstream": {n: upstream[n] for n in stage.after}, "output": str(stage.output.relative_to(stage.dir)),
+        "output_fingerprint": out_fp, "glmgguf_version": __version__, "started": started_at,
+        "finished": now(), "seconds": round(seconds, 2),
+    })
+    (stage.dir / "started.json").unlink()
+    echo(f"[{stage.name}] finished in {seconds:.1f} s")
+    return StageResult(stage, "ran", seconds), out_fp
+
+
+def plan_stages(plan: Plan, config_override: Path | None = None) -> list[Stage]:
+    """Check the plan's inputs, then its stages (without building the testbed or writing data)."""
+    check_inputs(plan, model_config(plan, config_override), check_files=config_override is None)
+    model = plan.workdir / "<testbed>" if plan.model.startswith("testbed:") else plan.base / plan.model
+    data = {k: [plan.workdir / "data" / f"{e.replace(':', '-')}.jsonl" if e.startswith("stdlib:")
+                else (plan.base / e).resolve() for e in plan.data[k]] for k in ("calibration", "kd", "heldout")}
+    recipes = {g.name: recipe_ref(plan, g.recipe) for g in plan.gguf}
+    return build_stages(plan, model.resolve(), data, recipes, eval_prompts(plan) if plan.eval else None)
+
+
+def run_plan(plan: Plan, quiet: bool = False, echo: Callable[[str], None] = print,
+             only: list[str] | None = None) -> list[StageResult]:
+    """Run every stage of `plan` in order (or those named in `only` and what they need)."""
+    check_inputs(plan, model_config(plan))
+    with workdir_lock(plan.workdir):
+        model = resolve_model(plan)
+        data = {k: data_files(plan, k) for k in ("calibration", "kd", "heldout")}
+        recipes = {g.name: recipe_ref(plan, g.recipe) for g in plan.gguf}
+        stages = build_stages(plan, model, data, recipes, eval_prompts(plan) if plan.eval else None)
+        wanted = _needed(stages, only) if only else {s.name for s in stages}
+        results, upstream = [], {}
+        for stage in stages:
+            if stage.name not in wanted:
+                continue
+            result, upstream[stage.name] = run_stage(stage, plan.workdir, upstream, quiet, echo)
+            results.append(result)
+        return results
+
+
+def _needed(stages: list[Stage], only: list[str]) -> set[str]:
+    by_name = {s.name: s for s in stages}
+    unknown = [n for n in only if n not in by_name]
+    if unknown:
+        raise PlanError(f"unknown stage(s) {', '.join(unknown)}; this plan has: {', '.join(by_name)}")
+    need: set[str] = set()
+    todo = list(only)
+    while todo:
+        name = todo.pop()
+        if name not in need:
+            need.add(name)
+            todo.extend(by_name[name].after)
+    return need
