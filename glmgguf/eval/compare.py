@@ -46,7 +46,8 @@ def load_run(path: str | Path) -> dict[str, Any]:
         doc = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EvalError(f"{path} is not a run file (not JSON: {e})") from None
-    if not isinstance(doc, dict) or not str(doc.get("format", "")).startswith(FORMAT_PREFIX):
+    if (not isinstance(doc, dict) or not str(doc.get("format", "")).startswith(FORMAT_PREFIX)
+            or not isinstance(doc.get("results"), list)):
         raise EvalError(f"{path} is not a run file of 'glmgguf eval loops'")
     doc["summary"] = summarize(doc["results"])
     return doc

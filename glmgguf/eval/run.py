@@ -83,7 +83,7 @@ class Cancelled(Exception):
     """The run was interrupted while this prompt was generating."""
 
 
-def generate(url: str, prompt: Prompt, spec: RunSpec, idle_timeout: float,
+def generate(url: str, prompt: Prompt, spec: RunSpec, idle_timeout: float = 900.0,
              stop: threading.Event | None = None) -> dict[str, Any]:
     """One attempt at one prompt: stream until EOS, a confirmed loop or the safety cap. Raises StreamError."""
     path, payload = request_for(prompt, spec)
@@ -126,12 +126,13 @@ def generate(url: str, prompt: Prompt, spec: RunSpec, idle_timeout: float,
 def probe(url: str, prompt: Prompt, spec: RunSpec, retries: int = 3, backoff: float = 2.0,
           idle_timeout: float = 900.0, stop: threading.Event | None = None) -> dict[str, Any]:
     """`generate` with retries (backoff, 2x, 4x ... seconds); a prompt that keeps failing gets outcome `error`."""
+    stop = stop or threading.Event()
     for attempt in range(retries + 1):
         try:
             return {**generate(url, prompt, spec, idle_timeout, stop), "attempts": attempt + 1}
         except StreamError as e:
             error = str(e)
-            if not e.retryable or attempt == retries or (stop is not None and stop.wait(backoff * 2 ** attempt)):
+            if not e.retryable or attempt == retries or stop.wait(backoff * 2 ** attempt):
                 break
     return {"id": prompt.id, "source": prompt.source, "outcome": "error", "borderline": False, "loop": None,
             "tokens": 0, "distinct4": None, "seconds": 0.0, "finish_reason": None, "error": error[:500],
