@@ -100,18 +100,11 @@ def layer_params(layout) -> dict:
 
 
 def glm52_layout():
+    """GLM-5.2's layout, from the config the example plan uses (examples/glm52_config.json)."""
     from glmgguf.layout import GlmLayout
-    from glmgguf.testbed.configs import glm52_indexer_types
 
-    return GlmLayout.from_config({
-        "architectures": ["GlmMoeDsaForCausalLM"], "vocab_size": 154880, "hidden_size": 6144,
-        "intermediate_size": 12288, "moe_intermediate_size": 2048, "num_hidden_layers": 78,
-        "first_k_dense_replace": 3, "num_nextn_predict_layers": 1, "n_routed_experts": 256,
-        "num_experts_per_tok": 8, "n_shared_experts": 1, "num_attention_heads": 64, "q_lora_rank": 2048,
-        "kv_lora_rank": 512, "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "v_head_dim": 256,
-        "index_n_heads": 32, "index_head_dim": 128, "index_topk": 2048, "n_group": 1, "topk_group": 1,
-        "indexer_types": glm52_indexer_types(78),
-    })
+    return GlmLayout.from_config(json.loads((Path(__file__).resolve().parent.parent / "examples"
+                                            / "glm52_config.json").read_text()))
 
 
 # Assumptions of the extrapolation (stated in the results file; change them here).

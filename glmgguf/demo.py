@@ -1,4 +1,4 @@
-"""`glmgguf demo`: the whole path on the built-in testbed, ending in a running llama-server."""
+"""`glmgguf demo`: the shipped testbed plan end to end, then one chat request to the result in llama-server."""
 
 from __future__ import annotations
 
@@ -7,36 +7,41 @@ from pathlib import Path
 
 import click
 
-from glmgguf.checkpoint import open_checkpoint
-from glmgguf.gguf.convert import convert
-from glmgguf.gguf.recipe import load_recipe
+from glmgguf.errors import user_errors
 from glmgguf.llama import LlamaServer, ensure_toolchain
-from glmgguf.testbed.train import trained_testbed
+from glmgguf.pipeline.plan import PlanError, parse_plan
+from glmgguf.pipeline.report import report_lines
+from glmgguf.pipeline.run import StageFailed, run_plan
 
 DEFAULT_PROMPT = "Write a Python function that reads a file and returns its lines."
 
 
 @click.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"),
-              show_default=True, help="Where the GGUF and the server log go.")
+              show_default=True, help="Where the pipeline's stages, the GGUF and the server logs go.")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True)
-@click.option("--recipe", default="q4_protected", show_default=True, help="Quant recipe of the GGUF.")
 @click.option("--max-tokens", default=96, show_default=True)
-def demo(workdir: Path, prompt: str, recipe: str, max_tokens: int) -> None:
-    """Testbed -> GGUF -> llama-server -> one chat request (builds llama.cpp on first use)."""
-    workdir.mkdir(parents=True, exist_ok=True)
+@click.option("--quiet", is_flag=True, help="Stage output only to the stages' log files.")
+def demo(workdir: Path, prompt: str, max_tokens: int, quiet: bool) -> None:
+    """The testbed plan: observe, prune, Router-KD, q4_protected GGUF, loop evaluation, then one chat request.
+
+    The plan is `glmgguf pipeline testbed` (see `glmgguf/pipeline/plans/testbed.toml`); a second run skips the
+    finished stages. llama.cpp is built and the tiny testbed trained on first use, both cached.
+    """
     t0 = time.perf_counter()
-    click.echo("1/4 llama.cpp toolchain (pinned, cached after the first build)")
+    click.echo("llama.cpp toolchain (pinned, cached after the first build)")
     toolchain = ensure_toolchain()
-    click.echo("2/4 trained tiny testbed (GlmMoeDsaForCausalLM, cached after the first training)")
-    model = trained_testbed("tiny")
-    click.echo(f"3/4 convert -> {recipe} GGUF (one streaming pass, ggml's quantizers)")
-    gguf_path = workdir / f"testbed-{recipe}.gguf"
-    choose = load_recipe(recipe).chooser(open_checkpoint(model).layout.layers)
-    result = convert(model, gguf_path, choose, settings={"recipe": recipe}, force=True)
-    click.echo(f"    {result.n_tensors} tensors, {result.n_bytes / 2**20:.1f} MiB in {result.seconds:.1f} s")
-    click.echo("4/4 llama-server on 127.0.0.1, one chat request")
-    with LlamaServer(gguf_path, ["-c", "2048"], toolchain=toolchain, log_path=workdir / "llama-server.log") as srv:
+    with user_errors():
+        try:
+            plan = parse_plan("testbed", workdir / "pipeline")
+            click.echo(f"pipeline 'testbed' in {plan.workdir} (trains the tiny testbed on first use)")
+            run_plan(plan, quiet=quiet, echo=click.echo)
+        except (PlanError, StageFailed) as e:
+            raise click.ClickException(str(e)) from None
+    click.echo("\n" + "\n".join(report_lines(plan)))
+    gguf = plan.workdir / "gguf-q4_protected" / "q4_protected.gguf"
+    click.echo(f"\nllama-server on 127.0.0.1 with {gguf.name}, one chat request")
+    with LlamaServer(gguf, ["-c", "2048"], toolchain=toolchain, log_path=workdir / "llama-server.log") as srv:
         reply = srv.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0)
     answer = reply["choices"][0]["message"]["content"]
     timings = reply.get("timings", {})

@@ -14,7 +14,12 @@ from glmgguf.cli import main
 def test_demo_end_to_end(tmp_path, llama_toolchain, trained_testbed_dir):
     result = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path), "--max-tokens", "16"])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "testbed-q4_protected.gguf").stat().st_size > 0
+    gguf = tmp_path / "pipeline" / "gguf-q4_protected" / "q4_protected.gguf"
+    assert gguf.stat().st_size > 0
+    for stage in ("observe", "prune", "teacher", "kd", "gguf-q4_protected", "eval-greedy", "eval-report"):
+        assert (tmp_path / "pipeline" / stage / "manifest.json").is_file(), stage
+    assert "kept 11 of 16 experts" in result.output and "held-out KL to the teacher" in result.output
+    assert "Loop evaluation" in result.output
     m = re.search(r"generation: (\d+) tokens at", result.output)
     assert m and int(m.group(1)) > 0, result.output
     assert "127.0.0.1" in result.output and (tmp_path / "llama-server.log").exists()

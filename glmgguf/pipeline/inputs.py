@@ -30,6 +30,16 @@ def model_config(plan: Plan, override: Path | None = None) -> dict:
     return json.loads(cfg.read_text())
 
 
+def model_path(plan: Plan) -> Path:
+    """Where the source checkpoint is (a builtin testbed: its cache entry, which may not be trained yet)."""
+    if plan.model in BUILTIN_MODELS:
+        from glmgguf.testbed.train import DEFAULT_STEPS, cache_key, cache_root
+
+        size = plan.model.split(":", 1)[1]
+        return cache_root() / "testbed" / f"{size}-trained-{cache_key(size, 0, DEFAULT_STEPS.get(size, 200))}"
+    return _relative(plan, plan.model)
+
+
 def resolve_model(plan: Plan) -> Path:
     """The source checkpoint directory; a builtin testbed is trained (once, cached) on first use."""
     if plan.model in BUILTIN_MODELS:
@@ -60,10 +70,9 @@ def data_files(plan: Plan, kind: str) -> list[Path]:
 
 
 def recipe_ref(plan: Plan, recipe: str) -> str:
-    """A shipped recipe name as is; anything else is a file relative to the plan."""
-    from glmgguf.gguf.recipe import builtin_recipes
-
-    return recipe if recipe in builtin_recipes() else str(_relative(plan, recipe))
+    """A shipped recipe name as is; a .toml file (or a path) relative to the plan."""
+    is_file = recipe.endswith(".toml") or "/" in recipe
+    return str(_relative(plan, recipe)) if is_file else recipe
 
 
 def eval_prompts(plan: Plan) -> str:

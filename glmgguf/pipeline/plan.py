@@ -31,7 +31,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
              "mtp": (str, "keep"), "indexer": (str, "native")},
     "nvfp4": {"format": (str, "modelopt"), "device": (str, "cpu"), "exclude": ([str], []),
               "max_shard_size": (str, "5G")},
-    "eval": {"gguf": (str, ...), "prompts": (str, "fuzz"), "presets": ([str], ["raw"]), "ctx": (int, 4096),
+    "eval": {"gguf": (str, ...), "prompts": (str, "fuzz"), "presets": ([str], ["raw"]), "ctx": (int, None),
              "parallel": (int, 2), "safety_cap": (int, 4096), "temperature": (float, None), "seed": (int, 0),
              "limit": (int, None)},
 }
@@ -221,9 +221,19 @@ def _check_structure(plan: Plan) -> None:
             raise fail("kd", None, "[kd] distills a pruned student: the plan needs a [reap] section too")
         if not plan.data["kd"]:
             raise fail("data", None, "[kd] needs KD text: set [data] kd")
-    if plan.eval is not None and plan.eval["gguf"] not in names:
-        raise fail("eval", "gguf", f"[eval] gguf = {plan.eval['gguf']!r} names no [[gguf]] output "
-                                   f"(outputs: {', '.join(names) or 'none'})")
+    if plan.eval is not None:
+        from glmgguf.eval.run import PRESETS as EVAL_PRESETS
+
+        e = plan.eval
+        if e["gguf"] not in names:
+            raise fail("eval", "gguf", f"[eval] gguf = {e['gguf']!r} names no [[gguf]] output "
+                                       f"(outputs: {', '.join(names) or 'none'})")
+        if plan.gguf[names.index(e["gguf"])].split_max_size:
+            raise fail("eval", "gguf", f"[eval] gguf = {e['gguf']!r} is a split output; evaluate an unsplit one")
+        bad = [p for p in e["presets"] if p not in EVAL_PRESETS]
+        if bad or not e["presets"] or len(set(e["presets"])) != len(e["presets"]):
+            raise fail("eval", "presets", f"[eval] presets must be distinct names from {', '.join(EVAL_PRESETS)}"
+                                          + (f" (unknown: {', '.join(bad)})" if bad else ""))
     for key in ("seq_len", "batch_size"):
         if plan.data[key] < 1:
             raise fail("data", key, f"[data] {key} must be positive")

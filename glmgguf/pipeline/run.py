@@ -23,9 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glmgguf import __version__
-from glmgguf.pipeline.inputs import check_inputs, data_files, eval_prompts, model_config, recipe_ref, resolve_model
+from glmgguf.pipeline.inputs import (
+    check_inputs,
+    data_files,
+    eval_prompts,
+    model_config,
+    model_path,
+    recipe_ref,
+    resolve_model,
+)
 from glmgguf.pipeline.manifest import fingerprint, now, read_json, stage_key, write_json
-from glmgguf.pipeline.plan import Plan, PlanError
+from glmgguf.pipeline.plan import BUILTIN_DATA, Plan, PlanError
 from glmgguf.pipeline.stages import Stage, build_stages
 
 
@@ -122,6 +130,8 @@ def run_stage(stage: Stage, workdir: Path, upstream: dict[str, str], quiet: bool
     elif stage.output.exists():
         stage.output.unlink()
     stage.dir.mkdir(parents=True, exist_ok=True)
+    if stage.output_dir_first:
+        stage.output.mkdir()
     started_at = now()
     write_json(stage.dir / "started.json", {"key": key, "started": started_at})
     echo(f"[{stage.name}] {stage.what}")
@@ -145,11 +155,10 @@ def run_stage(stage: Stage, workdir: Path, upstream: dict[str, str], quiet: bool
 def plan_stages(plan: Plan, config_override: Path | None = None) -> list[Stage]:
     """Check the plan's inputs, then its stages (without building the testbed or writing data)."""
     check_inputs(plan, model_config(plan, config_override), check_files=config_override is None)
-    model = plan.workdir / "<testbed>" if plan.model.startswith("testbed:") else plan.base / plan.model
-    data = {k: [plan.workdir / "data" / f"{e.replace(':', '-')}.jsonl" if e.startswith("stdlib:")
+    data = {k: [plan.workdir / "data" / f"{e.replace(':', '-')}.jsonl" if e in BUILTIN_DATA
                 else (plan.base / e).resolve() for e in plan.data[k]] for k in ("calibration", "kd", "heldout")}
     recipes = {g.name: recipe_ref(plan, g.recipe) for g in plan.gguf}
-    return build_stages(plan, model.resolve(), data, recipes, eval_prompts(plan) if plan.eval else None)
+    return build_stages(plan, model_path(plan), data, recipes, eval_prompts(plan) if plan.eval else None)
 
 
 def run_plan(plan: Plan, quiet: bool = False, echo: Callable[[str], None] = print,

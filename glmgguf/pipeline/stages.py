@@ -23,6 +23,7 @@ class Stage:
     inputs: dict[str, Path] = field(default_factory=dict)  # label -> file or directory it reads
     after: list[str] = field(default_factory=list)  # earlier stages whose outputs it reads
     what: str = ""
+    output_dir_first: bool = False  # the runner creates `output` (a directory) for the command to write into
 
     @property
     def manifest(self) -> Path:
@@ -103,7 +104,8 @@ def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: 
                             what="router-distilled checkpoint"))
         final, after = out, ["kd"]
     for g in plan.gguf:
-        out = w / f"gguf-{g.name}" / f"{g.name}.gguf"
+        # split output: NAME-0000i-of-0000N.gguf files in their own directory, the stage's output
+        out = w / f"gguf-{g.name}" / ("split" if g.split_max_size else "") / f"{g.name}.gguf"
         args = ["convert", str(final), str(out), "--recipe", recipes[g.name], "--mtp", g.mtp,
                 "--indexer", g.indexer, *(["-t", str(plan.threads)] if plan.threads else [])]
         inputs: dict[str, Path] = {} if after else {"model": final}
@@ -114,8 +116,9 @@ def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: 
             inputs["recipe"] = Path(recipes[g.name])
         if g.split_max_size:
             args += ["--split-max-size", g.split_max_size]
-        stages.append(Stage(f"gguf-{g.name}", out.parent, args, out, inputs, list(after),
-                            what=f"GGUF, recipe {g.recipe}"))
+        stages.append(Stage(f"gguf-{g.name}", w / f"gguf-{g.name}", args, out.parent if g.split_max_size else out,
+                            inputs, list(after), what=f"GGUF, recipe {g.recipe}",
+                            output_dir_first=bool(g.split_max_size)))
     if plan.nvfp4 is not None:
         n = plan.nvfp4
         out = w / "nvfp4" / "model"
@@ -132,20 +135,20 @@ def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: 
         gguf = w / f"gguf-{e['gguf']}" / f"{e['gguf']}.gguf"
         runs = []
         for preset in e["presets"]:
-            out = w / f"eval-{preset}" / "run.json"
+            out = w / f"eval-{preset}" / f"{preset}.json"  # compare labels each run by its file name
             args = ["eval", "loops", "--gguf", str(gguf), "--prompts", prompts, "--out", str(out),
-                    "--preset", preset, "--ctx", str(e["ctx"]), "--parallel", str(e["parallel"]),
-                    "--safety-cap", str(e["safety_cap"]), "--seed", str(e["seed"])]
-            if e["temperature"] is not None:
-                args += ["--temperature", str(e["temperature"])]
-            if e["limit"] is not None:
-                args += ["--limit", str(e["limit"])]
+                    "--preset", preset, "--parallel", str(e["parallel"]), "--safety-cap", str(e["safety_cap"]),
+                    "--seed", str(e["seed"]), "--quiet", *_threads(plan)]
+            for key in ("ctx", "temperature", "limit"):
+                if e[key] is not None:
+                    args += [f"--{key}", str(e[key])]
             inputs = {} if prompts.isidentifier() else {"prompts": Path(prompts)}
             stages.append(Stage(f"eval-{preset}", w / f"eval-{preset}", args, out, inputs,
                                 [f"gguf-{e['gguf']}"], what=f"loop evaluation, sampler preset {preset}"))
             runs.append(out)
         report = w / "eval-report" / "report.md"
         stages.append(Stage("eval-report", w / "eval-report",
-                            ["eval", "compare", *map(str, runs), "--out", str(report)], report, {},
+                            ["eval", "compare", *map(str, runs), "--out", str(report),
+                             "--png", str(report.with_suffix(".png"))], report, {},
                             [f"eval-{p}" for p in e["presets"]], what="comparison of the evaluation runs"))
     return stages

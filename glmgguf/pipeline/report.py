@@ -1,0 +1,52 @@
+"""A short report of a finished pipeline, read from the stages' outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from glmgguf.pipeline.plan import Plan
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def report_lines(plan: Plan) -> list[str]:
+    """What each finished stage produced, in a few lines."""
+    w = plan.workdir
+    lines = []
+    stats = _json(w / "prune" / "model" / "reap_stats.json")
+    keep = _json(w / "prune" / "model" / "reap_keep_map.json")
+    if stats and keep:
+        kept = "/".join(map(str, sorted(set(keep["kept_experts"].values()))))
+        src = "/".join(map(str, sorted(set(keep["source_experts"].values()))))
+        lines.append(f"REAP ({keep['metric']}, {keep['per_layer']}): kept {kept} of {src} experts in each of "
+                     f"{len(keep['kept_experts'])} MoE layers, ranked on {stats['meta'].get('tokens')} "
+                     "calibration tokens")
+    log = _json(w / "kd" / "model" / "kd_train_log.json")
+    if log:
+        evals = log.get("evals") or []
+        if len(evals) >= 2:
+            a, b = evals[0], evals[-1]
+            lines.append(f"Router-KD: {len(log['steps'])} steps, {log['trainable_parameters']:,} trainable parameters "
+                         f"({100 * log['trainable_fraction']:.4f}%); held-out KL to the teacher {a['kl']:.5f} -> "
+                         f"{b['kl']:.5f} ({100 * (1 - b['kl'] / a['kl']):.1f}% lower), top-1 agreement "
+                         f"{a['top1']:.3f} -> {b['top1']:.3f}")
+    for g in plan.gguf:
+        d = w / f"gguf-{g.name}"
+        files = sorted(d.rglob("*.gguf")) if (d / "manifest.json").is_file() else []
+        if files:
+            size = sum(f.stat().st_size for f in files)
+            lines.append(f"GGUF {g.name}: {size / 2**20:.1f} MiB in {len(files)} file(s), {files[0]}")
+    nv = w / "nvfp4" / "model"
+    if (w / "nvfp4" / "manifest.json").is_file():
+        size = sum(f.stat().st_size for f in nv.glob("*.safetensors"))
+        lines.append(f"NVFP4: {size / 2**20:.1f} MiB of safetensors in {nv}")
+    md = w / "eval-report" / "report.md"
+    if md.is_file():
+        lines += ["", "Loop evaluation (llama-server):", md.read_text().rstrip()]
+    return lines

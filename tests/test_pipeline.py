@@ -1,0 +1,178 @@
+"""`glmgguf pipeline`: plan checking with line numbers, estimates against real outputs, skip/redo, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from glmgguf.cli import main
+from glmgguf.pipeline.plan import PlanError, parse_plan
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+SMALL_PLAN = """\
+[pipeline]
+workdir = "work"
+model = "testbed:tiny"
+threads = 1
+
+[data]
+calibration = ["stdlib:train"]
+kd = ["stdlib:train"]
+seq_len = 64
+calibration_samples = 8
+kd_samples = 16
+batch_size = 4
+
+[reap]
+keep = 12
+dtype = "f32"
+
+[kd]
+steps = 6
+lr = 1e-2
+top_k = 32
+batch_size = 4
+save_every = 2
+
+[[gguf]]
+name = "q8"
+recipe = "q8_0"
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "plan.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _error(tmp_path: Path, text: str) -> str:
+    from glmgguf.pipeline.inputs import check_inputs, model_config
+
+    with pytest.raises(PlanError) as e:
+        plan = parse_plan(_write(tmp_path, text))
+        check_inputs(plan, model_config(plan))
+    return str(e.value)
+
+
+@pytest.mark.parametrize("edit, where, words", [
+    (("threads = 1", "threads = 1\ncolour = 3"), 5, "unknown key 'colour' in [pipeline]"),
+    (("[reap]", "[prune]"), 14, "unknown section [prune]"),
+    (("keep = 12", "keep = 17"), 15, "keep = 17 is more than the model's 16 routed experts"),
+    (("keep = 12", "keep = 2"), 15, "fewer than the 4 experts each token is routed to"),
+    (("keep = 12", "keep = \"twelve\""), 15, "keep must be an integer"),
+    (("recipe = \"q8_0\"", "recipe = \"q5_magic\""), 27, "unknown recipe 'q5_magic'"),
+    (("kd = [\"stdlib:train\"]", "kd = [\"missing.jsonl\"]"), 8, "missing.jsonl not found"),
+    (("dtype = \"f32\"", "dtype = \"fp8\""), 16, "is not one of bf16, f16, f32"),
+    (("[reap]\nkeep = 12", "[reap]\nkeep = 12\nratio = 0.5"), 14, "exactly one of keep or ratio"),
+    (("[[gguf]]", "[gguf]"), 25, "[[gguf]] tables (double brackets)"),
+])
+def test_bad_plans_name_the_line(tmp_path, edit, where, words):
+    msg = _error(tmp_path, SMALL_PLAN.replace(*edit))
+    assert f"plan.toml:{where}:" in msg and words in msg, msg
+
+
+def test_plan_cross_checks(tmp_path):
+    no_reap = SMALL_PLAN.split("[reap]")[0] + "[kd]\nsteps = 2\n"
+    assert "needs a [reap] section" in _error(tmp_path, no_reap)
+    bad_eval = SMALL_PLAN + '\n[eval]\ngguf = "q4"\n'
+    assert "names no [[gguf]] output (outputs: q8)" in _error(tmp_path, bad_eval)
+    bad_preset = SMALL_PLAN + '\n[eval]\ngguf = "q8"\npresets = ["wild"]\n'
+    assert "unknown: wild" in _error(tmp_path, bad_preset)
+    # nothing was written for a refused plan
+    assert not (tmp_path / "work").exists()
+
+
+def test_dry_run_glm52_example():
+    """The worked example: GLM-5.2 pruned to 168 experts; sizes follow from the config alone."""
+    res = CliRunner().invoke(main, ["pipeline", str(EXAMPLES / "glm52_reap168.toml"), "--dry-run",
+                                    "--model-config", str(EXAMPLES / "glm52_config.json")])
+    assert res.exit_code == 0, res.output
+    rows = {line.split("|")[1].strip(): line for line in res.output.splitlines() if line.startswith("| ")}
+    assert "1.5 TB of BF16 weights" in res.output
+    assert "| 1.0 TB |" in rows["prune"]  # 168/256 of the experts + everything else
+    assert "streaming: one layer resident" in rows["observe"]
+    assert {"teacher", "kd", "gguf-q4_protected", "gguf-q3_protected", "nvfp4", "eval-raw", "eval-report"} <= set(rows)
+
+
+def test_gguf_estimate_matches_conversion(trained_testbed_dir, tmp_path):
+    """The dry run's GGUF size is the real tensor bytes of the converted file (metadata aside)."""
+    import gguf as gguf_py
+
+    from glmgguf.checkpoint import open_checkpoint
+    from glmgguf.gguf.convert import convert
+    from glmgguf.gguf.recipe import load_recipe
+    from glmgguf.layout import GlmLayout
+    from glmgguf.pipeline.estimate import gguf_bytes
+
+    recipe = load_recipe("q4_protected")
+    out = tmp_path / "q4.gguf"
+    convert(trained_testbed_dir, out, recipe.chooser(open_checkpoint(trained_testbed_dir).layout.layers), force=True)
+    real = sum(int(t.n_bytes) for t in gguf_py.GGUFReader(out).tensors)
+    assert gguf_bytes(GlmLayout.from_dir(trained_testbed_dir), recipe) == real
+
+
+def _pipeline(plan: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "glmgguf", "pipeline", str(plan), "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _outputs(work: Path) -> dict[str, bytes]:
+    """Every output file's bytes (logs, manifests and the KD log with its timings aside)."""
+    skip = {"log.txt", "manifest.json", "kd_train_log.json", "kd_loss.png"}
+    return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*"))
+            if p.is_file() and p.name not in skip and "work" not in p.relative_to(work).parts[1:]
+            and p.parts[-2] != "data" and not p.name.startswith(".")}
+
+
+@pytest.mark.slow
+def test_killed_pipeline_resumes_to_the_same_outputs(trained_testbed_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    clean = _write(tmp_path, SMALL_PLAN.replace('workdir = "work"', 'workdir = "clean"'), "clean.toml")
+    proc = _pipeline(clean, env)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    reference = _outputs(tmp_path / "clean")
+    assert any(k.endswith("q8.gguf") for k in reference) and any("kd/model" in k for k in reference)
+
+    plan = _write(tmp_path, SMALL_PLAN)
+    work = tmp_path / "work"
+    for stage, marker in (("teacher", "started.json"), ("kd", "work")):  # mid-teacher, then mid-training
+        proc = _pipeline(plan, env)
+        deadline = time.time() + 600
+        while not (work / stage / marker).exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        if stage == "kd":  # let it write a periodic checkpoint first, so the restart resumes from it
+            while (not [c for c in (work / "kd" / "work").glob("checkpoint-*") if not c.name.endswith(".partial")]
+                   and time.time() < deadline and proc.poll() is None):
+                time.sleep(0.2)
+        assert proc.poll() is None, f"pipeline ended before stage {stage} could be interrupted"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (work / stage / "manifest.json").exists()
+    proc = _pipeline(plan, env)
+    out, _ = proc.communicate(timeout=900)
+    log = out.decode()
+    assert proc.returncode == 0, log[-3000:]
+    assert "[observe] done earlier" in log and "[kd] interrupted earlier" in log, log
+    assert _outputs(work) == reference
+
+    # a second run skips everything; a changed recipe redoes only that GGUF
+    res = subprocess.run([sys.executable, "-m", "glmgguf", "pipeline", str(plan), "--quiet"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "0 stage(s) ran" in res.stdout, res.stdout + res.stderr
+    plan.write_text(SMALL_PLAN.replace('recipe = "q8_0"', 'recipe = "q4_protected"'))
+    res = subprocess.run([sys.executable, "-m", "glmgguf", "pipeline", str(plan), "--quiet"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "1 stage(s) ran" in res.stdout, res.stdout + res.stderr
+    manifest = json.loads((work / "gguf-q8" / "manifest.json").read_text())
+    assert "q4_protected" in manifest["command"]
