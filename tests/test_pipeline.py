@@ -126,10 +126,30 @@ def _pipeline(plan: Path, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _outputs(work: Path) -> dict[str, bytes]:
-    """Every output file's bytes (logs, manifests and the KD log with its timings aside)."""
+def _content(path: Path) -> object:
+    """A file's content, without the wall-clock timings some outputs record (`seconds` in stats metadata)."""
+    if path.suffix == ".json":
+        return _untimed(json.loads(path.read_text()))
+    if path.suffix == ".safetensors":
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = {k: v for k, v in (f.metadata() or {}).items() if "seconds" not in v}
+            return meta, {k: f.get_tensor(k).reshape(-1).view(torch.uint8).numpy().tobytes() for k in f.keys()}
+    return path.read_bytes()
+
+
+def _untimed(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if k != "seconds"}
+    return [_untimed(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def _outputs(work: Path) -> dict[str, object]:
+    """Every output file's content (logs, manifests and the KD log with its timings aside)."""
     skip = {"log.txt", "manifest.json", "kd_train_log.json", "kd_loss.png"}
-    return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*"))
+    return {str(p.relative_to(work)): _content(p) for p in sorted(work.rglob("*"))
             if p.is_file() and p.name not in skip and "work" not in p.relative_to(work).parts[1:]
             and p.parts[-2] != "data" and not p.name.startswith(".")}
 
