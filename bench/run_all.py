@@ -41,6 +41,7 @@ SCRIPTS: dict[str, str] = {
     "patches_parity": "logit parity of the patched llama.cpp vs transformers, next to the pinned one",
     "eval_loops": "loop detector false positives and loop rates of the tiny testbed by sampler",
     "kd_recovery": "Router-KD: held-out KL of REAP-pruned students before and after KD",
+    "kd_cost": "Router-KD step time and peak memory on the `small` testbed; GLM-5.2 extrapolation",
 }
 
 
@@ -84,14 +85,16 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def committed_date(path: Path) -> str:
-    """Last commit date of a file, else its modification date."""
+def json_date(path: Path) -> str:
+    """Last commit date of a result file, else (not committed yet) its modification date."""
     try:
         out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(path)], cwd=ROOT,
                              capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         out = ""
-    return out or datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y-%m-%d")
+    if out:
+        return f"{out} (JSON last committed)"
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y-%m-%d (JSON file date)")
 
 
 def machine_line(name: str, doc: dict) -> str:
@@ -100,7 +103,7 @@ def machine_line(name: str, doc: dict) -> str:
     m = {**doc, **m} if isinstance(m, dict) else {**doc, "platform": m}
     parts = [m.get("platform"), m.get("cpus") and f"{m['cpus']} CPUs", m.get("python") and f"Python {m['python']}",
              m.get("torch") and f"torch {m['torch']}"]
-    when = doc.get("when") or f"{committed_date(RESULTS / f'{name}.json')} (JSON last committed)"
+    when = doc.get("when") or json_date(RESULTS / f"{name}.json")
     return " · ".join([f"[`results/{name}.json`](results/{name}.json)", when, ", ".join(p for p in parts if p)]
                       ).rstrip(" ·")
 
@@ -313,10 +316,29 @@ def sec_kd(d: dict) -> list[str]:
     return out
 
 
+def sec_kd_cost(d: dict) -> list[str]:
+    out = []
+    small = d.get("small_testbed")
+    if small:
+        rows = [[label, num(v["seconds_per_step"], ".2f"), f"{v['peak_rss_mib']:.0f} MiB"]
+                for label, v in small.items()]
+        out += ["`small` testbed pruned to 42 of 64 experts, `glmgguf kd train` (batch 4 x 256 tokens):", "",
+                *table(["mode", "s/step", "peak RSS"], rows), ""]
+    else:
+        out += ["Small-testbed measurement not in the JSON (run without `--no-run`).", ""]
+    g, a = d["glm52"], d["assume"]
+    rows = [[f"8 x {gpu}", f"{v['memory_8_gpus_gb']} GB", "yes" if v["fits_8_gpus"] else "no",
+             f"{v['hours_device_map_auto']:.1f} h", f"{v['hours_if_pipelined']:.1f} h"] for gpu, v in g["gpus"].items()]
+    return out + [f"GLM-5.2 pruned to {a['keep']} experts, {a['steps']} steps x {a['batch']} x {a['seq_len']} tokens "
+                  f"({g['flops']:.2e} FLOPs at {a['mfu']:.0%} MFU); frozen student {g['student_bf16_gb']:.0f} GB BF16, "
+                  f"{g['trainable_params']:,} trainable parameters:", "",
+                  *table(["GPUs", "memory", "student fits", "device_map auto", "if pipelined"], rows)]
+
+
 SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "convert_vs_upstream": sec_convert, "quantize_vs_upstream": sec_quantize, "recipe_kld": sec_recipe_kld,
     "reap_quality": sec_reap_quality, "reap_memory": sec_reap_memory, "nvfp4_export": sec_nvfp4,
-    "patches_parity": sec_patches, "eval_loops": sec_eval_loops, "kd_recovery": sec_kd,
+    "patches_parity": sec_patches, "eval_loops": sec_eval_loops, "kd_recovery": sec_kd, "kd_cost": sec_kd_cost,
 }
 
 
