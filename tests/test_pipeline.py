@@ -175,7 +175,8 @@ def test_killed_pipeline_resumes_to_the_same_outputs(trained_testbed_dir, tmp_pa
             while (not [c for c in (work / "kd" / "work").glob("checkpoint-*") if not c.name.endswith(".partial")]
                    and time.time() < deadline and proc.poll() is None):
                 time.sleep(0.2)
-        assert proc.poll() is None, f"pipeline ended before stage {stage} could be interrupted"
+        assert proc.poll() is None, (f"pipeline ended before stage {stage} could be interrupted:\n"
+                                     + proc.communicate()[0].decode()[-3000:])
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         assert not (work / stage / "manifest.json").exists()

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import click
 
+from glmgguf.cli_options import DTYPES, parse_size_option, streaming_options, text_options
 from glmgguf.errors import user_errors
-
-DTYPES = {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}
 
 
 @contextmanager
@@ -27,14 +26,6 @@ def kd_errors() -> Iterator[None]:
         except KdError as e:
             raise click.ClickException(str(e)) from None
 
-
-def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    from glmgguf.runner import parse_size
-
-    try:
-        return parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
 
 
 def _threads(n: int | None) -> None:
@@ -54,31 +45,13 @@ def kd() -> None:
 
 @kd.command("teacher")
 @click.argument("model", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--data", "data", multiple=True, required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="KD text: .txt, .jsonl or .parquet with 'text' or chat 'messages' (repeatable).")
+@text_options("KD text")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Cache directory.")
 @click.option("--top-k", default=64, show_default=True, type=click.IntRange(min=1),
               help="Teacher tokens kept per position (the rest is one bucket); >= vocab size keeps all.")
-@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2),
-              help="Tokens per packed sequence.")
-@click.option("--max-tokens", type=click.IntRange(min=1), help="Token budget (rounded down to whole sequences).")
-@click.option("--num-samples", type=click.IntRange(min=1), help="Number of sequences (with --max-tokens: the min).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the document order.")
-@click.option("--text-field", default="text", show_default=True, help="Field holding plain text in jsonl/parquet.")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1),
-              help="Sequences per forward chunk.")
-@click.option("--streaming", is_flag=True,
-              help="One decoder layer resident at a time, loaded from the shards (for models larger than memory).")
-@click.option("--device", default="cpu", show_default=True,
-              help="Streaming: device of the resident layer. In-memory: the device_map ('auto' spreads the model "
-                   "over all GPUs with accelerate).")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bf16", show_default=True,
-              help="Compute dtype of the teacher.")
-@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Streaming: where hidden states spill and the resume manifest lives  [default: OUT.work]")
-@click.option("--spill-threshold", default="4G", show_default=True, callback=_size,
-              help="Streaming: hidden states larger than this go to --work-dir (and the run becomes resumable).")
-@click.option("--shard-size", default="2G", show_default=True, callback=_size, help="Bytes per cache shard.")
+@streaming_options("Compute dtype of the teacher.")
+@click.option("--shard-size", default="2G", show_default=True, callback=parse_size_option,
+              help="Bytes per cache shard.")
 @_threads_opt
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
 def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_len: int, max_tokens: int | None,

@@ -1,0 +1,69 @@
+"""Command-line options shared by the stages that run the model over text (REAP observe, the KD teacher)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable)
+DTYPES = {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}
+
+
+def parse_size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """click callback: '4G', '512M', '2048' -> bytes."""
+    from glmgguf.runner import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    def apply(f: F) -> F:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+def text_options(what: str) -> Callable[[F], F]:
+    """--data, --seq-len, --max-tokens, --num-samples, --seed, --text-field, --batch-size."""
+    return _stack(
+        click.option("--data", "data", multiple=True, required=True,
+                     type=click.Path(dir_okay=False, path_type=Path),
+                     help=f"{what}: .txt, .jsonl or .parquet with 'text' or chat 'messages' (repeatable)."),
+        click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2),
+                     help="Tokens per packed sequence."),
+        click.option("--max-tokens", type=click.IntRange(min=1),
+                     help="Token budget (rounded down to whole sequences)."),
+        click.option("--num-samples", type=click.IntRange(min=1),
+                     help="Number of sequences (with --max-tokens: the min)."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the document order."),
+        click.option("--text-field", default="text", show_default=True,
+                     help="Field holding plain text in jsonl/parquet."),
+        click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1),
+                     help="Sequences per forward chunk."),
+    )
+
+
+def streaming_options(dtype_help: str) -> Callable[[F], F]:
+    """--streaming, --device, --dtype, --work-dir, --spill-threshold."""
+    return _stack(
+        click.option("--streaming", is_flag=True,
+                     help="One decoder layer resident at a time, loaded from the shards (for models larger than "
+                          "memory)."),
+        click.option("--device", default="cpu", show_default=True,
+                     help="Streaming: device of the resident layer (cpu, cuda, cuda:1). In-memory: the device_map "
+                          "('auto' spreads the model over all GPUs with accelerate)."),
+        click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bf16", show_default=True,
+                     help=dtype_help),
+        click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="Streaming: where hidden states spill and the resume manifest lives  [default: OUT.work]"),
+        click.option("--spill-threshold", default="4G", show_default=True, callback=parse_size_option,
+                     help="Streaming: hidden states larger than this go to --work-dir (and the run becomes "
+                          "resumable)."),
+    )
