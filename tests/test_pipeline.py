@@ -46,6 +46,14 @@ save_every = 2
 [[gguf]]
 name = "q8"
 recipe = "q8_0"
+
+[[gguf]]
+name = "q3"
+recipe = "q3_protected"
+split_max_size = "5M"
+
+[nvfp4]
+format = "compressed-tensors"
 """
 
 
@@ -74,7 +82,6 @@ def _error(tmp_path: Path, text: str) -> str:
     (("kd = [\"stdlib:train\"]", "kd = [\"missing.jsonl\"]"), 8, "missing.jsonl not found"),
     (("dtype = \"f32\"", "dtype = \"fp8\""), 16, "is not one of bf16, f16, f32"),
     (("[reap]\nkeep = 12", "[reap]\nkeep = 12\nratio = 0.5"), 14, "exactly one of keep or ratio"),
-    (("[[gguf]]", "[gguf]"), 25, "[[gguf]] tables (double brackets)"),
 ])
 def test_bad_plans_name_the_line(tmp_path, edit, where, words):
     msg = _error(tmp_path, SMALL_PLAN.replace(*edit))
@@ -85,7 +92,11 @@ def test_plan_cross_checks(tmp_path):
     no_reap = SMALL_PLAN.split("[reap]")[0] + "[kd]\nsteps = 2\n"
     assert "needs a [reap] section" in _error(tmp_path, no_reap)
     bad_eval = SMALL_PLAN + '\n[eval]\ngguf = "q4"\n'
-    assert "names no [[gguf]] output (outputs: q8)" in _error(tmp_path, bad_eval)
+    assert "names no [[gguf]] output (outputs: q8, q3)" in _error(tmp_path, bad_eval)
+    single = SMALL_PLAN.split("[[gguf]]")[0] + '[gguf]\nname = "q8"\nrecipe = "q8_0"\n'
+    assert "plan.toml:25: GGUF outputs are [[gguf]] tables (double brackets)" in _error(tmp_path, single)
+    split_eval = SMALL_PLAN + '\n[eval]\ngguf = "q3"\n'
+    assert "is a split output" in _error(tmp_path, split_eval)
     bad_preset = SMALL_PLAN + '\n[eval]\ngguf = "q8"\npresets = ["wild"]\n'
     assert "unknown: wild" in _error(tmp_path, bad_preset)
     # nothing was written for a refused plan
@@ -126,10 +137,11 @@ def _pipeline(plan: Path, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _content(path: Path) -> object:
-    """A file's content, without the wall-clock timings some outputs record (`seconds` in stats metadata)."""
+def _content(path: Path, work: Path) -> object:
+    """A file's content, without the wall-clock timings some outputs record (`seconds` in stats metadata) and
+    with the workdir's own path taken out of the paths they record."""
     if path.suffix == ".json":
-        return _untimed(json.loads(path.read_text()))
+        return _untimed(json.loads(path.read_text().replace(str(work), "WORKDIR")))
     if path.suffix == ".safetensors":
         import torch
         from safetensors import safe_open
@@ -149,7 +161,7 @@ def _untimed(obj: object) -> object:
 def _outputs(work: Path) -> dict[str, object]:
     """Every output file's content (logs, manifests and the KD log with its timings aside)."""
     skip = {"log.txt", "manifest.json", "kd_train_log.json", "kd_loss.png"}
-    return {str(p.relative_to(work)): _content(p) for p in sorted(work.rglob("*"))
+    return {str(p.relative_to(work)): _content(p, work) for p in sorted(work.rglob("*"))
             if p.is_file() and p.name not in skip and "work" not in p.relative_to(work).parts[1:]
             and p.parts[-2] != "data" and not p.name.startswith(".")}
 
@@ -163,6 +175,8 @@ def test_killed_pipeline_resumes_to_the_same_outputs(trained_testbed_dir, tmp_pa
     assert proc.returncode == 0, out.decode()[-3000:]
     reference = _outputs(tmp_path / "clean")
     assert any(k.endswith("q8.gguf") for k in reference) and any("kd/model" in k for k in reference)
+    assert any(k.endswith("q3-00002-of-00003.gguf") for k in reference)  # a split output: 3 files of <= 5 MB
+    assert "nvfp4/model/model.safetensors" in reference
 
     plan = _write(tmp_path, SMALL_PLAN)
     work = tmp_path / "work"

@@ -70,9 +70,8 @@ def data_files(plan: Plan, kind: str) -> list[Path]:
 
 
 def recipe_ref(plan: Plan, recipe: str) -> str:
-    """A shipped recipe name as is; a .toml file (or a path) relative to the plan."""
-    is_file = recipe.endswith(".toml") or "/" in recipe
-    return str(_relative(plan, recipe)) if is_file else recipe
+    """A shipped recipe name as is; a .toml file relative to the plan, made absolute."""
+    return str(_relative(plan, recipe)) if recipe.endswith(".toml") else recipe
 
 
 def eval_prompts(plan: Plan) -> str:

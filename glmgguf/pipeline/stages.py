@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glmgguf.pipeline.inputs import EVAL_PROMPT_SETS
 from glmgguf.pipeline.plan import Plan
 
 
@@ -112,7 +113,7 @@ def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: 
         if g.imatrix is not None:
             args += ["--imatrix", str(g.imatrix)]
             inputs["imatrix"] = Path(g.imatrix)
-        if not recipes[g.name].isidentifier():
+        if recipes[g.name].endswith(".toml"):  # a recipe file of the user's (shipped ones are named)
             inputs["recipe"] = Path(recipes[g.name])
         if g.split_max_size:
             args += ["--split-max-size", g.split_max_size]
@@ -142,7 +143,7 @@ def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: 
             for key in ("ctx", "temperature", "limit"):
                 if e[key] is not None:
                     args += [f"--{key}", str(e[key])]
-            inputs = {} if prompts.isidentifier() else {"prompts": Path(prompts)}
+            inputs = {} if prompts in EVAL_PROMPT_SETS else {"prompts": Path(prompts)}
             stages.append(Stage(f"eval-{preset}", w / f"eval-{preset}", args, out, inputs,
                                 [f"gguf-{e['gguf']}"], what=f"loop evaluation, sampler preset {preset}"))
             runs.append(out)
