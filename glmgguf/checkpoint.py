@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from glmgguf.io import CheckpointError, CheckpointReader
+from glmgguf.io import CheckpointError
 from glmgguf.layout import GlmLayout, LayoutError, Part, parse_hf_name
+
+if TYPE_CHECKING:
+    from glmgguf.io.reader import CheckpointReader
 
 
 @dataclass
@@ -39,6 +43,8 @@ def _check_experts(reader: CheckpointReader, layout: GlmLayout) -> None:
 
 def open_checkpoint(path: str | os.PathLike) -> GlmCheckpoint:
     """Read headers and config; raise CheckpointError/LayoutError with one clear line on any mismatch."""
+    from glmgguf.io.reader import CheckpointReader
+
     reader = CheckpointReader(path)
     layout = GlmLayout.from_config(reader.config)
     _check_experts(reader, layout)

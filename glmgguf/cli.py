@@ -1,40 +1,51 @@
-"""The `glmgguf` command line: a click group; each stage registers its commands here."""
+"""The `glmgguf` command line: a click group whose stage commands load on first use.
+
+Each stage's module is imported only when its command runs (or when `--help` lists the commands), so a command
+that needs neither torch nor transformers (`quantize`, `inspect`, `recipes`, `eval`, `pipeline`) starts fast.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 import click
 
 from glmgguf import __version__
-from glmgguf.demo import demo
-from glmgguf.eval.cli import eval_group
-from glmgguf.gguf.cli import convert_cmd, inspect_cmd, quantize_cmd, recipes_cmd
-from glmgguf.gguf.kld import kld_cmd
-from glmgguf.kd.cli import kd as kd_cmd
-from glmgguf.llama import cli as llama_cli
-from glmgguf.llama.patch_cli import patch as patch_cmd
-from glmgguf.nvfp4.cli import nvfp4 as nvfp4_cmd
-from glmgguf.pipeline.cli import pipeline as pipeline_cmd
-from glmgguf.reap.cli import reap as reap_cmd
-from glmgguf.testbed.cli import testbed as testbed_cmd
+
+COMMANDS = {  # name -> "module:attribute"
+    "convert": "glmgguf.gguf.cli:convert_cmd",
+    "demo": "glmgguf.demo:demo",
+    "eval": "glmgguf.eval.cli:eval_group",
+    "inspect": "glmgguf.gguf.cli:inspect_cmd",
+    "kd": "glmgguf.kd.cli:kd",
+    "kld": "glmgguf.gguf.kld:kld_cmd",
+    "llama": "glmgguf.llama.cli:llama",
+    "nvfp4": "glmgguf.nvfp4.cli:nvfp4",
+    "patch": "glmgguf.llama.patch_cli:patch",
+    "pipeline": "glmgguf.pipeline.cli:pipeline",
+    "quantize": "glmgguf.gguf.cli:quantize_cmd",
+    "reap": "glmgguf.reap.cli:reap",
+    "recipes": "glmgguf.gguf.cli:recipes_cmd",
+    "testbed": "glmgguf.testbed.cli:testbed",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A click group that imports a subcommand's module when the subcommand is looked up."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        cmd = getattr(importlib.import_module(module), attr)
+        assert cmd.name == name, f"{COMMANDS[name]} is named {cmd.name!r}, not {name!r}"
+        return cmd
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="glmgguf")
 def main() -> None:
     """Turn GLM-5.x MoE checkpoints into GGUF builds that llama.cpp runs."""
-
-
-main.add_command(llama_cli.llama)
-main.add_command(patch_cmd)
-main.add_command(convert_cmd)
-main.add_command(quantize_cmd)
-main.add_command(inspect_cmd)
-main.add_command(recipes_cmd)
-main.add_command(kld_cmd)
-main.add_command(testbed_cmd)
-main.add_command(demo)
-main.add_command(reap_cmd)
-main.add_command(kd_cmd)
-main.add_command(nvfp4_cmd)
-main.add_command(eval_group)
-main.add_command(pipeline_cmd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,10 +13,15 @@ from glmgguf.io import CheckpointError
 from glmgguf.io.atomic import OutputExistsError
 from glmgguf.layout import LayoutError
 from glmgguf.reap.errors import ReapError
-from glmgguf.runner import RunnerError
 
 USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, LayoutError, OutputExistsError, FileNotFoundError,
-                                            ReapError, RunnerError, EvalError)
+                                            ReapError, EvalError)
+
+
+def _user_error_types() -> tuple[type[Exception], ...]:
+    """USER_ERRORS, plus the layer runner's when it is loaded (it imports torch; unloaded, it raised nothing)."""
+    runner = sys.modules.get("glmgguf.runner")
+    return USER_ERRORS + ((runner.RunnerError,) if runner is not None else ())
 
 
 @contextmanager
@@ -23,5 +29,7 @@ def user_errors() -> Iterator[None]:
     """Re-raise known input errors as click errors (one line, exit status 1)."""
     try:
         yield
-    except USER_ERRORS as e:
-        raise click.ClickException(str(e)) from None
+    except Exception as e:
+        if isinstance(e, _user_error_types()):
+            raise click.ClickException(str(e)) from None
+        raise

@@ -26,7 +26,8 @@ REGENERATE = "python scripts/cli_reference.py"
 
 def walk(cmd: click.Command, name: str, parent: click.Context | None = None) -> Iterator[click.Context]:
     """A context for `cmd` and, recursively, for every visible subcommand (in click's listing order)."""
-    ctx = click.Context(cmd, info_name=name, parent=parent, terminal_width=WIDTH, max_content_width=WIDTH)
+    settings = {**cmd.context_settings, "terminal_width": WIDTH, "max_content_width": WIDTH}
+    ctx = click.Context(cmd, info_name=name, parent=parent, **settings)  # as the real CLI: -h, --help
     yield ctx
     if isinstance(cmd, click.Group):
         for sub_name in cmd.list_commands(ctx):

@@ -11,8 +11,7 @@ from pathlib import Path
 import click
 
 from glmgguf.errors import user_errors
-from glmgguf.gguf.convert import OUTTYPES, convert, outtype_chooser
-from glmgguf.gguf.plan import IndexerMode, MtpMode
+from glmgguf.gguf.plan import OUTTYPES, IndexerMode, MtpMode
 
 DEFAULT_THREADS = os.cpu_count() or 1
 
@@ -82,6 +81,8 @@ def convert_cmd(src: Path, out: Path, outtype: str | None, recipe: str | None, m
     if outtype and recipe:
         raise click.UsageError("--outtype and --recipe are mutually exclusive")
     with gguf_errors():
+        from glmgguf.gguf.convert import convert, outtype_chooser
+
         settings = {}
         if recipe:
             from glmgguf.checkpoint import open_checkpoint

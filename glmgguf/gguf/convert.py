@@ -19,14 +19,12 @@ from glmgguf.checkpoint import GlmCheckpoint, open_checkpoint
 from glmgguf.gguf.encode import encode, nbytes, row_fits
 from glmgguf.gguf.imatrix import Imatrix, imatrix_for_plan, write_imatrix_keys
 from glmgguf.gguf.metadata import write_hparams, write_provenance
-from glmgguf.gguf.plan import IndexerMode, MtpMode, PlannedTensor, plan_tensors
+from glmgguf.gguf.plan import OUTTYPES, IndexerMode, MtpMode, PlannedTensor, plan_tensors
 from glmgguf.gguf.recipe import file_type_of
 from glmgguf.gguf.vocab import write_vocab
 from glmgguf.gguf.writer import atomic_gguf, write_tensor_chunks
 from glmgguf.io import CheckpointError
 from glmgguf.layout import GGUF_ARCH, Transform
-
-OUTTYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 
 # A chooser may also have `warnings() -> list[str]` (a recipe's unused rules), reported once types are chosen.
 TypeChooser = Callable[[PlannedTensor], Q]

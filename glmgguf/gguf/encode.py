@@ -1,26 +1,36 @@
 """Encode tensors as the bytes of a GGML tensor type (rows are the innermost axis).
 
-Float types (F32/F16/BF16) are cast in torch (round to nearest even, as ggml does). Every quantized type goes
-through ggml's own `ggml_quantize_chunk` (`glmgguf.gguf.ggml`), so the bytes are llama-quantize's.
+Float types (F32/F16/BF16) are cast in torch (round to nearest even, as ggml does; numpy F32/F16 without it).
+Every quantized type goes through ggml's own `ggml_quantize_chunk` (`glmgguf.gguf.ggml`), so the bytes are
+llama-quantize's. torch is imported only for torch inputs and BF16 casts: GGUF -> GGUF work runs without it.
 """
 
 from __future__ import annotations
 
+import sys
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from glmgguf.gguf.ggml import GgmlKernels, kernels
 
-FLOAT_TYPES = {
-    GGMLQuantizationType.F32: torch.float32,
-    GGMLQuantizationType.F16: torch.float16,
-    GGMLQuantizationType.BF16: torch.bfloat16,
-}
+if TYPE_CHECKING:
+    import torch
 
-_WIDENED_BY_GGML = {torch.bfloat16: GGMLQuantizationType.BF16, torch.float16: GGMLQuantizationType.F16}
+FLOAT_TYPES = {  # ggml float type -> torch dtype name
+    GGMLQuantizationType.F32: "float32",
+    GGMLQuantizationType.F16: "float16",
+    GGMLQuantizationType.BF16: "bfloat16",
+}
+_NUMPY_FLOATS = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+_WIDENED_BY_GGML = {"bfloat16": GGMLQuantizationType.BF16, "float16": GGMLQuantizationType.F16}
+
+
+def _is_torch(t: object) -> bool:
+    torch_mod = sys.modules.get("torch")  # a torch tensor implies torch is loaded
+    return torch_mod is not None and isinstance(t, torch_mod.Tensor)
 
 
 def block_size(qtype: GGMLQuantizationType) -> int:
@@ -54,16 +64,24 @@ def encode(t: torch.Tensor | np.ndarray, qtype: GGMLQuantizationType, imatrix: n
     parallel (the GIL is released inside ggml).
     """
     if qtype in FLOAT_TYPES:
-        x = t if isinstance(t, torch.Tensor) else torch.from_numpy(t if t.flags.writeable else t.copy())
-        return x.to(FLOAT_TYPES[qtype]).contiguous().reshape(-1).view(torch.uint8).numpy()
+        if not _is_torch(t) and qtype in _NUMPY_FLOATS:
+            return np.ascontiguousarray(t, dtype=_NUMPY_FLOATS[qtype]).reshape(-1).view(np.uint8)
+        import torch
+
+        x = t if _is_torch(t) else torch.from_numpy(t if t.flags.writeable else t.copy())
+        return x.to(getattr(torch, FLOAT_TYPES[qtype])).contiguous().reshape(-1).view(torch.uint8).numpy()
     src_type = GGMLQuantizationType.F32
-    if isinstance(t, torch.Tensor) and t.dtype in _WIDENED_BY_GGML:
-        # ggml widens the raw 16-bit words to F32 inside each quantization task (no torch conversion pass,
-        # whose OpenMP threads would also compete with ggml's for the cores)
-        src_type = _WIDENED_BY_GGML[t.dtype]
-        rows = t.detach().contiguous().view(torch.int16).numpy()
-    elif isinstance(t, torch.Tensor):
-        rows = t.detach().to(torch.float32).contiguous().numpy()
+    if _is_torch(t):
+        import torch
+
+        dtype_name = str(t.dtype).removeprefix("torch.")
+        if dtype_name in _WIDENED_BY_GGML:
+            # ggml widens the raw 16-bit words to F32 inside each quantization task (no torch conversion pass,
+            # whose OpenMP threads would also compete with ggml's for the cores)
+            src_type = _WIDENED_BY_GGML[dtype_name]
+            rows = t.detach().contiguous().view(torch.int16).numpy()
+        else:
+            rows = t.detach().to(torch.float32).contiguous().numpy()
     else:
         rows = np.asarray(t, dtype=np.float32)
     shape = rows.shape

@@ -16,6 +16,11 @@ from glmgguf.checkpoint import GlmCheckpoint
 from glmgguf.io import CheckpointError
 from glmgguf.layout import TENSOR_TABLE, LayerInfo, Part, Role, TensorRule, Transform, parse_hf_name
 
+OUTTYPES: dict[str, GGMLQuantizationType] = {  # `convert --outtype`: the type of the weight matrices
+    "f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16,
+    "q8_0": GGMLQuantizationType.Q8_0,
+}
+
 
 class MtpMode(StrEnum):
     KEEP = "keep"

@@ -19,7 +19,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import psutil
-import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFValueType
 from tqdm import tqdm
@@ -173,6 +172,8 @@ def to_f32(rows: np.ndarray, src_type: Q) -> np.ndarray:
     if src_type is Q.F32:
         return np.asarray(rows, dtype=np.float32)
     if src_type in (Q.F16, Q.BF16):
+        import torch  # converts in parallel
+
         with pywarnings.catch_warnings():
             pywarnings.simplefilter("ignore", UserWarning)  # read-only memory map: torch only reads it
             raw = torch.from_numpy(np.ascontiguousarray(rows).view(np.uint16))

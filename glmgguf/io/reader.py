@@ -12,14 +12,11 @@ from pathlib import Path
 import torch
 
 from glmgguf.io.dtypes import SAFETENSORS_TO_TORCH, element_size
+from glmgguf.io.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk is missing, malformed or inconsistent."""
 
 
 @dataclass(frozen=True)
