@@ -91,10 +91,12 @@ def estimate_stages(plan: Plan, layout: GlmLayout, recipes: dict) -> dict[str, E
     out: dict[str, Estimate] = {}
     hidden_act = d["batch_size"] * d["seq_len"] * layout.hidden_size * 4 * 8  # a chunk's activations, generously
     if plan.observes:
-        r = plan.reap or {"streaming": False}
+        r = plan.reap or {"streaming": False, "dtype": "bf16"}
+        width = DTYPE_BYTES[r["dtype"]]  # the compute dtype the weights are held in
         tokens = (d["calibration_samples"] or 0) * d["seq_len"]
-        spill = tokens * layout.hidden_size * 2 if r["streaming"] else 0
-        mem = layer_bytes(layout) + hidden_act + min(spill, 4 * 10**9) if r["streaming"] else src + hidden_act
+        spill = tokens * layout.hidden_size * width if r["streaming"] else 0
+        mem = (layer_bytes(layout, width) + hidden_act + min(spill, 4 * 10**9) if r["streaming"]
+               else tensor_bytes(layout, width)[0] + hidden_act)
         out["observe"] = Estimate(spill, mem, "streaming: one layer resident" if r["streaming"]
                                   else "in memory: the whole model (across GPUs with device 'auto')")
     if plan.reap is not None:
