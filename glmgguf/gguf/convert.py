@@ -11,12 +11,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 import psutil
-import torch
 from gguf import GGMLQuantizationType as Q
 from tqdm import tqdm
 
 from glmgguf.checkpoint import GlmCheckpoint, open_checkpoint
-from glmgguf.gguf.encode import encode, nbytes, row_fits
+from glmgguf.gguf.encode import encode_words, nbytes, row_fits
 from glmgguf.gguf.imatrix import Imatrix, imatrix_for_plan, write_imatrix_keys
 from glmgguf.gguf.metadata import write_hparams, write_provenance
 from glmgguf.gguf.plan import OUTTYPES, IndexerMode, MtpMode, PlannedTensor, plan_tensors
@@ -54,51 +53,57 @@ class ConvertResult:
     requires_patches: list[str] | None = None  # llama.cpp patches the file needs (see glmgguf.llama.patches)
 
 
-# dtype -> (same-width int type, mask without the sign bit, bits of +Inf): |x| < Inf on the raw bits
-_ABS_BITS = {torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80), torch.float16: (torch.int16, 0x7FFF, 0x7C00),
-             torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000)}
+# stored float words -> (unsigned view, mask without the sign bit, bits of +Inf): |x| < Inf on the raw bits
+_ABS_BITS = {"BF16": (np.uint16, 0x7FFF, 0x7F80), "F16": (np.uint16, 0x7FFF, 0x7C00),
+             "F32": (np.uint32, 0x7FFFFFFF, 0x7F800000)}
+_WORD_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}  # stored dtypes read without torch
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in `t`: one single-threaded pass over the raw bits (torch.isfinite is 10x slower here)."""
-    spec = _ABS_BITS.get(t.dtype)
-    if spec is None:
-        return bool(torch.isfinite(t).all())
-    itype, absmask, inf = spec
-    bits = t.contiguous().reshape(-1).view(itype).numpy()
-    return bits.size == 0 or int(np.max(bits & bits.dtype.type(absmask))) < inf
+def count_nonfinite(words: np.ndarray, dtype: str) -> int:
+    """NaN/Inf values among a tensor's stored float words (one pass over the raw bits)."""
+    view, absmask, inf = _ABS_BITS[dtype]
+    bits = words.reshape(-1).view(view)
+    if bits.size == 0 or int(np.max(bits & view(absmask))) < inf:
+        return 0
+    return int(np.count_nonzero((bits & view(absmask)) >= inf))
 
 
-def _checked(name: str, t: torch.Tensor, allow_nonfinite: bool) -> torch.Tensor:
-    if t.is_floating_point() and not all_finite(t):
-        bad = int((~torch.isfinite(t)).sum())
+def _read_words(ckpt: GlmCheckpoint, name: str, allow_nonfinite: bool) -> tuple[np.ndarray, Q]:
+    """A tensor's stored words and their type (other stored types, e.g. FP8, widened to F32 through torch),
+    refusing NaN/Inf unless allowed."""
+    info = ckpt.reader.info(name)
+    if info.dtype in _WORD_TYPES:
+        words, dtype = ckpt.reader.get_words(name), info.dtype
+    else:
+        words, dtype = ckpt.reader.get(name).float().numpy(), "F32"
+    bad = count_nonfinite(words, dtype)
+    if bad:
         if not allow_nonfinite:
             raise CheckpointError(f"{name} has {bad} NaN/Inf values (use --allow-nonfinite to convert anyway)")
         tqdm.write(f"warning: {name} has {bad} NaN/Inf values")
-    return t
+    return words, _WORD_TYPES[dtype]
 
 
 def tensor_chunks(ckpt: GlmCheckpoint, t: PlannedTensor, allow_nonfinite: bool = False,
                   imatrix: np.ndarray | None = None, threads: int = 1) -> Iterator[np.ndarray]:
     """The encoded bytes of one planned tensor, one source tensor (one expert) at a time.
 
-    `imatrix` ([n_matrices, n_per_row], e.g. one row per expert) goes to the quantizer, expert e getting row e.
+    Reads the stored words with numpy (no torch for F32/F16/BF16 checkpoints). `imatrix` ([n_matrices,
+    n_per_row], e.g. one row per expert) goes to the quantizer, expert e getting row e.
     """
     lay = ckpt.layout
-
-    def read(name: str) -> torch.Tensor:
-        return _checked(name, ckpt.reader.get(name), allow_nonfinite)
-
     match t.transform:
         case Transform.COPY | Transform.STACK_EXPERTS:
             for i, src in enumerate(t.sources):
+                words, src_type = _read_words(ckpt, src, allow_nonfinite)
                 im = None if imatrix is None else imatrix[i]
-                yield encode(read(src), t.ggml_type, imatrix=im, threads=threads)
+                yield encode_words(words, src_type, t.ggml_type, imatrix=im, threads=threads)
         case Transform.SPLIT_K_B | Transform.SPLIT_V_B:
-            kv_b = read(t.sources[0]).view(lay.n_heads, lay.qk_nope_head_dim + lay.v_head_dim, lay.kv_lora_rank)
-            k_b, v_b = torch.split(kv_b, [lay.qk_nope_head_dim, lay.v_head_dim], dim=1)
-            part = k_b.transpose(1, 2) if t.transform is Transform.SPLIT_K_B else v_b
-            yield encode(part.contiguous(), t.ggml_type, imatrix=imatrix, threads=threads)
+            words, src_type = _read_words(ckpt, t.sources[0], allow_nonfinite)
+            kv_b = words.reshape(lay.n_heads, lay.qk_nope_head_dim + lay.v_head_dim, lay.kv_lora_rank)
+            k_b, v_b = kv_b[:, :lay.qk_nope_head_dim], kv_b[:, lay.qk_nope_head_dim:]
+            part = k_b.transpose(0, 2, 1) if t.transform is Transform.SPLIT_K_B else v_b
+            yield encode_words(np.ascontiguousarray(part), src_type, t.ggml_type, imatrix=imatrix, threads=threads)
 
 
 def file_type(plan: list[PlannedTensor]) -> gguf.LlamaFileType:

@@ -84,6 +84,11 @@ def encode(t: torch.Tensor | np.ndarray, qtype: GGMLQuantizationType, imatrix: n
             rows = t.detach().to(torch.float32).contiguous().numpy()
     else:
         rows = np.asarray(t, dtype=np.float32)
+    return _quantize(rows, qtype, src_type, imatrix, threads, ggml)
+
+
+def _quantize(rows: np.ndarray, qtype: GGMLQuantizationType, src_type: GGMLQuantizationType,
+              imatrix: np.ndarray | None, threads: int, ggml: GgmlKernels | None) -> np.ndarray:
     shape = rows.shape
     rows = rows.reshape(-1, shape[-1])
     rows_per_matrix = None
@@ -95,3 +100,25 @@ def encode(t: torch.Tensor | np.ndarray, qtype: GGMLQuantizationType, imatrix: n
         rows_per_matrix = rows.shape[0] // n_mat
     return (ggml or default_kernels()).quantize(rows, qtype, imatrix=imatrix, rows_per_matrix=rows_per_matrix,
                                                 threads=threads, src_type=src_type)
+
+
+def bf16_words_to_f32(words: np.ndarray) -> np.ndarray:
+    """BF16 bit patterns (uint16) -> float32, exactly."""
+    return (words.astype(np.uint32) << 16).view(np.float32)
+
+
+def encode_words(words: np.ndarray, src: GGMLQuantizationType, qtype: GGMLQuantizationType,
+                 imatrix: np.ndarray | None = None, threads: int = 1, ggml: GgmlKernels | None = None) -> np.ndarray:
+    """`encode` for a tensor's stored words as numpy reads them (F32: float32, F16: float16, BF16: uint16 bits).
+
+    Same bytes as `encode` of the equivalent torch tensor, without torch: quantized types take the 16-bit words
+    as they are (ggml widens them per task), float targets are exact widenings or numpy's round-to-nearest-even
+    F32 -> F16; only a narrowing to BF16 goes through torch.
+    """
+    if qtype not in FLOAT_TYPES:
+        rows = words if src is not GGMLQuantizationType.F32 else np.asarray(words, dtype=np.float32)
+        return _quantize(rows, qtype, src, imatrix, threads, ggml)
+    if qtype is src:
+        return np.ascontiguousarray(words).reshape(-1).view(np.uint8)
+    f32 = bf16_words_to_f32(words) if src is GGMLQuantizationType.BF16 else np.asarray(words, dtype=np.float32)
+    return encode(f32, qtype)

@@ -8,11 +8,15 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from glmgguf.io.dtypes import SAFETENSORS_TO_TORCH, element_size
+from glmgguf.io.dtypes import ITEMSIZE, NUMPY_WORDS, element_size, safetensors_to_torch
 from glmgguf.io.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -32,7 +36,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return SAFETENSORS_TO_TORCH[self.dtype]
+        return safetensors_to_torch()[self.dtype]
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -59,7 +63,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             dtype, shape, (begin, end) = h["dtype"], tuple(h["shape"]), h["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt header entry for {name}") from None
-        if dtype not in SAFETENSORS_TO_TORCH:
+        if dtype not in ITEMSIZE:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
         if end - begin != math.prod(shape) * element_size(dtype) or begin < 0:
             raise CheckpointError(f"{path}: tensor {name} has inconsistent size in header")
@@ -138,17 +142,29 @@ class CheckpointReader:
         except KeyError:
             raise CheckpointError(f"{self.root}: tensor {name} not found") from None
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk (a new, writable tensor in the stored dtype)."""
-        info = self.info(name)
+    def _read(self, info: TensorInfo) -> bytearray:
         buf = bytearray(info.nbytes)
         with open(info.shard, "rb") as f:
             f.seek(info.offset)
             if f.readinto(buf) != info.nbytes:
-                raise CheckpointError(f"{info.shard}: truncated while reading {name}")
+                raise CheckpointError(f"{info.shard}: truncated while reading {info.name}")
+        return buf
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk (a new, writable tensor in the stored dtype)."""
+        import torch
+
+        info = self.info(name)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.torch_dtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(info.torch_dtype).reshape(info.shape)
+        return torch.frombuffer(self._read(info), dtype=torch.uint8).view(info.torch_dtype).reshape(info.shape)
+
+    def get_words(self, name: str) -> np.ndarray:
+        """Read one tensor as a writable numpy array of its stored words (BF16 as uint16 bits), without torch."""
+        info = self.info(name)
+        if info.dtype not in NUMPY_WORDS:
+            raise CheckpointError(f"{name}: dtype {info.dtype} has no numpy view")
+        return np.frombuffer(self._read(info), dtype=NUMPY_WORDS[info.dtype]).reshape(info.shape)
 
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.tensors.values())

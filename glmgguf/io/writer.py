@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import torch
 
-from glmgguf.io.dtypes import TORCH_TO_SAFETENSORS, element_size
+from glmgguf.io.dtypes import element_size, torch_to_safetensors
 from glmgguf.io.reader import INDEX_NAME
 
 PlanEntry = tuple[str, tuple[int, ...], torch.dtype]
@@ -39,7 +39,7 @@ class ShardedWriter:
         metadata: dict[str, str] | None = None,
     ):
         self.out_dir = Path(out_dir)
-        self.plan = [(n, tuple(s), TORCH_TO_SAFETENSORS[d]) for n, s, d in plan]
+        self.plan = [(n, tuple(s), torch_to_safetensors()[d]) for n, s, d in plan]
         self.metadata = {"format": "pt", **(metadata or {})}
         self.shards: list[list[int]] = []
         size = 0
@@ -80,7 +80,7 @@ class ShardedWriter:
         exp_name, exp_shape, exp_code = self.plan[self._next]
         if name != exp_name:
             raise ValueError(f"write plan expects {exp_name} next, got {name}")
-        if tuple(tensor.shape) != exp_shape or TORCH_TO_SAFETENSORS[tensor.dtype] != exp_code:
+        if tuple(tensor.shape) != exp_shape or torch_to_safetensors()[tensor.dtype] != exp_code:
             raise ValueError(
                 f"{name}: planned {exp_code}{list(exp_shape)}, got {tensor.dtype}{list(tensor.shape)}"
             )
