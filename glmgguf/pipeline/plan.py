@@ -170,7 +170,7 @@ def parse_plan(path: str | Path, workdir: str | Path | None = None) -> Plan:
     try:
         text = path.read_text()
     except OSError as e:
-        raise PlanError(f"cannot read plan {path}: {e.strerror}") from None
+        raise PlanError(f"cannot read plan {path}: {e.strerror} (shipped plans: {', '.join(shipped)})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
