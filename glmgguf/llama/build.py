@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -16,10 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 from tqdm import tqdm
 
+from glmgguf.llama.patches import PATCH_DIR, SERIES, apply_module
 from glmgguf.llama.source import cache_root, pinned_identity, resolve_source, user_source
 
 TOOLS = (
@@ -31,8 +30,6 @@ BASE_CMAKE_FLAGS = (
     "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",  # binaries find their libs after the .partial dir is renamed
 )
 BACKEND_FLAGS = {"cpu": ("-DGGML_METAL=OFF",), "cuda": ("-DGGML_CUDA=ON",), "metal": ("-DGGML_METAL=ON",)}
-PATCH_DIR = Path(__file__).resolve().parents[2] / "patches"
-SERIES = PATCH_DIR / "llama.cpp" / "series"
 META = "toolchain.json"
 _PROGRESS = re.compile(r"^\[\s*(\d+)%\]|^\[(\d+)/(\d+)\]")
 
@@ -79,19 +76,9 @@ class Toolchain:
         return self.tool("llama-gguf-split")
 
 
-def _apply_module() -> ModuleType:
-    """Load `patches/apply.py` (it lives outside the package so it can run without it)."""
-    spec = importlib.util.spec_from_file_location("glmgguf_patch_apply", PATCH_DIR / "apply.py")
-    if spec is None or spec.loader is None:
-        raise LlamaBuildError(f"cannot load {PATCH_DIR / 'apply.py'}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def series_patches() -> list[Path]:
     """Patch files listed in `patches/llama.cpp/series`."""
-    return _apply_module().read_series(SERIES)
+    return apply_module().read_series(SERIES)
 
 
 def cmake_flags(backend: str) -> list[str]:
