@@ -11,7 +11,6 @@ import math
 import mmap
 import os
 import time
-import warnings as pywarnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from gguf import GGUFReader, GGUFValueType
 from tqdm import tqdm
 
 from glmgguf import __version__
-from glmgguf.gguf.encode import FLOAT_TYPES, default_kernels, encode, nbytes
+from glmgguf.gguf.encode import FLOAT_TYPES, bf16_words_to_f32, default_kernels, encode, nbytes
 from glmgguf.gguf.imatrix import Imatrix, imatrix_for_plan, write_imatrix_keys
 from glmgguf.gguf.metadata import PROVENANCE_PREFIX
 from glmgguf.gguf.plan import PlannedTensor
@@ -168,17 +167,13 @@ def _slabs(n_mat: int, rows_per_matrix: int, budget_rows: int) -> Iterator[tuple
 
 
 def to_f32(rows: np.ndarray, src_type: Q) -> np.ndarray:
-    """F32 values of input rows (exact for F32/F16/BF16; torch converts in parallel, other types via gguf-py)."""
+    """F32 values of input rows (exact for F32/F16/BF16; other types via gguf-py)."""
     if src_type is Q.F32:
         return np.asarray(rows, dtype=np.float32)
-    if src_type in (Q.F16, Q.BF16):
-        import torch  # converts in parallel
-
-        with pywarnings.catch_warnings():
-            pywarnings.simplefilter("ignore", UserWarning)  # read-only memory map: torch only reads it
-            raw = torch.from_numpy(np.ascontiguousarray(rows).view(np.uint16))
-        dtype = torch.float16 if src_type is Q.F16 else torch.bfloat16
-        return raw.view(dtype).to(torch.float32).numpy()
+    if src_type is Q.F16:
+        return np.ascontiguousarray(rows).view(np.float16).astype(np.float32)
+    if src_type is Q.BF16:
+        return bf16_words_to_f32(np.ascontiguousarray(rows).view(np.uint16))
     return np.asarray(gguf.quants.dequantize(rows, src_type), dtype=np.float32)
 
 
