@@ -22,11 +22,9 @@ def dry_run_lines(plan: Plan, model_config: Path | None) -> list[str]:
     """The stage table: status, output, disk, peak memory, and each stage's command."""
     from glmgguf.gguf.recipe import load_recipe
     from glmgguf.pipeline.estimate import estimate_stages, tensor_bytes
-    from glmgguf.pipeline.inputs import check_inputs, recipe_ref
-    from glmgguf.pipeline.inputs import model_config as read_config
+    from glmgguf.pipeline.inputs import recipe_ref
 
-    layout = check_inputs(plan, read_config(plan, model_config), check_files=model_config is None)
-    stages = plan_stages(plan, model_config)
+    layout, stages = plan_stages(plan, model_config)
     est = estimate_stages(plan, layout, {g.name: load_recipe(recipe_ref(plan, g.recipe)) for g in plan.gguf})
     src = tensor_bytes(layout)[0]
     lines = [f"plan {plan.path}: model {plan.model} ({layout.n_layers} layers + {layout.n_mtp} MTP, "
@@ -36,8 +34,9 @@ def dry_run_lines(plan: Plan, model_config: Path | None) -> list[str]:
     upstream: dict[str, str | None] = {}
     total = 0
     for s in stages:
-        status, _, fp = stage_status(s, plan.workdir, upstream) if model_config is None else ("to run", "", None)
-        upstream[s.name] = fp
+        state = None if model_config else stage_status(s, plan.workdir, upstream)
+        status = state.status if state else "to run"
+        upstream[s.name] = state.output_fingerprint if state else None
         e = est[s.name]
         total += e.disk
         lines.append(f"| {s.name} | {status} | {s.output.relative_to(plan.workdir)} | {_size(e.disk)} | "

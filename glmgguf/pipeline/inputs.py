@@ -49,23 +49,27 @@ def resolve_model(plan: Plan) -> Path:
     return _relative(plan, plan.model)
 
 
+def data_path(plan: Plan, entry: str) -> Path:
+    """Where a [data] entry's file is: a builtin split's under WORKDIR/data, a path relative to the plan."""
+    if entry in BUILTIN_DATA:
+        return plan.workdir / "data" / f"{entry.replace(':', '-')}.jsonl"
+    return _relative(plan, entry)
+
+
 def data_files(plan: Plan, kind: str) -> list[Path]:
-    """The [data] `kind` files; builtin splits are written under WORKDIR/data (same bytes every time)."""
+    """The [data] `kind` files; builtin splits are written first (same bytes every time)."""
     out = []
     for entry in plan.data[kind]:
-        if entry in BUILTIN_DATA:
+        path = data_path(plan, entry)
+        if entry in BUILTIN_DATA and not path.is_file():
             from glmgguf.testbed import stdlib_corpus
 
-            path = plan.workdir / "data" / f"{entry.replace(':', '-')}.jsonl"
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                docs = [d for d in stdlib_corpus(entry.split(":", 1)[1]) if d.strip()]
-                tmp = path.with_name(path.name + ".partial")
-                tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-                tmp.replace(path)
-            out.append(path)
-        else:
-            out.append(_relative(plan, entry))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            docs = [d for d in stdlib_corpus(entry.split(":", 1)[1]) if d.strip()]
+            tmp = path.with_name(path.name + ".partial")
+            tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+            tmp.replace(path)
+        out.append(path)
     return out
 
 
@@ -109,10 +113,8 @@ def check_inputs(plan: Plan, config: dict, check_files: bool = True) -> GlmLayou
             load_recipe(recipe_ref(plan, g.recipe))
         except RecipeError as e:
             raise PlanError(f"{plan.where('gguf', 'recipe', i)}: {e}") from None
-        if g.imatrix is not None:
-            g.imatrix = _relative(plan, str(g.imatrix))
-            if check_files and not g.imatrix.is_file():
-                raise PlanError(f"{plan.where('gguf', 'imatrix', i)}: imatrix file {g.imatrix} not found")
+        if g.imatrix is not None and check_files and not g.imatrix.is_file():
+            raise PlanError(f"{plan.where('gguf', 'imatrix', i)}: imatrix file {g.imatrix} not found")
     if plan.eval is not None and check_files and plan.eval["prompts"] not in EVAL_PROMPT_SETS:
         if not _relative(plan, plan.eval["prompts"]).is_file():
             raise PlanError(f"{plan.where('eval', 'prompts')}: prompts file {_relative(plan, plan.eval['prompts'])} "

@@ -188,6 +188,8 @@ def parse_plan(path: str | Path, workdir: str | Path | None = None) -> Plan:
     base = Path.cwd() if builtin else path.parent
     pipe = sections["pipeline"]
     gguf = [GgufOutput(**_section(g, "gguf", text, path, i)) for i, g in enumerate(gguf_raw)]
+    for g in gguf:
+        g.imatrix = None if g.imatrix is None else (base / g.imatrix).resolve()
     plan = Plan(path=path, text=text, base=base, workdir=Path(workdir or base / pipe["workdir"]).resolve(),
                 model=pipe["model"],
                 threads=pipe["threads"], data=sections.get("data") or _section({}, "data", text, path),

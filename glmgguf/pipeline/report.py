@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
+from glmgguf.pipeline.manifest import read_json
 from glmgguf.pipeline.plan import Plan
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def report_lines(plan: Plan) -> list[str]:
     """What each finished stage produced, in a few lines."""
     w = plan.workdir
     lines = []
-    stats = _json(w / "prune" / "model" / "reap_stats.json")
-    keep = _json(w / "prune" / "model" / "reap_keep_map.json")
+    stats = read_json(w / "prune" / "model" / "reap_stats.json")
+    keep = read_json(w / "prune" / "model" / "reap_keep_map.json")
     if stats and keep:
         kept = "/".join(map(str, sorted(set(keep["kept_experts"].values()))))
         src = "/".join(map(str, sorted(set(keep["source_experts"].values()))))
         lines.append(f"REAP ({keep['metric']}, {keep['per_layer']}): kept {kept} of {src} experts in each of "
                      f"{len(keep['kept_experts'])} MoE layers, ranked on {stats['meta'].get('tokens')} "
                      "calibration tokens")
-    log = _json(w / "kd" / "model" / "kd_train_log.json")
+    log = read_json(w / "kd" / "model" / "kd_train_log.json")
     if log:
         evals = log.get("evals") or []
         if len(evals) >= 2:

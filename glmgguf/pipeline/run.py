@@ -21,11 +21,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from glmgguf import __version__
+from glmgguf.layout import GlmLayout
 from glmgguf.pipeline.inputs import (
     check_inputs,
     data_files,
+    data_path,
     eval_prompts,
     model_config,
     model_path,
@@ -33,7 +36,7 @@ from glmgguf.pipeline.inputs import (
     resolve_model,
 )
 from glmgguf.pipeline.manifest import fingerprint, now, read_json, stage_key, write_json
-from glmgguf.pipeline.plan import BUILTIN_DATA, Plan, PlanError
+from glmgguf.pipeline.plan import Plan, PlanError
 from glmgguf.pipeline.stages import Stage, build_stages
 
 
@@ -90,40 +93,44 @@ def _run_command(stage: Stage, quiet: bool) -> None:
         raise StageFailed(f"stage {stage.name} failed (exit status {rc}); last lines of {log}:\n" + "\n".join(tail))
 
 
-def _inputs_of(stage: Stage) -> dict[str, str]:
-    return {label: fingerprint(path) for label, path in sorted(stage.inputs.items())}
+class StageState(NamedTuple):
+    status: str  # "done", "to run", "interrupted" or "changed"
+    key: str
+    output_fingerprint: str | None  # when done
+    inputs: dict[str, str]  # fingerprints of the stage's inputs (what the key was made from)
 
 
-def stage_status(stage: Stage, workdir: Path, upstream: dict[str, str | None]) -> tuple[str, str, str | None]:
-    """(status, key, output fingerprint): status is "done", "to run", "interrupted" or "changed".
+def stage_status(stage: Stage, workdir: Path, upstream: dict[str, str | None]) -> StageState:
+    """Where `stage` stands, from its manifest, its inputs and the outputs of the stages it reads.
 
     `upstream` maps earlier stages to their output fingerprints (None: not done yet, so this one must run); a
     stage whose inputs are not there yet (builtin text is written on the first run) must run too.
     """
     if any(upstream.get(n) is None for n in stage.after) or not all(p.exists() for p in stage.inputs.values()):
-        return "to run", "", None
-    key = stage_key(stage.args, workdir, _inputs_of(stage), {n: upstream[n] for n in stage.after})
+        return StageState("to run", "", None, {})
+    inputs = {label: fingerprint(path) for label, path in sorted(stage.inputs.items())}
+    key = stage_key(stage.args, workdir, inputs, {n: upstream[n] for n in stage.after})
     manifest = read_json(stage.manifest)
     started = read_json(stage.dir / "started.json")
     if manifest and manifest.get("key") == key and stage.output.exists():
-        return "done", key, manifest["output_fingerprint"]
+        return StageState("done", key, manifest["output_fingerprint"], inputs)
     if manifest or (started and started.get("key") != key):
-        return "changed", key, None
-    return ("interrupted" if started else "to run"), key, None
+        return StageState("changed", key, None, inputs)
+    return StageState("interrupted" if started else "to run", key, None, inputs)
 
 
 def run_stage(stage: Stage, workdir: Path, upstream: dict[str, str], quiet: bool,
               echo: Callable[[str], None]) -> tuple[StageResult, str]:
     """Run `stage` unless its manifest matches; returns the result and its output's fingerprint."""
-    status, key, out_fp = stage_status(stage, workdir, upstream)
-    if status == "done":
+    state = stage_status(stage, workdir, upstream)
+    if state.status == "done":
         echo(f"[{stage.name}] done earlier, inputs unchanged: skipped")
-        assert out_fp is not None
-        return StageResult(stage, "skipped", 0.0), out_fp
-    if status == "changed":
+        assert state.output_fingerprint is not None
+        return StageResult(stage, "skipped", 0.0), state.output_fingerprint
+    if state.status == "changed":
         echo(f"[{stage.name}] settings or inputs changed: clearing {stage.dir}")
         shutil.rmtree(stage.dir)
-    elif status == "interrupted":
+    elif state.status == "interrupted":
         echo(f"[{stage.name}] interrupted earlier: running it again (resumable work is kept)")
     if stage.output.is_dir():
         shutil.rmtree(stage.output)
@@ -133,7 +140,7 @@ def run_stage(stage: Stage, workdir: Path, upstream: dict[str, str], quiet: bool
     if stage.output_dir_first:
         stage.output.mkdir()
     started_at = now()
-    write_json(stage.dir / "started.json", {"key": key, "started": started_at})
+    write_json(stage.dir / "started.json", {"key": state.key, "started": started_at})
     echo(f"[{stage.name}] {stage.what}")
     t0 = time.perf_counter()
     _run_command(stage, quiet)
@@ -142,7 +149,7 @@ def run_stage(stage: Stage, workdir: Path, upstream: dict[str, str], quiet: bool
         raise StageFailed(f"stage {stage.name} finished but wrote no {stage.output}")
     out_fp = fingerprint(stage.output)
     write_json(stage.manifest, {
-        "stage": stage.name, "key": key, "command": ["glmgguf", *stage.args], "inputs": _inputs_of(stage),
+        "stage": stage.name, "key": state.key, "command": ["glmgguf", *stage.args], "inputs": state.inputs,
         "upstream": {n: upstream[n] for n in stage.after}, "output": str(stage.output.relative_to(stage.dir)),
         "output_fingerprint": out_fp, "glmgguf_version": __version__, "started": started_at,
         "finished": now(), "seconds": round(seconds, 2),
@@ -152,13 +159,12 @@ def run_stage(stage: Stage, workdir: Path, upstream: dict[str, str], quiet: bool
     return StageResult(stage, "ran", seconds), out_fp
 
 
-def plan_stages(plan: Plan, config_override: Path | None = None) -> list[Stage]:
+def plan_stages(plan: Plan, config_override: Path | None = None) -> tuple[GlmLayout, list[Stage]]:
     """Check the plan's inputs, then its stages (without building the testbed or writing data)."""
-    check_inputs(plan, model_config(plan, config_override), check_files=config_override is None)
-    data = {k: [plan.workdir / "data" / f"{e.replace(':', '-')}.jsonl" if e in BUILTIN_DATA
-                else (plan.base / e).resolve() for e in plan.data[k]] for k in ("calibration", "kd", "heldout")}
+    layout = check_inputs(plan, model_config(plan, config_override), check_files=config_override is None)
+    data = {k: [data_path(plan, e) for e in plan.data[k]] for k in ("calibration", "kd", "heldout")}
     recipes = {g.name: recipe_ref(plan, g.recipe) for g in plan.gguf}
-    return build_stages(plan, model_path(plan), data, recipes, eval_prompts(plan) if plan.eval else None)
+    return layout, build_stages(plan, model_path(plan), data, recipes, eval_prompts(plan) if plan.eval else None)
 
 
 def run_plan(plan: Plan, quiet: bool = False, echo: Callable[[str], None] = print,

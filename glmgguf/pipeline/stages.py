@@ -35,8 +35,15 @@ def _threads(plan: Plan) -> list[str]:
     return ["--threads", str(plan.threads)] if plan.threads else []
 
 
-def _samples(n: int | None) -> list[str]:
-    return ["--num-samples", str(n)] if n else []
+def _text_args(paths: list[Path], d: dict, samples: int | None) -> list[str]:
+    """--data FILE... and the packing options of a pass over text ([data] settings)."""
+    return [*[a for p in paths for a in ("--data", str(p))], "--seq-len", str(d["seq_len"]),
+            *(["--num-samples", str(samples)] if samples else []), "--batch-size", str(d["batch_size"]),
+            "--text-field", d["text_field"]]
+
+
+def _texts(paths: list[Path]) -> dict[str, Path]:
+    return {f"data:{p.name}": p for p in paths}
 
 
 def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: dict[str, str],
@@ -45,17 +52,14 @@ def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: 
     w = plan.workdir
     d = plan.data
     stages: list[Stage] = []
-    texts = {f"data:{p.name}": p for p in data["calibration"]}
     stats = w / "observe" / "stats.safetensors"
     if plan.observes:
         r = plan.reap or {}
-        args = ["reap", "observe", str(model), *[a for p in data["calibration"] for a in ("--data", str(p))],
-                "--out", str(stats), "--seq-len", str(d["seq_len"]), *_samples(d["calibration_samples"]),
-                "--batch-size", str(d["batch_size"]), "--text-field", d["text_field"],
-                "--dtype", r.get("dtype", "bf16"), "--device", r.get("device", "cpu")]
+        args = ["reap", "observe", str(model), *_text_args(data["calibration"], d, d["calibration_samples"]),
+                "--out", str(stats), "--dtype", r.get("dtype", "bf16"), "--device", r.get("device", "cpu")]
         if r.get("streaming"):
             args += ["--streaming", "--work-dir", str(w / "observe" / "work")]
-        stages.append(Stage("observe", w / "observe", args, stats, {"model": model, **texts},
+        stages.append(Stage("observe", w / "observe", args, stats, {"model": model, **_texts(data["calibration"])},
                             what="REAP statistics on the calibration text"))
     final = model
     after: list[str] = []
@@ -70,37 +74,31 @@ def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: 
         final, after = out, ["prune"]
     if plan.kd is not None:
         k = plan.kd
-        cache = w / "teacher" / "cache"
-        kd_texts = {f"data:{p.name}": p for p in data["kd"]}
-        args = ["kd", "teacher", str(model), *[a for p in data["kd"] for a in ("--data", str(p))],
-                "--out", str(cache), "--top-k", str(k["top_k"]), "--seq-len", str(d["seq_len"]),
-                *_samples(d["kd_samples"]), "--batch-size", str(d["batch_size"]), "--text-field", d["text_field"],
-                "--device", k["teacher_device"], *_threads(plan)]
-        if k["teacher_streaming"]:
-            args += ["--streaming", "--work-dir", str(w / "teacher" / "work")]
-        stages.append(Stage("teacher", w / "teacher", args, cache, {"model": model, **kd_texts},
-                            what="teacher top-k cache of the KD text"))
+
+        def teacher(name: str, paths: list[Path], samples: int | None, what: str) -> Stage:
+            cache = w / name / "cache"
+            args = ["kd", "teacher", str(model), *_text_args(paths, d, samples), "--out", str(cache),
+                    "--top-k", str(k["top_k"]), "--device", k["teacher_device"], *_threads(plan)]
+            if k["teacher_streaming"]:
+                args += ["--streaming", "--work-dir", str(w / name / "work")]
+            return Stage(name, w / name, args, cache, {"model": model, **_texts(paths)}, what=what)
+
+        stages.append(teacher("teacher", data["kd"], d["kd_samples"], "teacher top-k cache of the KD text"))
         out = w / "kd" / "model"
-        args = ["kd", "train", str(final), "--teacher-cache", str(cache), "--out", str(out), "--lr", str(k["lr"]),
-                "--steps", str(k["steps"]), "--batch-size", str(k["batch_size"]), "--schedule", k["schedule"],
-                "--warmup", str(k["warmup"]), "--dtype", k["dtype"], "--device-map", k["device_map"],
-                "--save-every", str(k["save_every"]), "--resume", "--work-dir", str(w / "kd" / "work"),
-                *[a for p in data["kd"] for a in ("--data", str(p))], *_threads(plan)]
+        args = ["kd", "train", str(final), "--teacher-cache", str(stages[-1].output), "--out", str(out),
+                "--lr", str(k["lr"]), "--steps", str(k["steps"]), "--batch-size", str(k["batch_size"]),
+                "--schedule", k["schedule"], "--warmup", str(k["warmup"]), "--dtype", k["dtype"],
+                "--device-map", k["device_map"], "--save-every", str(k["save_every"]), "--resume",
+                "--work-dir", str(w / "kd" / "work"), *[a for p in data["kd"] for a in ("--data", str(p))],
+                *_threads(plan)]
         if k["train_bias"]:
             args.append("--train-bias")
         heldout = data.get("heldout") or []
         if heldout:
-            hcache = w / "teacher-heldout" / "cache"
-            stages.append(Stage(
-                "teacher-heldout", hcache.parent,
-                ["kd", "teacher", str(model), *[a for p in heldout for a in ("--data", str(p))],
-                 "--out", str(hcache), "--top-k", str(k["top_k"]), "--seq-len", str(d["seq_len"]),
-                 *_samples(d["heldout_samples"]), "--batch-size", str(d["batch_size"]),
-                 "--text-field", d["text_field"], "--device", k["teacher_device"], *_threads(plan)],
-                hcache, {"model": model, **{f"data:{p.name}": p for p in heldout}},
-                what="teacher cache of the held-out text (KD is measured on it)"))
-            args += ["--eval-cache", str(hcache), "--eval-every", str(max(1, k["steps"] // 4))]
-        stages.append(Stage("kd", w / "kd", args, out, kd_texts,
+            stages.append(teacher("teacher-heldout", heldout, d["heldout_samples"],
+                                  "teacher cache of the held-out text (KD is measured on it)"))
+            args += ["--eval-cache", str(stages[-1].output), "--eval-every", str(max(1, k["steps"] // 4))]
+        stages.append(Stage("kd", w / "kd", args, out, _texts(data["kd"]),
                             [*after, "teacher", *(["teacher-heldout"] if heldout else [])],
                             what="router-distilled checkpoint"))
         final, after = out, ["kd"]
@@ -112,7 +110,7 @@ def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: 
         inputs: dict[str, Path] = {} if after else {"model": final}
         if g.imatrix is not None:
             args += ["--imatrix", str(g.imatrix)]
-            inputs["imatrix"] = Path(g.imatrix)
+            inputs["imatrix"] = g.imatrix
         if recipes[g.name].endswith(".toml"):  # a recipe file of the user's (shipped ones are named)
             inputs["recipe"] = Path(recipes[g.name])
         if g.split_max_size:
