@@ -54,7 +54,7 @@ def _server(opts: dict[str, Any], log_path: Path) -> Iterator[str]:
         return
     ctx = opts["ctx_size"] or opts["parallel"] * (opts["safety_cap"] + 2048)
     args = ["-c", str(ctx), "-np", str(opts["parallel"]), *(["-t", str(opts["threads"])] if opts["threads"] else []),
-            *opts["server_arg"]]
+            *_draft_server_args(opts), *opts["server_arg"]]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         srv = LlamaServer(opts["gguf"], args, log_path=log_path).start()
@@ -64,6 +64,29 @@ def _server(opts: dict[str, Any], log_path: Path) -> Iterator[str]:
         yield srv.url
     finally:
         srv.stop()
+
+
+def _draft(opts: dict[str, Any]) -> dict[str, Any] | None:
+    """The MTP drafting setting of the options (None without --draft-mtp); only for a server we start."""
+    from glmgguf.eval.draft import draft_settings
+    from glmgguf.eval.probes import EvalError
+
+    if not opts["draft_mtp"]:
+        return None
+    if opts["server"]:
+        raise EvalError("--draft-mtp starts llama-server with MTP drafting: use it with --gguf (a running server "
+                        "started with --spec-type draft-mtp reports its acceptance anyway)")
+    return draft_settings(opts["draft_max"], opts["draft_p_min"])
+
+
+def _draft_server_args(opts: dict[str, Any]) -> list[str]:
+    from glmgguf.eval.draft import check_mtp_gguf, draft_args
+
+    draft = _draft(opts)
+    if draft is None:
+        return []
+    check_mtp_gguf(opts["gguf"])
+    return draft_args(draft)
 
 
 def _probe_options(f: Callable) -> Callable:
@@ -90,6 +113,13 @@ def _probe_options(f: Callable) -> Callable:
                      help="--gguf: llama-server -c  [default: parallel x (safety-cap + 2048)]"),
         click.option("--threads", type=click.IntRange(min=1), help="--gguf: llama-server -t."),
         click.option("--server-arg", multiple=True, help="--gguf: extra llama-server argument (repeatable)."),
+        click.option("--draft-mtp", is_flag=True,
+                     help="--gguf: speculative decoding with the GGUF's MTP block (llama-server --spec-type "
+                          "draft-mtp); the run records drafted and accepted tokens."),
+        click.option("--draft-max", default=3, show_default=True, type=click.IntRange(min=1),
+                     help="--draft-mtp: tokens drafted per step (--spec-draft-n-max)."),
+        click.option("--draft-p-min", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+                     help="--draft-mtp: stop drafting below this top-1 draft probability (--spec-draft-p-min)."),
         click.option("--retries", default=3, show_default=True, type=click.IntRange(min=0),
                      help="Tries again on a lost connection or 5xx, after 2, 4, 8 ... x --backoff seconds."),
         click.option("--backoff", default=2.0, show_default=True, type=click.FloatRange(min=0)),
@@ -109,7 +139,8 @@ def _spec(opts: dict[str, Any], overrides: dict[str, Any]) -> tuple[list[Prompt]
     prompts, sha = load_prompts(opts["prompts"])
     sampler = sampler_settings(opts["preset"], {**{k: opts[k] for k in SAMPLER_FLAGS}, **overrides})
     return prompts[:opts["limit"]], RunSpec(sampler=sampler, prompts=str(opts["prompts"]), prompts_sha256=sha,
-                                            limit=opts["limit"], safety_cap=opts["safety_cap"], system=opts["system"])
+                                            limit=opts["limit"], safety_cap=opts["safety_cap"], system=opts["system"],
+                                            draft=_draft(opts))
 
 
 def _run_kwargs(opts: dict[str, Any]) -> dict[str, Any]:

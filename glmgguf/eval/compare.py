@@ -15,6 +15,16 @@ OUTCOMES = ("eos", "loop", "think_loop", "cap", "error")
 FORMAT_PREFIX = "glmgguf-eval-loops/"
 
 
+def draft_summary(results: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Drafted and accepted tokens over the results that report them (None when none does: no drafting)."""
+    drafted = [r for r in results if r.get("draft_n") is not None]
+    if not drafted:
+        return None
+    n = sum(int(r["draft_n"]) for r in drafted)
+    acc = sum(int(r.get("draft_accepted") or 0) for r in drafted)
+    return {"prompts": len(drafted), "drafted": n, "accepted": acc, "acceptance": acc / n if n else None}
+
+
 def summarize(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Counts and rates of one run. Errors are left out of `n`; loops count plain and think-restart loops."""
     results = list(results)
@@ -37,6 +47,7 @@ def summarize(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "distinct4_mean": statistics.fmean(d4) if d4 else None,
         "median_tokens": statistics.median(r["tokens"] for r in counted) if counted else None,
         "by_source": dict(sorted(by_source.items())),
+        "draft": draft_summary(counted),
     }
 
 
@@ -65,9 +76,18 @@ def _z(z: float, p: float) -> str:
     return f"{z:+.2f} (p={p:.2g})"
 
 
+def _draft(d: dict[str, Any] | None) -> str:
+    return "-" if d is None else f"{_pct(d['acceptance'])} ({d['accepted']}/{d['drafted']})"
+
+
 def compare_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """Markdown: one row per run, z-tests of loop and EOS rate against the first run; then loops per source."""
-    head = ("| run | n | loop rate | loop 95% CI | EOS rate | EOS 95% CI | think loops | cap | borderline | errors | "
+    """Markdown: one row per run, z-tests of loop and EOS rate against the first run; then loops per source.
+
+    When any run was served with speculative decoding, a column gives its draft acceptance (accepted/drafted).
+    """
+    drafting = any(doc["summary"].get("draft") for _, doc in runs)
+    head = ("| run | n | loop rate | loop 95% CI | " + ("draft acceptance | " if drafting else "") +
+            "EOS rate | EOS 95% CI | think loops | cap | borderline | errors | "
             "distinct-4 | median tokens | loop z vs first | EOS z vs first |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     base = runs[0][1]["summary"]
@@ -80,8 +100,10 @@ def compare_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
             zeos = _z(*two_proportion_z(c["eos"], s["n"], base["counts"]["eos"], base["n"]))
         d4 = "-" if s["distinct4_mean"] is None else f"{s['distinct4_mean']:.3f}"
         med = "-" if s["median_tokens"] is None else f"{s['median_tokens']:g}"
-        lines.append(f"| {label} | {s['n']} | {_pct(s['loop_rate'])} | {_ci(s['loop_ci95'])} | {_pct(s['eos_rate'])} "
-                     f"| {_ci(s['eos_ci95'])} | {c['think_loop']} | {c['cap']} | {s['borderline']} | {c['error']} "
+        acc = f"{_draft(s.get('draft'))} | " if drafting else ""
+        lines.append(f"| {label} | {s['n']} | {_pct(s['loop_rate'])} | {_ci(s['loop_ci95'])} | {acc}"
+                     f"{_pct(s['eos_rate'])} | {_ci(s['eos_ci95'])} | {c['think_loop']} | {c['cap']} "
+                     f"| {s['borderline']} | {c['error']} "
                      f"| {d4} | {med} | {zl} | {zeos} |")
     sources = sorted({src for _, doc in runs for src in doc["summary"]["by_source"]})
     lines += ["", "Loops per source (loops/n):", "", "| source | " + " | ".join(label for label, _ in runs) + " |",

@@ -4,6 +4,10 @@ Token counts are exact: every request asks for `timings_per_token`, so each stre
 own count of generated tokens (`timings.predicted_n`); the final chunk's `usage.completion_tokens` wins when the
 stream ends by itself. The detector sees token ids from the per-token `logprobs` (`top_logprobs: 1`); the
 rare token whose text the server holds back (an incomplete UTF-8 character) is counted but not seen.
+
+Speculative decoding (e.g. llama-server `--spec-type draft-mtp`): the same timings carry the server's running
+counts of drafted and accepted draft tokens (`draft_n`, `draft_n_accepted`; absent while nothing was drafted),
+kept per prompt as `draft_n` / `draft_accepted`.
 """
 
 from __future__ import annotations
@@ -61,9 +65,15 @@ class RunSpec:
     safety_cap: int = 16384
     system: str | None = None
     loop: LoopConfig = field(default_factory=LoopConfig)
+    draft: dict[str, Any] | None = None  # speculative decoding of the server we started (eval.draft)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The spec as JSON; `draft` only when set (runs without drafting keep their old form)."""
+        d = asdict(self)
+        if d["draft"] is None:
+            del d["draft"]
+        return d
+
 
 
 def request_for(prompt: Prompt, spec: RunSpec) -> tuple[str, dict[str, Any]]:
@@ -89,13 +99,18 @@ def generate(url: str, prompt: Prompt, spec: RunSpec, idle_timeout: float = 900.
     path, payload = request_for(prompt, spec)
     det = LoopDetector(spec.loop)
     n_tokens, finish, tail = 0, None, ""
+    drafted: int | None = None
+    accepted: int | None = None
     t0 = time.perf_counter()
     events = stream_events(url, path, payload, idle_timeout)
     try:
         for event in events:
             if stop is not None and stop.is_set():
                 raise Cancelled
-            n_tokens = event.get("timings", {}).get("predicted_n", n_tokens)
+            timings = event.get("timings") or {}
+            n_tokens = timings.get("predicted_n", n_tokens)
+            drafted = timings.get("draft_n", drafted)
+            accepted = timings.get("draft_n_accepted", accepted)
             n_tokens = (event.get("usage") or {}).get("completion_tokens", n_tokens)
             for choice in event.get("choices", []):
                 for item in (choice.get("logprobs") or {}).get("content") or []:
@@ -120,7 +135,7 @@ def generate(url: str, prompt: Prompt, spec: RunSpec, idle_timeout: float = 900.
     return {"id": prompt.id, "source": prompt.source, "outcome": outcome, "borderline": det.borderline(),
             "loop": asdict(det.loop) if det.loop else None, "tokens": int(n_tokens),
             "distinct4": distinct_n(det.tokens), "seconds": round(time.perf_counter() - t0, 3),
-            "finish_reason": finish, "error": None, "tail": tail}
+            "finish_reason": finish, "error": None, "tail": tail, "draft_n": drafted, "draft_accepted": accepted}
 
 
 def probe(url: str, prompt: Prompt, spec: RunSpec, retries: int = 3, backoff: float = 2.0,
@@ -136,7 +151,7 @@ def probe(url: str, prompt: Prompt, spec: RunSpec, retries: int = 3, backoff: fl
                 break
     return {"id": prompt.id, "source": prompt.source, "outcome": "error", "borderline": False, "loop": None,
             "tokens": 0, "distinct4": None, "seconds": 0.0, "finish_reason": None, "error": error[:500],
-            "tail": "", "attempts": attempt + 1}
+            "tail": "", "draft_n": None, "draft_accepted": None, "attempts": attempt + 1}
 
 
 def journal_path(out: Path) -> Path:

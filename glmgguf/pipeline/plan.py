@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
               "max_shard_size": (str, "5G")},
     "eval": {"gguf": (str, ...), "prompts": (str, "fuzz"), "presets": ([str], ["raw"]), "ctx": (int, None),
              "parallel": (int, 2), "safety_cap": (int, 4096), "temperature": (float, None), "seed": (int, 0),
-             "limit": (int, None)},
+             "limit": (int, None), "draft_mtp": (bool, False), "draft_max": (int, 3), "draft_p_min": (float, 0.0)},
 }
 LIST_SECTIONS = frozenset({"gguf"})  # [[gguf]]: several outputs
 CHOICES = {
@@ -232,6 +233,7 @@ def _check_structure(plan: Plan) -> None:
                                        f"(outputs: {', '.join(names) or 'none'})")
         if plan.gguf[names.index(e["gguf"])].split_max_size:
             raise fail("eval", "gguf", f"[eval] gguf = {e['gguf']!r} is a split output; evaluate an unsplit one")
+        _check_draft(plan, fail)
         bad = [p for p in e["presets"] if p not in EVAL_PRESETS]
         if bad or not e["presets"] or len(set(e["presets"])) != len(e["presets"]):
             raise fail("eval", "presets", f"[eval] presets must be distinct names from {', '.join(EVAL_PRESETS)}"
@@ -239,3 +241,19 @@ def _check_structure(plan: Plan) -> None:
     for key in ("seq_len", "batch_size"):
         if plan.data[key] < 1:
             raise fail("data", key, f"[data] {key} must be positive")
+
+
+def _check_draft(plan: Plan, fail: Callable[..., PlanError]) -> None:
+    """[eval] MTP drafting: the evaluated GGUF must keep its MTP block; sane draft settings."""
+    e = plan.eval
+    assert e is not None
+    if not e["draft_mtp"]:
+        return
+    g = next(g for g in plan.gguf if g.name == e["gguf"])
+    if g.mtp != "keep":
+        raise fail("eval", "draft_mtp", f"[eval] draft_mtp needs the MTP block in the evaluated GGUF, but "
+                                        f"[[gguf]] {g.name!r} has mtp = {g.mtp!r} (use mtp = \"keep\")")
+    if e["draft_max"] < 1:
+        raise fail("eval", "draft_max", "[eval] draft_max must be at least 1")
+    if not 0.0 <= e["draft_p_min"] <= 1.0:
+        raise fail("eval", "draft_p_min", "[eval] draft_p_min is a probability, 0 <= draft_p_min <= 1")

@@ -40,4 +40,27 @@ def report_lines(plan: Plan) -> list[str]:
     md = w / "eval-report" / "report.md"
     if md.is_file():
         lines += ["", "Loop evaluation (llama-server):", md.read_text().rstrip()]
+    lines += draft_lines(plan)
     return lines
+
+
+def draft_lines(plan: Plan) -> list[str]:
+    """MTP draft acceptance of each evaluation run that was served with drafting."""
+    if plan.eval is None or not plan.eval["draft_mtp"]:
+        return []
+    from glmgguf.eval.compare import draft_summary
+
+    lines = []
+    for preset in plan.eval["presets"]:
+        doc = read_json(plan.workdir / f"eval-{preset}" / f"{preset}.json")
+        if not doc:
+            continue
+        d = draft_summary([r for r in doc["results"] if r["outcome"] != "error"])
+        draft = doc["spec"].get("draft") or {}
+        if d is None or not d["drafted"]:
+            lines.append(f"MTP drafting ({preset}): no draft tokens reported by llama-server")
+            continue
+        lines.append(f"MTP drafting ({preset}, up to {draft.get('n_max', '?')} per step): "
+                     f"{100 * d['acceptance']:.1f}% of {d['drafted']:,} drafted tokens accepted "
+                     f"({d['accepted']:,}) over {len(doc['results'])} prompts")
+    return [""] + lines if lines else []

@@ -141,9 +141,12 @@ def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: 
             for key in ("ctx", "temperature", "limit"):
                 if e[key] is not None:
                     args += [f"--{key}", str(e[key])]
+            if e["draft_mtp"]:
+                args += ["--draft-mtp", "--draft-max", str(e["draft_max"]), "--draft-p-min", str(e["draft_p_min"])]
             inputs = {} if prompts in EVAL_PROMPT_SETS else {"prompts": Path(prompts)}
+            what = f"loop evaluation, sampler preset {preset}" + (", MTP drafting" if e["draft_mtp"] else "")
             stages.append(Stage(f"eval-{preset}", w / f"eval-{preset}", args, out, inputs,
-                                [f"gguf-{e['gguf']}"], what=f"loop evaluation, sampler preset {preset}"))
+                                [f"gguf-{e['gguf']}"], what=what))
             runs.append(out)
         report = w / "eval-report" / "report.md"
         stages.append(Stage("eval-report", w / "eval-report",
