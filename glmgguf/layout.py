@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Container
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -125,11 +126,37 @@ TENSOR_TABLE: tuple[TensorRule, ...] = (
     TensorRule("model.layers.{L}.hnorm.weight", "blk.{L}.nextn.hnorm.weight", Role.NORM, Part.MTP),
     TensorRule("model.layers.{L}.shared_head.norm.weight", "blk.{L}.nextn.shared_head_norm.weight", Role.NORM,
                Part.MTP),
+    # The released GLM-5.x MTP layer has no head or embedding of its own (it uses lm_head and
+    # model.embed_tokens); re-packaged checkpoints may store both as copies, which are then carried.
     TensorRule("model.layers.{L}.shared_head.head.weight", "blk.{L}.nextn.shared_head_head.weight", Role.OUTPUT,
-               Part.MTP),
+               Part.MTP, optional=True),
     TensorRule("model.layers.{L}.embed_tokens.weight", "blk.{L}.nextn.embed_tokens.weight", Role.EMBED, Part.MTP,
                optional=True),
 )
+
+
+# Roles whose linear weights the block-FP8 release stores as float8_e4m3fn + `weight_scale_inv` (REFERENCE 1b):
+# attention projections, the indexer's wq_b / wk (not weights_proj), dense MLPs, shared and routed experts.
+# Everything else (embeddings, heads, norms, router, indexer weights_proj, MTP eh_proj) stays BF16/F32.
+_FP8_ROLES = frozenset({Role.ATTN, Role.DENSE_FFN, Role.SHARED_EXPERT, Role.EXPERT_GATE, Role.EXPERT_UP,
+                        Role.EXPERT_DOWN})
+
+
+def released_as_fp8(rule: TensorRule) -> bool:
+    """Whether the GLM-5.x FP8 release stores this row's tensor as block-FP8."""
+    return rule.role in _FP8_ROLES or (rule.role is Role.INDEXER and not rule.hf.endswith("weights_proj.weight"))
+
+
+def mtp_head_name(names: Container[str], index: int) -> str:
+    """The MTP block's LM head: its own `shared_head.head` when stored, else the trunk's `lm_head` (as released)."""
+    own = f"model.layers.{index}.shared_head.head.weight"
+    return own if own in names else "lm_head.weight"
+
+
+def mtp_embedding_name(names: Container[str], index: int) -> str:
+    """The MTP block's embedding: its own `embed_tokens` when stored, else `model.embed_tokens` (as released)."""
+    own = f"model.layers.{index}.embed_tokens.weight"
+    return own if own in names else "model.embed_tokens.weight"
 
 
 def _rule_regex(pattern: str) -> re.Pattern[str]:
@@ -210,6 +237,31 @@ class LayerInfo:
                 return self.is_mtp
 
 
+# config.json keys of the release (REFERENCE 1b) whose value the toolkit relies on: anything else is refused.
+CONFIG_FIXED_VALUES: dict[str, object] = {
+    "scoring_func": "sigmoid",  # the router's sigmoid scores (transformers and llama.cpp implement only this)
+    "topk_method": "noaux_tc",  # selection by score + e_score_correction_bias
+    "rope_interleave": True,  # interleaved RoPE pairs in attention, as both runtimes implement it
+    "indexer_rope_interleave": True,  # ... and in the DSA indexer
+}
+# Keys read nowhere, on purpose.
+CONFIG_IGNORED = {
+    "head_dim": "inconsistent in the release (192 against qk 256 / v 256); the MLA dims are used instead",
+    "bos_token_id": "GLM puts [gMASK]<sop> in the chat template; the release's FP8 config has no bos_token_id",
+    "index_share_for_mtp_iteration": "the MTP layer reuses the trunk's top-k; llama.cpp runs it dense",
+    "moe_router_dtype": "routing is computed in float32 everywhere in this toolkit",
+    "quantization_config": "read by the checkpoint reader (block-FP8 storage), not part of the architecture",
+    "transformers_version": "informational",
+}
+
+
+def check_fixed_values(cfg: dict) -> None:
+    """Refuse a config whose architectural switches differ from what every stage implements."""
+    for key, want in CONFIG_FIXED_VALUES.items():
+        if key in cfg and cfg[key] is not None and cfg[key] != want:
+            raise LayoutError(f"config.json has {key}={cfg[key]!r}; GLM-5.x uses {want!r}, the only value supported")
+
+
 def derive_indexer_types(cfg: dict, n_layers: int) -> list[str]:
     """`indexer_types` as transformers' GlmMoeDsaConfig derives it (explicit list, pattern, or freq/offset)."""
     types = cfg.get("indexer_types")
@@ -269,6 +321,7 @@ class GlmLayout:
         archs = cfg.get("architectures") or []
         if ARCHITECTURE not in archs:
             raise LayoutError(f"architecture {archs or cfg.get('model_type')} is not {ARCHITECTURE}")
+        check_fixed_values(cfg)
         try:
             n_layers = int(cfg["num_hidden_layers"])
             n_mtp = int(cfg.get("num_nextn_predict_layers") or 0)

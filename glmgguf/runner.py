@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from glmgguf.io import CheckpointReader
-from glmgguf.layout import GlmLayout, LayerInfo, LayerKind
+from glmgguf.layout import GlmLayout, LayerInfo, LayerKind, mtp_embedding_name
 
 MANIFEST = "manifest.json"
 FP32_SUFFIXES = ("e_score_correction_bias",)  # transformers keeps these in float32 (_keep_in_fp32_modules_strict)
@@ -92,8 +92,9 @@ def load_decoder_layer(reader: CheckpointReader, layout: GlmLayout, config, inde
 
     The module is created on the meta device and its parameters are assigned from the checkpoint, so memory holds
     this one layer. MTP blocks are built with the testbed's `build_mtp_layer` (GLM's on-disk parameter names);
-    indexer tensors an MTP block lacks on disk are zero (its indexer selects every token anyway), and with
-    `load_head=False` its `shared_head.head` (vocab x hidden) stays unloaded.
+    indexer tensors an MTP block lacks on disk are zero (its indexer selects every token anyway). A stored
+    `shared_head.head` copy is loaded when `load_head`; without one the block's logits come from the trunk's
+    `lm_head` (`head_logits(x, lm_head)`), as in the released checkpoints.
     """
     from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaDecoderLayer
 
@@ -101,9 +102,10 @@ def load_decoder_layer(reader: CheckpointReader, layout: GlmLayout, config, inde
 
     info = layout.layers[index]
     cfg = layer_config(config, info)
-    with torch.device("meta"):
-        module = build_mtp_layer(cfg) if info.is_mtp else GlmMoeDsaDecoderLayer(cfg, index)
     prefix = f"model.layers.{index}."
+    own_head = load_head and f"{prefix}shared_head.head.weight" in reader
+    with torch.device("meta"):
+        module = build_mtp_layer(cfg, own_head) if info.is_mtp else GlmMoeDsaDecoderLayer(cfg, index)
     state: dict[str, torch.Tensor] = {}
     if info.kind is LayerKind.MOE:
         state["mlp.experts.gate_up_proj"], state["mlp.experts.down_proj"] = fused_expert_weights(
@@ -112,8 +114,6 @@ def load_decoder_layer(reader: CheckpointReader, layout: GlmLayout, config, inde
         if key in state:
             continue
         name = prefix + key
-        if key == "shared_head.head.weight" and not load_head:
-            continue
         if name in reader:
             t = reader.get(name)
         elif info.is_mtp and ".indexer." in key:
@@ -121,7 +121,7 @@ def load_decoder_layer(reader: CheckpointReader, layout: GlmLayout, config, inde
         else:
             raise KeyError(f"checkpoint lacks {name}")
         state[key] = t.to(device=device, dtype=_storage_dtype(key, dtype))
-    module.load_state_dict(state, strict=load_head, assign=True)
+    module.load_state_dict(state, strict=True, assign=True)
     return module.eval()
 
 
@@ -159,12 +159,6 @@ def mtp_block_forward(mtp: nn.Module, hidden_post_norm: torch.Tensor, next_embed
     out, _ = GlmMoeDsaDecoderLayer.forward(mtp, x, attention_mask=mask, position_embeddings=pos_emb,
                                            position_ids=pos)
     return out
-
-
-def mtp_embedding_name(reader: CheckpointReader, layout: GlmLayout, index: int) -> str:
-    """The MTP block's own embedding when stored, else the trunk's (as llama.cpp falls back)."""
-    own = f"model.layers.{index}.embed_tokens.weight"
-    return own if own in reader else "model.embed_tokens.weight"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,7 +411,7 @@ class StreamingRunner:
         if pending_mtp:
             info = pending_mtp[0]
             mtp = load_decoder_layer(reader, lay, self.config, info.index, opts.dtype, dev, load_head=False)
-            emb = reader.get(mtp_embedding_name(reader, lay, info.index)).to(device=dev, dtype=opts.dtype)
+            emb = reader.get(mtp_embedding_name(reader, info.index)).to(device=dev, dtype=opts.dtype)
             visitor.begin_layer(info, mtp)
         for i in range(n):
             hn = norm(cur.get(i, dev)["hidden"])

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from glmgguf.io import fp8
 from glmgguf.io.dtypes import ITEMSIZE, NUMPY_WORDS, element_size, safetensors_to_torch
 from glmgguf.io.errors import CheckpointError
 
@@ -81,6 +82,10 @@ class CheckpointReader:
     Headers of all shards are parsed at open time (bytes, not data), so a missing or truncated shard fails
     immediately. `get(name)` reads exactly one tensor with plain file I/O into a fresh buffer: the resident
     memory of a pass over the model is bounded by the largest tensor, not the page cache of a mapping.
+
+    Block-FP8 checkpoints (the GLM-5.x FP8 release) are read transparently: `tensors` lists the weights, their
+    `_scale_inv` companions live in `scales`, and `get` returns a quantized weight dequantized to float32;
+    `get_stored` / `get_scale` give the stored FP8 codes and scales to stages that keep the stored form.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -96,6 +101,8 @@ class CheckpointReader:
                     raise CheckpointError(f"tensor {name} appears in two shards: {shard.name}")
                 self.tensors[name] = info
         self._check_index()
+        self.fp8 = fp8.scheme_from_config(self.config)
+        self.scales = self._split_scales()
 
     def _read_config(self) -> dict:
         cfg = self.root / "config.json"
@@ -130,6 +137,35 @@ class CheckpointReader:
             if info is None or info.shard.name != shard:
                 raise CheckpointError(f"{INDEX_NAME} says {name} is in {shard}, but that shard lacks it")
 
+    def _split_scales(self) -> dict[str, TensorInfo]:
+        """Move `<weight>_scale_inv` tensors out of `tensors`, checking every FP8 weight against its scale."""
+        scales = {n.removesuffix(fp8.SCALE_SUFFIX): self.tensors.pop(n)
+                  for n in [n for n in self.tensors if n.endswith(fp8.SCALE_SUFFIX)]}
+        quantized = [n for n, i in self.tensors.items() if i.dtype == fp8.FP8_DTYPE]
+        if (scales or quantized) and self.fp8 is None:
+            raise CheckpointError(
+                f"{self.root}: {(quantized or list(scales))[0]} is block-FP8 but config.json declares no "
+                "quantization_config (quant_method 'fp8', weight_block_size)"
+            )
+        for name in quantized:
+            if name not in scales:
+                raise CheckpointError(f"{self.root}: FP8 weight {name} has no {name}{fp8.SCALE_SUFFIX}")
+        for name, info in scales.items():
+            weight = self.tensors.get(name)
+            if weight is None or weight.dtype != fp8.FP8_DTYPE:
+                what = "no such weight" if weight is None else f"the weight is {weight.dtype}, not FP8"
+                raise CheckpointError(f"{self.root}: scale {name}{fp8.SCALE_SUFFIX} has {what}")
+            expected = self.fp8.scale_shape(weight.shape)
+            if info.shape != expected or info.dtype not in ("F32", "BF16", "F16"):
+                raise CheckpointError(
+                    f"{self.root}: {name}{fp8.SCALE_SUFFIX} is {info.dtype}{list(info.shape)}; a {list(weight.shape)} "
+                    f"weight in {list(self.fp8.block)} blocks needs a float scale of shape {list(expected)}"
+                )
+        return scales
+
+    def is_fp8(self, name: str) -> bool:
+        return name in self.scales
+
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
@@ -151,7 +187,15 @@ class CheckpointReader:
         return buf
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk (a new, writable tensor in the stored dtype)."""
+        """Read one tensor from disk: a new, writable tensor in the stored dtype (float32 for FP8 weights)."""
+        import torch
+
+        if name in self.scales:
+            return torch.from_numpy(self.get_f32(name))
+        return self.get_stored(name)
+
+    def get_stored(self, name: str) -> torch.Tensor:
+        """One tensor exactly as stored (FP8 codes for a block-FP8 weight)."""
         import torch
 
         info = self.info(name)
@@ -166,8 +210,30 @@ class CheckpointReader:
             raise CheckpointError(f"{name}: dtype {info.dtype} has no numpy view")
         return np.frombuffer(self._read(info), dtype=NUMPY_WORDS[info.dtype]).reshape(info.shape)
 
+    def get_scale(self, name: str) -> torch.Tensor:
+        """The float32 block scales (`_scale_inv`) of FP8 weight `name`, checked finite and positive."""
+        import torch
+
+        return torch.from_numpy(self._scale_words(name))
+
+    def _scale_words(self, name: str) -> np.ndarray:
+        info = self.scales.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.root}: {name} is not a block-FP8 weight")
+        raw = np.frombuffer(self._read(info), dtype=NUMPY_WORDS[info.dtype]).reshape(info.shape)
+        scale = (raw.astype(np.uint32) << 16).view(np.float32) if info.dtype == "BF16" else raw.astype(np.float32)
+        fp8.check_scale(name, scale)
+        return scale
+
+    def get_f32(self, name: str) -> np.ndarray:
+        """A block-FP8 weight dequantized to float32 (numpy, bit-identical to the upstream converter)."""
+        codes = np.frombuffer(self._read(self.info(name)), dtype=np.uint8).reshape(self.info(name).shape)
+        assert self.fp8 is not None
+        return fp8.dequantize(codes, self._scale_words(name), self.fp8.block)
+
     def total_bytes(self) -> int:
-        return sum(i.nbytes for i in self.tensors.values())
+        """Stored bytes of every tensor, FP8 scales included."""
+        return sum(i.nbytes for i in self.tensors.values()) + sum(i.nbytes for i in self.scales.values())
 
     def extra_files(self) -> list[Path]:
         """Non-weight files that travel with the checkpoint (tokenizer, templates, generation config...)."""

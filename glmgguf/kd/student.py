@@ -4,7 +4,7 @@ transformers' `GlmMoeDsaForCausalLM` ignores the MTP (NextN) block stored after 
 with `glmgguf.runner.load_decoder_layer` (the testbed's `build_mtp_layer`, GLM's on-disk names) and run with
 `glmgguf.runner.mtp_block_forward` the way llama.cpp runs it: for position t, the trunk's post-final-norm state h_t
 and the embedding of token t+1 give the block's prediction of token t+2, through `shared_head.norm` and
-`shared_head.head`.
+the LM head (`lm_head` as released; a stored `shared_head.head` copy when there is one).
 
 Its distillation target is the teacher's next-token distribution at position t+1, the teacher's own prediction of
 token t+2 with the whole prefix in view: exactly what a draft head should propose, and already in the teacher cache
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmgguf.io import CheckpointReader
-from glmgguf.layout import GlmLayout, LayerKind
+from glmgguf.layout import GlmLayout, LayerKind, mtp_embedding_name
 
 
 def router_names(layout: GlmLayout, mtp: bool, bias: bool) -> list[str]:
@@ -62,7 +62,7 @@ class Student:
         from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaRotaryEmbedding
 
         from glmgguf.reap.observe import load_in_memory_model
-        from glmgguf.runner import load_decoder_layer, model_config, mtp_embedding_name
+        from glmgguf.runner import load_decoder_layer, model_config
 
         self.path = Path(model_dir)
         self.reader = CheckpointReader(model_dir)
@@ -80,7 +80,7 @@ class Student:
             self.mtp_index = mtp_infos[0].index
             self.mtp = load_decoder_layer(self.reader, self.layout, self.config, self.mtp_index, dtype,
                                           self.out_device, load_head=True)
-            name = mtp_embedding_name(self.reader, self.layout, self.mtp_index)
+            name = mtp_embedding_name(self.reader, self.mtp_index)
             emb = (self.model.model.embed_tokens.weight if name == "model.embed_tokens.weight"
                    else self.reader.get(name))
             self.mtp_embed = emb.detach().to(device=self.out_device, dtype=dtype)
@@ -128,4 +128,4 @@ class Student:
         h = hidden.detach().to(self.out_device)
         e = F.embedding(ids[:, 1:].to(self.out_device), self.mtp_embed)
         out = mtp_block_forward(self.mtp, h[:, :-1], e, self.config, self.rotary)
-        return logits, self.mtp.shared_head.head(self.mtp.shared_head.norm(out))
+        return logits, self.mtp.head_logits(out, self.model.lm_head)

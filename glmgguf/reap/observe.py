@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmgguf.layout import GlmLayout, LayerInfo, LayerKind
+from glmgguf.layout import GlmLayout, LayerInfo, LayerKind, mtp_embedding_name
 from glmgguf.reap.errors import ReapError
 from glmgguf.reap.routing import RouterSpec, route
 from glmgguf.reap.stats import FIELDS, ReapStats, empty_layer, model_fingerprint
@@ -35,7 +35,6 @@ from glmgguf.runner import (
     load_decoder_layer,
     model_config,
     mtp_block_forward,
-    mtp_embedding_name,
 )
 
 
@@ -228,7 +227,7 @@ def observe_in_memory(model_dir: str | os.PathLike, chunks: Sequence[torch.Tenso
     if mtp_infos:
         info = mtp_infos[0]
         mtp_mod = load_decoder_layer(reader, layout, config, info.index, dtype, out_dev, load_head=False)
-        name = mtp_embedding_name(reader, layout, info.index)
+        name = mtp_embedding_name(reader, info.index)
         emb = model.model.embed_tokens.weight if name == "model.embed_tokens.weight" else reader.get(name)
         emb = emb.to(device=out_dev, dtype=dtype)
         observer.begin_layer(info, mtp_mod)

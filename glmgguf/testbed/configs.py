@@ -12,12 +12,6 @@ from copy import deepcopy
 
 from glmgguf.testbed.tokenizer import EOS_TOKENS, PAD_TOKEN, VOCAB_SIZE, special_token_ids
 
-
-def glm52_indexer_types(n_layers: int) -> list[str]:
-    """GLM-5.2's indexer schedule: layers 0, 1, 2 run the indexer, then every 4th (6, 10, ...); the rest share."""
-    return ["full" if i < 3 or (i - 2) % 4 == 0 else "shared" for i in range(n_layers)]
-
-
 _IDS = special_token_ids()
 _TOKEN_IDS = {
     "vocab_size": VOCAB_SIZE,
@@ -63,7 +57,9 @@ TESTBED_SIZES: dict[str, dict] = {
         "index_n_heads": 16,
         "index_head_dim": 64,
         "index_topk": 32,
-        "indexer_types": ["full", "shared", "full", "shared"],
+        # full, shared, full, shared (GLM-5.2's schedule is freq 4, offset 3: too sparse for 4 layers)
+        "index_topk_freq": 2,
+        "index_skip_topk_offset": 1,
     },
     # ~200 M parameters (~400 MB in BF16): for benchmarks of the conversion / quantization stages.
     "small": {
@@ -85,21 +81,22 @@ TESTBED_SIZES: dict[str, dict] = {
         "index_n_heads": 16,
         "index_head_dim": 128,
         "index_topk": 256,
-        "indexer_types": glm52_indexer_types(8),
+        "index_topk_freq": 4,  # GLM-5.2's schedule: full at 0, 1, 2, then every 4th (6, 10, ...)
+        "index_skip_topk_offset": 3,
     },
 }
 
 
-def testbed_config_kwargs(size: str) -> dict:
-    """A copy of the `GlmMoeDsaConfig` keyword arguments of one testbed size."""
+def testbed_config_kwargs(size: str, overrides: dict | None = None) -> dict:
+    """A copy of the `GlmMoeDsaConfig` keyword arguments of one testbed size (with `overrides` applied)."""
     try:
-        return deepcopy(TESTBED_SIZES[size])
+        return {**deepcopy(TESTBED_SIZES[size]), **(overrides or {})}
     except KeyError:
         raise ValueError(f"unknown testbed size {size!r}; choose from {sorted(TESTBED_SIZES)}") from None
 
 
-def testbed_config(size: str):
+def testbed_config(size: str, overrides: dict | None = None):
     """The `GlmMoeDsaConfig` of one testbed size."""
     from transformers import GlmMoeDsaConfig
 
-    return GlmMoeDsaConfig(**testbed_config_kwargs(size))
+    return GlmMoeDsaConfig(**testbed_config_kwargs(size, overrides))

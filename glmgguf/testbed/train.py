@@ -137,7 +137,7 @@ def forward_losses(model, mtp, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.
     n = h.shape[1]
     pos = torch.arange(n).unsqueeze(0)
     pos_emb = model.model.rotary_emb(h, position_ids=pos)
-    mtp_logits = mtp.mtp_forward(h, e, pos_emb, _causal_mask(n, h.dtype))
+    mtp_logits = mtp.mtp_forward(h, e, pos_emb, _causal_mask(n, h.dtype), lm_head=model.lm_head)
     mtp_loss = F.cross_entropy(mtp_logits.float().reshape(-1, mtp_logits.shape[-1]), seqs[:, 2:].reshape(-1))
     return loss, mtp_loss
 
