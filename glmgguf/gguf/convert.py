@@ -69,10 +69,13 @@ def count_nonfinite(words: np.ndarray, dtype: str) -> int:
 
 
 def _read_words(ckpt: GlmCheckpoint, name: str, allow_nonfinite: bool) -> tuple[np.ndarray, Q]:
-    """A tensor's stored words and their type (other stored types, e.g. FP8, widened to F32 through torch),
-    refusing NaN/Inf unless allowed."""
+    """A tensor's stored words and their type, refusing NaN/Inf unless allowed. Block-FP8 weights come
+    dequantized to F32 exactly as the upstream converter dequantizes them (no torch); other stored types are
+    widened to F32 through torch."""
     info = ckpt.reader.info(name)
-    if info.dtype in _WORD_TYPES:
+    if ckpt.reader.is_fp8(name):
+        words, dtype = ckpt.reader.get_f32(name), "F32"
+    elif info.dtype in _WORD_TYPES:
         words, dtype = ckpt.reader.get_words(name), info.dtype
     else:
         words, dtype = ckpt.reader.get(name).float().numpy(), "F32"

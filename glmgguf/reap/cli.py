@@ -107,12 +107,15 @@ _seed_opt = click.option("--seed", default=0, show_default=True, help="Seed of -
                    "(num_routed_experts_per_layer; llama.cpp cannot load those).")
 @_metric_opt
 @_seed_opt
+@click.option("--dequantize", type=click.Choice(["bf16"]), default=None,
+              help="Write a block-FP8 source's weights as BF16 (default: they stay block-FP8 with their scales).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit.")
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
 def prune_cmd(model: Path, stats_paths: tuple[Path, ...], keep: int | None, ratio: float | None, out: Path,
-              per_layer: str, metric: str, seed: int, dry_run: bool, force: bool) -> None:
+              per_layer: str, metric: str, seed: int, dequantize: str | None, dry_run: bool, force: bool) -> None:
     """Write a copy of MODEL without its least salient experts."""
     with user_errors():
+        import torch
         from tqdm import tqdm
 
         from glmgguf.reap.prune import prune_checkpoint
@@ -128,7 +131,8 @@ def prune_cmd(model: Path, stats_paths: tuple[Path, ...], keep: int | None, rati
             bar.update(done - bar.n)
 
         try:
-            res = prune_checkpoint(model, plan, out, force=force, stats=stats, progress=progress)
+            res = prune_checkpoint(model, plan, out, force=force, stats=stats, progress=progress,
+                                   dequantize=torch.bfloat16 if dequantize == "bf16" else None)
         finally:
             bar.close()
     click.echo(f"wrote {res.out}: {res.n_tensors} tensors, {res.bytes_out / 2**20:.1f} MiB "

@@ -180,9 +180,14 @@ def observe_streaming(model_dir: str | os.PathLike, chunks: Sequence[torch.Tenso
 
 
 def load_in_memory_model(model_dir: str | os.PathLike, dtype: torch.dtype, device_map: str | dict | None):
-    """The transformers model (trunk) with its load report silenced (it lists the MTP block as unexpected)."""
-    from transformers import AutoModelForCausalLM
+    """The transformers model (trunk) with its load report silenced (it lists the MTP block as unexpected).
+
+    A block-FP8 checkpoint (checked by the toolkit's reader first) is dequantized on load by transformers'
+    fine-grained FP8 support, to the same values the streaming reader gives."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
     from transformers.utils import logging as hf_logging
+
+    from glmgguf.io import CheckpointReader
 
     old = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
@@ -190,6 +195,8 @@ def load_in_memory_model(model_dir: str | os.PathLike, dtype: torch.dtype, devic
     hf_logging.disable_progress_bar()
     try:
         kw = {"device_map": device_map} if device_map not in (None, "cpu") else {}
+        if CheckpointReader(model_dir).fp8 is not None:
+            kw["quantization_config"] = FineGrainedFP8Config(dequantize=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa", **kw)
     finally:
         hf_logging.set_verbosity(old)

@@ -7,7 +7,9 @@ scores normalized per layer (each layer's scores divided by their sum) and write
 (`num_routed_experts_per_layer`).
 
 Execute: every tensor is read once and written once with `ShardedWriter`: kept experts renamed 0..N-1, router
-rows and `e_score_correction_bias` sliced with the keep-map, everything else copied. config.json gets the new
+rows and `e_score_correction_bias` sliced with the keep-map, everything else copied. A block-FP8 source (the
+GLM-5.x FP8 release) stays block-FP8: FP8 codes are copied as stored, each followed by its own `_scale_inv`
+(or, with `dequantize`, written as BF16 without scales or `quantization_config`). config.json gets the new
 `n_routed_experts` (and per-layer counts), the keep-map goes beside the weights (`reap_keep_map.json`), into the
 shards' metadata and (sliced) statistics follow as `reap_stats.safetensors` for later stages (NVFP4 input
 scales). The input is only read; the output directory appears atomically.
@@ -21,12 +23,14 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import torch
 
 from glmgguf.checkpoint import open_checkpoint
 from glmgguf.io import ShardedWriter, atomic_dir
+from glmgguf.io.fp8 import SCALE_SUFFIX
 from glmgguf.layout import GlmLayout, Role, parse_hf_name
 from glmgguf.reap.errors import PruneError, RoutingError
 from glmgguf.reap.routing import RouterSpec
@@ -160,6 +164,14 @@ def plan_prune(layout: GlmLayout, stats: ReapStats, keep: int | None = None, rat
 # Execution
 # ---------------------------------------------------------------------------------------------------------------
 
+class Read(StrEnum):
+    """What a planned write reads from its source tensor."""
+
+    STORED = "stored"  # the tensor as stored (FP8 codes for a block-FP8 weight)
+    SCALE = "scale"  # the block scales (`_scale_inv`) of a block-FP8 weight
+    VALUE = "value"  # the dequantized value (a block-FP8 weight written in another dtype)
+
+
 @dataclass(frozen=True)
 class PlannedWrite:
     out: str
@@ -167,35 +179,62 @@ class PlannedWrite:
     shape: tuple[int, ...]
     dtype: torch.dtype
     rows: tuple[int, ...] | None = None  # keep these rows (router weight / bias)
+    read: Read = Read.STORED
+
+    def tensor(self, reader) -> torch.Tensor:
+        match self.read:
+            case Read.SCALE:
+                t = reader.get_scale(self.src)
+            case Read.VALUE:
+                t = reader.get(self.src).to(self.dtype)
+            case _:
+                t = reader.get_stored(self.src)
+        return t if self.rows is None else t[torch.tensor(self.rows, dtype=torch.long)].contiguous()
 
 
-def plan_writes(reader, layout: GlmLayout, plan: PrunePlan) -> list[PlannedWrite]:
-    """Every output tensor in input order: kept experts renamed, router rows and bias sliced."""
+def _tensor_writes(reader, name: str, out: str, dequantize: torch.dtype | None) -> list[PlannedWrite]:
+    """The write(s) of one source tensor under a new name: a block-FP8 weight keeps its codes and is followed by
+    its own scales, unless `dequantize` asks for its value in that dtype."""
+    info = reader.info(name)
+    if not reader.is_fp8(name):
+        return [PlannedWrite(out, name, info.shape, info.torch_dtype)]
+    if dequantize is not None:
+        return [PlannedWrite(out, name, info.shape, dequantize, read=Read.VALUE)]
+    scale = reader.scales[name]
+    return [PlannedWrite(out, name, info.shape, info.torch_dtype),
+            PlannedWrite(out + SCALE_SUFFIX, name, scale.shape, torch.float32, read=Read.SCALE)]
+
+
+def plan_writes(reader, layout: GlmLayout, plan: PrunePlan, dequantize: torch.dtype | None = None
+                ) -> list[PlannedWrite]:
+    """Every output tensor in input order: kept experts renamed (FP8 scales with them), router rows and bias
+    sliced; block-FP8 weights stay block-FP8 unless `dequantize` names the dtype to write them in."""
     new_id = {L: {old: new for new, old in enumerate(ids)} for L, ids in plan.keep.items()}
     writes: list[PlannedWrite] = []
     for name in reader.names():
         info = reader.info(name)
         p = parse_hf_name(name)
         layer = p.layer if p is not None else None
-        if p is None or layer not in plan.keep:
-            writes.append(PlannedWrite(name, name, info.shape, info.torch_dtype))
-            continue
-        if p.expert is not None:
+        if p is not None and layer in plan.keep and p.expert is not None:
             if p.expert in new_id[layer]:
                 out = name.replace(f".experts.{p.expert}.", f".experts.{new_id[layer][p.expert]}.", 1)
-                writes.append(PlannedWrite(out, name, info.shape, info.torch_dtype))
-        elif p.rule.role in (Role.ROUTER, Role.ROUTER_BIAS):
+                writes += _tensor_writes(reader, name, out, dequantize)
+        elif p is not None and layer in plan.keep and p.rule.role in (Role.ROUTER, Role.ROUTER_BIAS):
             rows = tuple(plan.keep[layer])
             if info.shape[0] != plan.source_experts[layer]:
                 raise PruneError(f"{name} has {info.shape[0]} rows, the layer {plan.source_experts[layer]} experts")
             writes.append(PlannedWrite(name, name, (len(rows), *info.shape[1:]), info.torch_dtype, rows))
         else:
-            writes.append(PlannedWrite(name, name, info.shape, info.torch_dtype))
+            writes += _tensor_writes(reader, name, name, dequantize)
     return writes
 
 
-def pruned_config(cfg: dict, layout: GlmLayout, plan: PrunePlan) -> dict:
+def pruned_config(cfg: dict, layout: GlmLayout, plan: PrunePlan, dequantized: bool = False) -> dict:
+    """The source config with the new expert counts and the REAP record (no `quantization_config` once the
+    block-FP8 weights were written dequantized; else it stays: it names no expert)."""
     out = json.loads(json.dumps(cfg))
+    if dequantized:
+        out.pop("quantization_config", None)
     counts = plan.counts
     uniform = plan.uniform_count
     out["n_routed_experts"] = uniform if uniform is not None else max(counts.values())
@@ -234,8 +273,12 @@ def _max_shard_bytes(reader) -> int:
 
 def prune_checkpoint(src: str | os.PathLike, plan: PrunePlan, out: str | os.PathLike, *, force: bool = False,
                      stats: ReapStats | None = None, max_shard_bytes: int | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> PruneResult:
-    """Write the pruned checkpoint `out` (see the module docstring); `progress(done, total)` per tensor."""
+                     progress: Callable[[int, int], None] | None = None,
+                     dequantize: torch.dtype | None = None) -> PruneResult:
+    """Write the pruned checkpoint `out` (see the module docstring); `progress(done, total)` per tensor.
+
+    A block-FP8 source stays block-FP8 (each kept expert with its own scales) unless `dequantize` names the
+    dtype its FP8 weights are written in."""
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
     if src.resolve() == out.resolve():
@@ -244,7 +287,8 @@ def prune_checkpoint(src: str | os.PathLike, plan: PrunePlan, out: str | os.Path
     reader, layout = ckpt.reader, ckpt.layout
     if set(plan.keep) != {x.index for x in layout.moe_layers}:
         raise PruneError("the plan does not cover this checkpoint's MoE layers")
-    writes = plan_writes(reader, layout, plan)
+    dequantize = dequantize if reader.fp8 is not None else None
+    writes = plan_writes(reader, layout, plan, dequantize)
     keep_json = plan.to_json()
     metadata = {"reap_keep_map": json.dumps(keep_json["keep_map"], separators=(",", ":"))}
     limit = max_shard_bytes or _max_shard_bytes(reader)
@@ -253,14 +297,13 @@ def prune_checkpoint(src: str | os.PathLike, plan: PrunePlan, out: str | os.Path
         with ShardedWriter(tmp, [(w.out, w.shape, w.dtype) for w in writes], max_shard_bytes=limit,
                            metadata=metadata) as writer:
             for i, w in enumerate(writes):
-                t = reader.get(w.src)
-                if w.rows is not None:
-                    t = t[torch.tensor(w.rows, dtype=torch.long)].contiguous()
+                t = w.tensor(reader)
                 writer.add(w.out, t)
                 del t
                 if progress:
                     progress(i + 1, len(writes))
-        (tmp / "config.json").write_text(json.dumps(pruned_config(reader.config, layout, plan), indent=2) + "\n")
+        cfg = pruned_config(reader.config, layout, plan, dequantize is not None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / KEEP_MAP_NAME).write_text(json.dumps(keep_json, indent=1) + "\n")
         for f in reader.extra_files():
             if f.name in (KEEP_MAP_NAME, STATS_NAME, STATS_NAME.replace(".safetensors", ".json")):
