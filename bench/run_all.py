@@ -42,6 +42,7 @@ SCRIPTS: dict[str, str] = {
     "eval_loops": "loop detector false positives and loop rates of the tiny testbed by sampler",
     "kd_recovery": "Router-KD: held-out KL of REAP-pruned students before and after KD",
     "kd_cost": "Router-KD step time and peak memory on the `small` testbed; GLM-5.2 extrapolation",
+    "mtp_acceptance": "MTP draft acceptance in llama-server: unpruned, REAP-pruned, after Router-KD",
 }
 
 
@@ -137,6 +138,7 @@ RUNTIME: dict[str, Callable[[dict], tuple[float, bool]]] = {
     "patches_parity": lambda d: (d["seconds"], True),
     "eval_loops": lambda d: (sum(r["seconds"] for r in d["runs"].values()), False),
     "kd_recovery": lambda d: (d["wall_s"], True),
+    "mtp_acceptance": lambda d: (d["wall_s"], True),
 }
 
 
@@ -335,10 +337,27 @@ def sec_kd_cost(d: dict) -> list[str]:
                   *table(["GPUs", "memory", "student fits", "device_map auto", "if pipelined"], rows)]
 
 
+def sec_mtp(d: dict) -> list[str]:
+    rows = []
+    for v in d["variants"]:
+        i, h = v["identity"], v.get("heldout") or {}
+        rows.append([v["name"], f"{i['identical']}/{i['prompts']}", f"{pct(v['acceptance'])} "
+                     f"({v['accepted']}/{v['drafted']})", num(v["mean_accepted_per_step"], ".2f"),
+                     "/".join(pct(p, ".0f") for p in v["acceptance_per_position"]),
+                     pct(v["eval_runs"]["raw"]["acceptance"]), num(h.get("mtp_top1"), ".3f"),
+                     f"{v['tokens_per_s_plain']:.0f} -> {v['tokens_per_s_mtp']:.0f}"])
+    s = d["settings"]
+    return [f"F32 GGUFs of the trained tiny testbed in llama-server `--spec-type draft-mtp` (up to {s['draft_max']} "
+            f"drafts per step), {s['prompts']} held-out code prompts x {s['n_predict']} greedy tokens:", "",
+            *table(["model", "greedy identical", "acceptance (greedy)", "accepted / step", "per position",
+                    "acceptance (T=1)", "MTP top-1 vs unpruned", "tokens/s without -> with"], rows)]
+
+
 SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "convert_vs_upstream": sec_convert, "quantize_vs_upstream": sec_quantize, "recipe_kld": sec_recipe_kld,
     "reap_quality": sec_reap_quality, "reap_memory": sec_reap_memory, "nvfp4_export": sec_nvfp4,
     "patches_parity": sec_patches, "eval_loops": sec_eval_loops, "kd_recovery": sec_kd, "kd_cost": sec_kd_cost,
+    "mtp_acceptance": sec_mtp,
 }
 
 

@@ -52,3 +52,34 @@ def check_mtp_gguf(path: str | os.PathLike[str]) -> None:
     if gguf_mtp_layers(path) < 1:
         raise EvalError(f"{path} has no MTP block (nextn_predict_layers is 0 or missing): MTP drafting needs a "
                         "GGUF converted with --mtp keep")
+
+
+def reference_drafts(model_dir: str | os.PathLike[str], prompt: list[int], generated: list[int],
+                     n_predict: int | None = None) -> dict[str, int]:
+    """Drafted and accepted tokens that one-token MTP drafting (`--spec-draft-n-max 1`) must report for this greedy
+    continuation, computed with transformers: the independent check of the GGUF's MTP block in llama.cpp.
+
+    After sampling token g_i (drafting stops once fewer than 2 of `n_predict` tokens remain), the MTP head sees
+    the trunk's hidden state before g_i and g_i's embedding and proposes g_{i+1}; a match is accepted and the
+    verification also yields g_{i+2}, so the next draft follows g_{i+2}, else g_{i+1}.
+    """
+    import torch
+
+    from glmgguf.kd.student import Student
+
+    student = Student(model_dir, dtype=torch.float32, mtp=True)
+    with torch.no_grad():
+        _, mtp = student.forward(torch.tensor([prompt + generated]))
+    if mtp is None:
+        raise EvalError(f"{model_dir} has no MTP layer")
+    pred = mtp[0].argmax(-1).tolist()  # pred[t]: the MTP's guess for the token at t + 2
+    limit = n_predict if n_predict is not None else len(generated)
+    drafted = accepted = i = 0
+    while i + 1 < len(generated) and limit - (i + 1) >= 2:
+        drafted += 1
+        if pred[len(prompt) + i - 1] == generated[i + 1]:
+            accepted += 1
+            i += 2
+        else:
+            i += 1
+    return {"drafted": drafted, "accepted": accepted}
