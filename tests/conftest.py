@@ -27,6 +27,14 @@ def tiny_testbed_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_fp8_testbed_dir(tiny_testbed_dir, tmp_path_factory):
+    """The random-init tiny testbed stored as the block-FP8 release stores it."""
+    from glmgguf.testbed.release_fp8 import write_fp8_copy
+
+    return write_fp8_copy(tiny_testbed_dir, tmp_path_factory.mktemp("testbed-fp8") / "tiny-fp8")
+
+
+@pytest.fixture(scope="session")
 def trained_testbed_dir():
     """The tiny testbed trained on standard-library source: minutes the first time, then from the cache."""
     from glmgguf.testbed import trained_testbed

@@ -64,13 +64,16 @@ def _convert_both(source_dir: Path, model_dir: Path, tmp: Path, outtype: str, mt
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("outtype", "mtp"),
-    [("bf16", MtpMode.KEEP), ("f32", MtpMode.KEEP), ("q8_0", MtpMode.KEEP), ("bf16", MtpMode.DROP),
-     ("bf16", MtpMode.ONLY)],
-    ids=["bf16", "f32", "q8_0", "bf16-no-mtp", "bf16-mtp-only"],
+    ("source", "outtype", "mtp"),
+    [("bf16", "bf16", MtpMode.KEEP), ("bf16", "f32", MtpMode.KEEP), ("bf16", "q8_0", MtpMode.KEEP),
+     ("bf16", "bf16", MtpMode.DROP), ("bf16", "bf16", MtpMode.ONLY), ("fp8", "f32", MtpMode.KEEP),
+     ("fp8", "bf16", MtpMode.KEEP)],
+    ids=["bf16", "f32", "q8_0", "bf16-no-mtp", "bf16-mtp-only", "fp8-source-f32", "fp8-source-bf16"],
 )
-def test_same_gguf_as_upstream(tmp_path, tiny_testbed_dir, llama_toolchain, outtype, mtp):
-    up, ours = _convert_both(Path(llama_toolchain.source_dir), Path(tiny_testbed_dir), tmp_path, outtype, mtp)
+def test_same_gguf_as_upstream(tmp_path, tiny_testbed_dir, tiny_fp8_testbed_dir, llama_toolchain, source, outtype,
+                               mtp):
+    model = Path(tiny_fp8_testbed_dir if source == "fp8" else tiny_testbed_dir)
+    up, ours = _convert_both(Path(llama_toolchain.source_dir), model, tmp_path, outtype, mtp)
 
     cmp = bench.compare_gguf(up, ours)
     t = cmp["tensors"]
@@ -100,3 +103,30 @@ def test_same_gguf_as_upstream(tmp_path, tiny_testbed_dir, llama_toolchain, outt
           f"provenance: {sorted(k for k in kv_ours if k.startswith('glmgguf.'))}")
     unexplained = [k for k in extra if k not in KNOWN_EXTRA_KEYS]
     assert not unexplained, f"keys we write that upstream does not (explain them in KNOWN_EXTRA_KEYS): {unexplained}"
+
+
+@pytest.mark.slow
+def test_fp8_recipe_same_bytes_as_upstream_and_llama_quantize(tmp_path, tiny_fp8_testbed_dir, llama_toolchain):
+    """One-pass `convert --recipe q4_protected` from the block-FP8 source equals the upstream converter's F32 GGUF
+    of the same checkpoint quantized by the pinned llama-quantize with the recipe's command line."""
+    import shlex
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from glmgguf.cli import main
+
+    up = tmp_path / "upstream-f32.gguf"
+    bench.run_upstream_convert(Path(llama_toolchain.source_dir), Path(tiny_fp8_testbed_dir), up, "f32",
+                               log=tmp_path / "upstream.log")
+    ref = tmp_path / "ref.gguf"
+    args = CliRunner().invoke(main, ["recipes", "q4_protected", "--llama-quantize-args", str(up), "--out", str(ref)])
+    cmd = shlex.split(args.stdout.strip().splitlines()[-1])
+    proc = subprocess.run([str(llama_toolchain.quantize), *cmd[1:], "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = tmp_path / "ours.gguf"
+    result = CliRunner().invoke(main, ["convert", str(tiny_fp8_testbed_dir), str(ours), "--recipe", "q4_protected",
+                                       "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    t = bench.compare_gguf(ref, ours)["tensors"]
+    assert t["identical"] == t["count"]["upstream"] == t["count"]["ours"] > 0, t

@@ -196,12 +196,7 @@ class CheckpointReader:
 
     def get_stored(self, name: str) -> torch.Tensor:
         """One tensor exactly as stored (FP8 codes for a block-FP8 weight)."""
-        import torch
-
-        info = self.info(name)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.torch_dtype)
-        return torch.frombuffer(self._read(info), dtype=torch.uint8).view(info.torch_dtype).reshape(info.shape)
+        return self.read_stored(self.info(name))
 
     def get_words(self, name: str) -> np.ndarray:
         """Read one tensor as a writable numpy array of its stored words (BF16 as uint16 bits), without torch."""
@@ -209,6 +204,21 @@ class CheckpointReader:
         if info.dtype not in NUMPY_WORDS:
             raise CheckpointError(f"{name}: dtype {info.dtype} has no numpy view")
         return np.frombuffer(self._read(info), dtype=NUMPY_WORDS[info.dtype]).reshape(info.shape)
+
+    def stored_parts(self, name: str) -> list[tuple[str, TensorInfo]]:
+        """(stored name, info) of what stores tensor `name`: itself, then a block-FP8 weight's scale."""
+        parts = [(name, self.info(name))]
+        if name in self.scales:
+            parts.append((name + fp8.SCALE_SUFFIX, self.scales[name]))
+        return parts
+
+    def read_stored(self, info: TensorInfo) -> torch.Tensor:
+        """The stored tensor `info` describes (a weight's codes or its scale), unconverted."""
+        import torch
+
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.torch_dtype)
+        return torch.frombuffer(self._read(info), dtype=torch.uint8).view(info.torch_dtype).reshape(info.shape)
 
     def get_scale(self, name: str) -> torch.Tensor:
         """The float32 block scales (`_scale_inv`) of FP8 weight `name`, checked finite and positive."""

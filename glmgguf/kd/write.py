@@ -1,11 +1,11 @@
 """Write the distilled student: the input checkpoint streamed through, with only the router tensors replaced.
 
 Every tensor is read once from the student's shards and written once with `ShardedWriter`, in the input's order,
-names, shapes and stored dtypes (trained gates are cast back to their stored dtype, e.g. BF16); config.json and
-every other file are copied byte for byte. Before the output directory is moved into place it is read back: each
-tensor that KD does not train must be byte-identical to the input's, each replaced tensor must hold exactly the
-trained values (the input's bytes are hashed as they stream through the writer, so the input is read once and
-the output once). The input is only read.
+names, shapes and stored dtypes (a block-FP8 weight as its codes and scales; trained gates are cast back to their
+stored dtype, e.g. BF16); config.json and every other file are copied byte for byte. Before the output directory
+is moved into place it is read back: each tensor that KD does not train must be byte-identical to the input's, each
+replaced tensor must hold exactly the trained values (the input's bytes are hashed as they stream through the
+writer, so the input is read once and the output once). The input is only read.
 """
 
 from __future__ import annotations
@@ -85,15 +85,17 @@ def write_student(student: str | os.PathLike, out: str | os.PathLike, replacemen
     meta = dict(read_header(first_shard)[1])
     meta.pop("format", None)
     meta.update(metadata or {})
+    parts = {n: reader.stored_parts(n) for n in names}  # a block-FP8 weight: its codes, then its scale
     with atomic_dir(out, force=force) as tmp:
-        plan = [(n, reader.info(n).shape, reader.info(n).torch_dtype) for n in names]
+        plan = [(part, info.shape, info.torch_dtype) for n in names for part, info in parts[n]]
         read_hash: dict[str, bytes] = {}  # sha256 of each input tensor's bytes, taken as it streams through
         with ShardedWriter(tmp, plan, max_shard_bytes=_max_shard_bytes(reader), metadata=meta) as writer:
             for i, name in enumerate(names):
-                t = reader.get(name)
-                read_hash[name] = hashlib.sha256(tensor_bytes(t)).digest()
-                writer.add(name, stored[name] if name in stored else t)
-                del t
+                for part, info in parts[name]:
+                    t = reader.read_stored(info)
+                    read_hash[part] = hashlib.sha256(tensor_bytes(t)).digest()
+                    writer.add(part, stored[name] if part in stored else t)
+                    del t
                 if progress:
                     progress(i + 1, 2 * len(names))
         shutil.copy2(src / "config.json", tmp / "config.json")
@@ -109,25 +111,28 @@ def write_student(student: str | os.PathLike, out: str | os.PathLike, replacemen
             raise WriteVerifyError("written checkpoint lists other tensors than the input")
         identical, changed, max_change = 0, [], {}
         for i, name in enumerate(names):
-            a, b = reader.info(name), check.info(name)
-            if (a.dtype, a.shape) != (b.dtype, b.shape):
-                raise WriteVerifyError(f"{name}: written as {b.dtype}{list(b.shape)}, input {a.dtype}{list(a.shape)}")
-            got = hashlib.sha256(raw_bytes(b)).digest()
-            if name in stored:
-                if got != hashlib.sha256(tensor_bytes(stored[name])).digest():
-                    raise WriteVerifyError(f"{name}: written bytes differ from the trained values")
-                if got != read_hash[name]:
-                    changed.append(name)
-                    max_change[name] = float((check.get(name).float() - reader.get(name).float()).abs().max())
-            elif got != read_hash[name]:
-                raise WriteVerifyError(f"{name} changed although KD must leave it byte-identical")
-            else:
-                identical += 1
+            written = dict(check.stored_parts(name))
+            for part, a in parts[name]:
+                b = written.get(part)
+                if b is None or (a.dtype, a.shape) != (b.dtype, b.shape):
+                    got_as = "missing" if b is None else f"written as {b.dtype}{list(b.shape)}"
+                    raise WriteVerifyError(f"{part}: {got_as}, input {a.dtype}{list(a.shape)}")
+                got = hashlib.sha256(raw_bytes(b)).digest()
+                if part in stored:
+                    if got != hashlib.sha256(tensor_bytes(stored[part])).digest():
+                        raise WriteVerifyError(f"{part}: written bytes differ from the trained values")
+                    if got != read_hash[part]:
+                        changed.append(part)
+                        max_change[part] = float((check.get(part).float() - reader.get(part).float()).abs().max())
+                elif got != read_hash[part]:
+                    raise WriteVerifyError(f"{part} changed although KD must leave it byte-identical")
+                else:
+                    identical += 1
             if progress:
                 progress(len(names) + i + 1, 2 * len(names))
         if (src / "config.json").read_bytes() != (tmp / "config.json").read_bytes():
             raise WriteVerifyError("config.json changed")
-    return WriteReport(out, len(names), identical, sorted(stored), changed, max_change)
+    return WriteReport(out, len(plan), identical, sorted(stored), changed, max_change)
 
 
 def checkpoint_digest(model_dir: str | os.PathLike, names: list[str]) -> str:

@@ -4,7 +4,9 @@ Plan (headers, config and calibration statistics only, no tensor data): the rout
 (the MTP block included) become NVFP4, everything else is copied unchanged (BF16) and listed in the exclude list;
 per expert the activation amaxes come from REAP observe statistics (`input_amax` for gate/up, `down_input_amax`
 for down), an expert calibration never routed to getting its layer's max. Bad input (missing or foreign
-statistics, an already-quantized source, dimensions NVFP4 cannot take) fails here, before any work.
+statistics, an already-quantized source, dimensions NVFP4 cannot take) fails here, before any work. A block-FP8
+source (the GLM-5.x FP8 release) is read dequantized: its experts are quantized from the dequantized values and
+its other FP8 weights are written as BF16, like every tensor the export keeps unquantized.
 
 Execute: one tensor (one expert: gate, up, down) at a time, read ahead on a background thread, quantized with
 `glmgguf.nvfp4.quant` on `device` (the same torch code on CPU and CUDA, so the bytes are the same), streamed into
@@ -257,10 +259,11 @@ def plan_export(src: str | os.PathLike, stats_paths: Sequence[str | os.PathLike]
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     root = Path(src)
     try:
-        quantized = "quantization_config" in json.loads((root / "config.json").read_text())
+        qc = json.loads((root / "config.json").read_text()).get("quantization_config")
     except (OSError, ValueError):
-        quantized = False  # open_checkpoint reports a missing or broken config
-    if quantized or (root / HF_QUANT_CONFIG).exists():
+        qc = None  # open_checkpoint reports a missing or broken config
+    block_fp8 = isinstance(qc, dict) and qc.get("quant_method") == "fp8"  # the release: read dequantized
+    if (qc and not block_fp8) or (root / HF_QUANT_CONFIG).exists():
         raise ExportError(f"{src} is already quantized (it has a quantization config)")
     ckpt = open_checkpoint(src)
     reader, layout = ckpt.reader, ckpt.layout
@@ -308,7 +311,7 @@ def plan_export(src: str | os.PathLike, stats_paths: Sequence[str | os.PathLike]
         if key is None or key[0] in excluded_layers:
             steps.append(name)
             info = reader.info(name)
-            entries.append((name, info.shape, info.torch_dtype))
+            entries.append((name, info.shape, torch.bfloat16 if reader.is_fp8(name) else info.torch_dtype))
             if len(info.shape) == 2:
                 bf16.add(_module(name))
             continue
@@ -479,7 +482,7 @@ def _export(plan: ExportPlan, out: Path, dev: torch.device, force: bool, max_sha
     def load(step: Step):
         if isinstance(step, ExpertStep):
             return {proj: reader.get(name) for proj, name in step.sources.items()}
-        return reader.get(step)
+        return reader.get(step).to(torch.bfloat16) if reader.is_fp8(step) else reader.get(step)
 
     def step_bytes(step: Step) -> int:
         names = step.sources.values() if isinstance(step, ExpertStep) else [step]

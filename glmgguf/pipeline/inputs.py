@@ -15,6 +15,12 @@ def _relative(plan: Plan, value: str) -> Path:
     return (plan.base / value).resolve()
 
 
+def _builtin(model: str) -> tuple[str, bool]:
+    """`testbed:SIZE[-fp8]` -> (SIZE, stored as block-FP8)."""
+    name = model.split(":", 1)[1]
+    return name.removesuffix("-fp8"), name.endswith("-fp8")
+
+
 def model_config(plan: Plan, override: Path | None = None) -> dict:
     """The source model's config.json (`override` stands in for it in dry runs of models not on this machine)."""
     if override is not None:
@@ -22,7 +28,8 @@ def model_config(plan: Plan, override: Path | None = None) -> dict:
     if plan.model in BUILTIN_MODELS:
         from glmgguf.testbed.build import config_json
 
-        return config_json(plan.model.split(":", 1)[1])
+        size, fp8 = _builtin(plan.model)
+        return config_json(size, fp8=fp8)
     cfg = _relative(plan, plan.model) / "config.json"
     if not cfg.is_file():
         raise PlanError(f"{plan.where('pipeline', 'model')}: model {plan.model!r} has no config.json "
@@ -35,17 +42,20 @@ def model_path(plan: Plan) -> Path:
     if plan.model in BUILTIN_MODELS:
         from glmgguf.testbed.train import DEFAULT_STEPS, cache_key, cache_root
 
-        size = plan.model.split(":", 1)[1]
-        return cache_root() / "testbed" / f"{size}-trained-{cache_key(size, 0, DEFAULT_STEPS.get(size, 200))}"
+        size, fp8 = _builtin(plan.model)
+        path = cache_root() / "testbed" / f"{size}-trained-{cache_key(size, 0, DEFAULT_STEPS.get(size, 200))}"
+        return path.with_name(path.name + "-fp8") if fp8 else path
     return _relative(plan, plan.model)
 
 
 def resolve_model(plan: Plan) -> Path:
     """The source checkpoint directory; a builtin testbed is trained (once, cached) on first use."""
     if plan.model in BUILTIN_MODELS:
+        from glmgguf.testbed.release_fp8 import trained_fp8_testbed
         from glmgguf.testbed.train import trained_testbed
 
-        return trained_testbed(plan.model.split(":", 1)[1])
+        size, fp8 = _builtin(plan.model)
+        return trained_fp8_testbed(size) if fp8 else trained_testbed(size)
     return _relative(plan, plan.model)
 
 

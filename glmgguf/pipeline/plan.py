@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 BUILTIN_DATA = ("stdlib:train", "stdlib:heldout")  # the testbed's standard-library text splits
-BUILTIN_MODELS = ("testbed:tiny", "testbed:small")  # the trained testbed models (built and cached on demand)
+# the trained testbed models (built and cached on demand); `-fp8`: stored as the block-FP8 release is
+BUILTIN_MODELS = ("testbed:tiny", "testbed:small", "testbed:tiny-fp8", "testbed:small-fp8")
 
 # section -> key -> (type(s), default); `...` marks a required key. A list type is a list of that type.
 SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
