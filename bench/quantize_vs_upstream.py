@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark mixed-recipe quantization against the pinned upstream tools on one testbed checkpoint.
 
-    python bench/quantize_vs_upstream.py [--size small] [--recipe q4_protected] [--threads N] [--repeat 1]
+    python bench/quantize_vs_upstream.py [--size small] [--recipe q4_protected] [--threads N] [--repeat 1] [--fp8]
 
 (a) pipeline: `glmgguf convert SRC OUT --recipe R` (one streaming pass) against upstream `convert_hf_to_gguf.py
     --outtype bf16` followed by `llama-quantize` with the equivalent overrides (what `glmgguf recipes R
@@ -9,8 +9,11 @@
     final file), peak RSS of each step;
 (b) GGUF -> GGUF: `glmgguf quantize BF16.gguf OUT --recipe R` against `llama-quantize` on the same BF16 GGUF with
     the same thread count.
+With `--fp8` the source is the testbed stored as the block-FP8 release stores it (most users start from
+GLM-5.2-FP8), and the upstream intermediate is F32 (`--intermediate`), so that both pipelines quantize the same
+dequantized values and must give the same bytes.
 Every run is a fresh, measured process (bench/upstream.py). The three quantized files are compared tensor by
-tensor (name, shape, type, bytes). Results go to bench/results/quantize_vs_upstream.json.
+tensor (name, shape, type, bytes). Results go to bench/results/quantize_vs_upstream.json (`_fp8.json` with --fp8).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from upstream import ConvertRunError, compare_gguf, measure, run_upstream_conver
 
 IGNORED = ("GGUF.", "general.", "glmgguf.", "quantize.")  # KV keys that name files, tools and provenance
 RESULTS = Path(__file__).resolve().parent / "results" / "quantize_vs_upstream.json"
+RESULTS_FP8 = RESULTS.with_name("quantize_vs_upstream_fp8.json")
 MiB = 2**20
 GLMGGUF = [sys.executable, "-c", "from glmgguf.cli import main; main()"]
 # `glmgguf quantize` minus the command line's start: the library call alone, timed inside a fresh process
@@ -90,19 +94,20 @@ def print_table(res: dict) -> None:
     ck = res["checkpoint"]
     print()
     print(f"{ck['size']} testbed: {ck['layers']} layers + {ck['mtp_layers']} MTP, {ck['experts']} experts, "
-          f"{ck['bytes'] / MiB:.0f} MiB of BF16 safetensors; recipe {res['recipe']}, {res['threads']} threads")
+          f"{ck['bytes'] / MiB:.0f} MiB of {ck['storage']} safetensors; recipe {res['recipe']}, "
+          f"{res['threads']} threads")
     head = f"{'':34}{'wall s':>9}{'peak RSS MiB':>15}{'files MiB':>14}{'dirtied MiB':>14}{'output MiB':>12}"
     a, b = res["a_pipeline"], res["b_quantize"]
     print("\n(a) safetensors -> mixed GGUF")
     print(head)
-    print(fmt_row("upstream convert bf16", a["upstream"]["steps"]["convert_hf_to_gguf"]))
+    print(fmt_row(f"upstream convert {res['intermediate']}", a["upstream"]["steps"]["convert_hf_to_gguf"]))
     print(fmt_row("  + llama-quantize", a["upstream"]["steps"]["llama-quantize"]))
     print(fmt_row("  = upstream pipeline", a["upstream"]))
     print(fmt_row("glmgguf convert --recipe", a["ours"]))
     r = a["ratios"]
     print(f"ours/upstream: wall {r['wall']:.3f} (goal <= 0.6), files written {r['file_bytes_written']:.3f}, "
           f"dirtied {r['write_bytes']:.3f}, peak RSS {r['peak_rss']:.2f}")
-    print("\n(b) BF16 GGUF -> mixed GGUF")
+    print(f"\n(b) {res['intermediate'].upper()} GGUF -> mixed GGUF")
     print(head)
     print(fmt_row("llama-quantize", b["upstream"]))
     print(fmt_row("glmgguf quantize", b["ours"]))
@@ -147,12 +152,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="rounds (order alternates); the best wall time wins")
     ap.add_argument("--work-dir", type=Path, default=None, help="default: <glmgguf cache>/bench")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF files")
-    ap.add_argument("--json", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
+    ap.add_argument("--fp8", action="store_true", help="the testbed stored as the block-FP8 release is")
+    ap.add_argument("--intermediate", choices=["bf16", "f32"], default=None,
+                    help="upstream converter's output type (default bf16; f32 with --fp8)")
+    ap.add_argument("--json", type=Path, default=None, help=f"results file (default {RESULTS} or {RESULTS_FP8})")
     args = ap.parse_args(argv)
+    args.json = args.json or (RESULTS_FP8 if args.fp8 else RESULTS)
+    intermediate = args.intermediate or ("f32" if args.fp8 else "bf16")
 
     work = (args.work_dir or cache_root() / "bench").expanduser()
     work.mkdir(parents=True, exist_ok=True)
     model_dir = testbed_dir(work, args.size, args.seed)
+    if args.fp8:
+        from glmgguf.testbed.release_fp8 import write_fp8_copy
+
+        fp8_dir = model_dir.with_name(model_dir.name + "-fp8")
+        if not (fp8_dir / "config.json").is_file():
+            write_fp8_copy(model_dir, fp8_dir, force=True)
+        model_dir = fp8_dir
     toolchain = ensure_toolchain()
     cfg = json.loads((model_dir / "config.json").read_text())
     layout = GlmLayout.from_config(cfg)
@@ -160,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = work / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.size}-{recipe.name}"
-    up_bf16 = out_dir / f"upstream-{args.size}-bf16.gguf"
+    tag = f"{args.size}{'-fp8' if args.fp8 else ''}-{recipe.name}"
+    up_bf16 = out_dir / f"upstream-{tag}-{intermediate}.gguf"
     up_q = out_dir / f"upstream-{tag}.gguf"
     ours_c = out_dir / f"ours-convert-{tag}.gguf"
     ours_q = out_dir / f"ours-quantize-{tag}.gguf"
@@ -181,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {i + 1}/{args.repeat}: {step} ...", flush=True)
             if step == "up_convert":
                 up_bf16.unlink(missing_ok=True)
-                runs[step].append(run_upstream_convert(toolchain.source_dir, model_dir, up_bf16, "bf16",
+                runs[step].append(run_upstream_convert(toolchain.source_dir, model_dir, up_bf16, intermediate,
                                                        log=out_dir / "upstream-convert.log"))
                 if lq_cmd is None:
                     model = open_gguf(up_bf16)
@@ -217,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",
                     "cpus": os.cpu_count(), "load_avg_after": os.getloadavg()},
         "recipe": recipe.name,
+        "intermediate": intermediate,
         "threads": args.threads,
         "repeat": args.repeat,
         "checkpoint": {"size": args.size, "seed": args.seed, "bytes": checkpoint_bytes(model_dir),
+                       "storage": "block-FP8" if args.fp8 else "BF16",
                        "layers": layout.n_layers, "mtp_layers": layout.n_mtp,
                        "experts": cfg.get("n_routed_experts")},
         "llama_quantize_command": [Path(lq_cmd[0]).name, *lq_cmd[1:]],
