@@ -21,15 +21,16 @@ def _size(n: int) -> str:
 def dry_run_lines(plan: Plan, model_config: Path | None) -> list[str]:
     """The stage table: status, output, disk, peak memory, and each stage's command."""
     from glmgguf.gguf.recipe import load_recipe
-    from glmgguf.pipeline.estimate import estimate_stages, tensor_bytes
+    from glmgguf.pipeline.estimate import estimate_stages, is_block_fp8, tensor_bytes
     from glmgguf.pipeline.inputs import recipe_ref
 
     layout, stages = plan_stages(plan, model_config)
     est = estimate_stages(plan, layout, {g.name: load_recipe(recipe_ref(plan, g.recipe)) for g in plan.gguf})
-    src = tensor_bytes(layout)[0]
+    fp8 = is_block_fp8(layout)
+    src = tensor_bytes(layout, fp8=fp8)[0]
     lines = [f"plan {plan.path}: model {plan.model} ({layout.n_layers} layers + {layout.n_mtp} MTP, "
              f"{len(layout.moe_layers)} MoE layers of {layout.moe_layers[0].n_experts if layout.moe_layers else 0} "
-             f"experts, {_size(src)} of BF16 weights); workdir {plan.workdir}", "",
+             f"experts, {_size(src)} of {'block-FP8' if fp8 else 'BF16'} weights); workdir {plan.workdir}", "",
              "| stage | status | writes | disk | peak memory | note |", "|---|---|---|---:|---:|---|"]
     upstream: dict[str, str | None] = {}
     total = 0

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from gguf.constants import GGML_QUANT_SIZES
 
 from glmgguf.checkpoint import GlmCheckpoint
-from glmgguf.layout import GlmLayout
+from glmgguf.io.fp8 import Fp8Scheme
+from glmgguf.layout import GlmLayout, parse_hf_name, released_as_fp8
 from glmgguf.pipeline.plan import Plan
 
 DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
@@ -48,11 +49,25 @@ def pruned_layout(layout: GlmLayout, keep: int | None, ratio: float | None) -> G
     return GlmLayout.from_config(cfg)
 
 
-def tensor_bytes(layout: GlmLayout, dtype_bytes: int = 2) -> tuple[int, int, int]:
-    """(all, routed experts, largest single tensor) bytes of the checkpoint at `dtype_bytes` per weight."""
+def is_block_fp8(layout: GlmLayout) -> bool:
+    """Whether the config declares the block-FP8 storage of the GLM-5.x FP8 release."""
+    return (layout.config.get("quantization_config") or {}).get("quant_method") == "fp8"
+
+
+def _stored_bytes(name: str, shape: tuple[int, ...], dtype_bytes: int, fp8: bool) -> int:
+    parsed = parse_hf_name(name)
+    if fp8 and parsed is not None and released_as_fp8(parsed.rule):  # FP8 codes + float32 scale per block
+        scheme = Fp8Scheme()
+        return math.prod(shape) + math.prod(scheme.scale_shape(shape)) * 4
+    return math.prod(shape) * dtype_bytes
+
+
+def tensor_bytes(layout: GlmLayout, dtype_bytes: int = 2, fp8: bool = False) -> tuple[int, int, int]:
+    """(all, routed experts, largest single tensor) bytes of the checkpoint at `dtype_bytes` per weight (with
+    `fp8`: the block-FP8 release's weights at one byte plus their scales)."""
     total = experts = largest = 0
     for name, shape in layout.expected_hf_tensors(mtp_indexer=True).items():
-        n = math.prod(shape) * dtype_bytes
+        n = _stored_bytes(name, shape, dtype_bytes, fp8)
         total += n
         largest = max(largest, n)
         if ".mlp.experts." in name:
@@ -99,10 +114,11 @@ def estimate_stages(plan: Plan, layout: GlmLayout, recipes: dict) -> dict[str, E
                else tensor_bytes(layout, width)[0] + hidden_act)
         out["observe"] = Estimate(spill, mem, "streaming: one layer resident" if r["streaming"]
                                   else "in memory: the whole model (across GPUs with device 'auto')")
+    fp8 = is_block_fp8(layout)  # a block-FP8 source: pruned and distilled checkpoints stay block-FP8
     if plan.reap is not None:
         final = pruned_layout(layout, plan.reap["keep"], plan.reap["ratio"])
-        pruned, _, _ = tensor_bytes(final)
-        out["prune"] = Estimate(pruned, 2 * largest, "one tensor at a time")
+        pruned, _, _ = tensor_bytes(final, fp8=fp8)
+        out["prune"] = Estimate(pruned, 2 * largest, "one tensor at a time" + (", block-FP8 kept" if fp8 else ""))
     if plan.kd is not None:
         k = plan.kd
         from glmgguf.kd.teacher import bytes_per_sequence
@@ -115,7 +131,7 @@ def estimate_stages(plan: Plan, layout: GlmLayout, recipes: dict) -> dict[str, E
             out["teacher-heldout"] = Estimate(per_seq * (d["heldout_samples"] or 0), out["teacher"].memory)
         student = tensor_bytes(final, DTYPE_BYTES[k["dtype"]])[0]
         routers = sum(layer.n_experts * layout.hidden_size for layer in final.moe_layers) * 4
-        out["kd"] = Estimate(tensor_bytes(final)[0] + 3 * routers, student + k["batch_size"] * hidden_act,
+        out["kd"] = Estimate(tensor_bytes(final, fp8=fp8)[0] + 3 * routers, student + k["batch_size"] * hidden_act,
                              "the frozen student resident (across GPUs with device_map 'auto')")
     for g in plan.gguf:
         size = gguf_bytes(final, recipes[g.name])
