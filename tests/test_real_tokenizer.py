@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from gguf import GGUFReader
 
 from glmgguf.cli import main as cli_main
-from glmgguf.gguf.vocab import write_vocab
+from glmgguf.gguf.vocab import add_special_flags, special_token_ids, write_vocab
 from glmgguf.testbed.glm_tokenizer import EOS_TOKENS, REAL_VOCAB_SIZE, real_tokenizer_dir
 
 BOS, EOS, UNK, PAD, EOT, EOM = 154822, 154820, 154820, 154820, 154827, 154829
@@ -194,18 +194,18 @@ def test_vocab_keys(tmp_path, real_dir):
     assert kv["tokenizer.chat_template"][1] == (real_dir / "chat_template.jinja").read_text(encoding="utf-8")
 
 
-def test_pad_named_only_in_config_json(tmp_path, real_dir, caplog):
-    shutil.copy(real_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+def test_pad_named_only_in_config_json(real_dir, caplog):
+    tok = json.loads((real_dir / "tokenizer.json").read_text(encoding="utf-8"))
     tcfg = json.loads((real_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     del tcfg["pad_token"]
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tcfg))
-    (tmp_path / "config.json").write_text(json.dumps({"pad_token_id": PAD, "bos_token_id": None}))
-    kv = _vocab_gguf(tmp_path, tmp_path / "a.gguf")
-    assert kv["tokenizer.ggml.padding_token_id"][1] == PAD and kv["tokenizer.ggml.bos_token_id"][1] == BOS
-    (tmp_path / "config.json").write_text(json.dumps({"pad_token_id": REAL_VOCAB_SIZE + 5}))
+    ids = special_token_ids(tok, tcfg, {"pad_token_id": PAD, "bos_token_id": None}, REAL_VOCAB_SIZE)
+    assert ids == {"bos": BOS, "eos": EOS, "unk": UNK, "pad": PAD, "eot": EOT, "eom": EOM}
+    assert special_token_ids(tok, tcfg, {"bos_token_id": 154824}, REAL_VOCAB_SIZE)["bos"] == 154824  # as upstream
     with caplog.at_level(logging.WARNING):
-        kv = _vocab_gguf(tmp_path, tmp_path / "b.gguf")
-    assert "tokenizer.ggml.padding_token_id" not in kv and "outside the vocabulary" in caplog.text
+        ids = special_token_ids(tok, tcfg, {"pad_token_id": REAL_VOCAB_SIZE + 5}, REAL_VOCAB_SIZE)
+    assert "pad" not in ids and "outside the vocabulary" in caplog.text
+    assert add_special_flags(tok, tcfg) == {"bos": False, "eos": False}
+    assert add_special_flags({}, {"add_eos_token": True}) == {"bos": False, "eos": True}
 
 
 # ---------------------------------------------------------------------------------------------------------------
