@@ -173,7 +173,13 @@ def test_cli_tokenizer_options(tmp_path, real_dir):
     assert both.exit_code == 2 and "exclude each other" in both.output
     train = runner.invoke(cli_main, ["testbed", str(tmp_path / "b"), "--train", "--real-tokenizer", "5"])
     assert train.exit_code == 2 and "own tokenizer" in train.output
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (tmp_path / "empty").mkdir()
+    empty = runner.invoke(cli_main, ["testbed", str(tmp_path / "c"), "--tokenizer", str(tmp_path / "empty")])
+    assert empty.exit_code == 2 and "has no tokenizer.json" in empty.output
+    (tmp_path / "empty" / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}}}))
+    not_glm = runner.invoke(cli_main, ["testbed", str(tmp_path / "d"), "--tokenizer", str(tmp_path / "empty")])
+    assert not_glm.exit_code == 2 and "not a GLM tokenizer (no <|endoftext|>)" in not_glm.output
+    assert not any((tmp_path / n).exists() for n in "abcd")
 
 
 def test_vocab_keys(tmp_path, real_dir):

@@ -11,6 +11,21 @@ from glmgguf.testbed.configs import TESTBED_SIZES
 from glmgguf.testbed.glm_tokenizer import GLM_VERSIONS
 
 
+def _check_tokenizer_dir(tokenizer_dir: Path) -> None:
+    """Refuse a --tokenizer directory that is not a GLM tokenizer, before anything is built."""
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise click.BadParameter(f"{tokenizer_dir} has no tokenizer.json", param_hint="--tokenizer")
+    from glmgguf.testbed.build import tokenizer_overrides
+
+    try:
+        tokenizer_overrides(tokenizer_dir)
+    except KeyError as e:
+        raise click.BadParameter(f"{tokenizer_dir}/tokenizer.json has no {e} section", param_hint="--tokenizer") \
+            from None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--tokenizer") from None
+
+
 def _tokenizer_choice(tokenizer_dir: Path | None, real_version: str | None, do_train: bool) -> Path | None:
     """The tokenizer directory asked for (`--tokenizer` or `--real-tokenizer`), or None for the testbed's own."""
     if tokenizer_dir is not None and real_version is not None:
@@ -18,6 +33,8 @@ def _tokenizer_choice(tokenizer_dir: Path | None, real_version: str | None, do_t
     if do_train and (tokenizer_dir is not None or real_version is not None):
         raise click.UsageError("--train uses the testbed's own tokenizer (its training corpus is tokenized with it)")
     if real_version is None:
+        if tokenizer_dir is not None:
+            _check_tokenizer_dir(tokenizer_dir)
         return tokenizer_dir
     from glmgguf.testbed.glm_tokenizer import RealTokenizerError, real_tokenizer_dir
 
