@@ -74,6 +74,21 @@ def test_draft_mtp_refused_without_mtp_block_or_with_server(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_tokens_without_logprobs_are_keyed_by_text():
+    """llama-server sends no logprobs for tokens taken from a verified draft: the detector then keys the whole
+    output by text pieces, ids seen before included, and still finds the loop."""
+    from glmgguf.eval.loops import LoopDetector
+    from glmgguf.eval.run import TokenKeys
+
+    keys = TokenKeys(LoopDetector())
+    keys.feed({"logprobs": {"content": [{"id": 7, "token": "a"}]}}, "a")
+    assert keys.det.tokens == [7] and not keys.by_text
+    for i in range(120):
+        keys.feed({"logprobs": None}, "bcda"[i % 4])
+    assert keys.by_text and keys.det.tokens[:5] == [0, 1, 2, 3, 0]  # "a" re-keyed with the text pieces
+    assert keys.det.loop is not None and keys.det.loop.period == 4
+
+
 PLAN = """\
 [pipeline]
 workdir = "work"
@@ -126,3 +141,94 @@ def test_report_gives_acceptance(tmp_path):
     (plan.workdir / "eval-greedy" / "greedy.json").write_text(json.dumps(run))
     assert draft_lines(plan) == ["", "MTP drafting (greedy, up to 2 per step): 40.0% of 200 drafted tokens "
                                      "accepted (80) over 4 prompts"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trained tiny testbed's F32 GGUF in the pinned llama-server
+# ----------------------------------------------------------------------------------------------------------------
+
+PROMPTS = ["def main():\n    ", "import os\nimport sys\n\n", "class Parser:\n    def __init__(self):\n        self.",
+           "    for i, line in enumerate(lines):\n        if "]
+# f32 KV caches (trunk and draft): the DSA indexer selects the same keys as transformers (see the parity notes)
+BASE_ARGS = ["-c", "2048", "-np", "1", "-t", "1", "-ctk", "f32", "-ctv", "f32", "-ctkd", "f32", "-ctvd", "f32"]
+N_PREDICT = 64
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(tmp_path_factory, trained_testbed_dir, llama_toolchain) -> Path:
+    out = tmp_path_factory.mktemp("mtp") / "tiny-f32.gguf"
+    r = CliRunner().invoke(main, ["convert", str(trained_testbed_dir), str(out), "--outtype", "f32"])
+    assert r.exit_code == 0, r.output
+    assert gguf_mtp_layers(out) == 1
+    return out
+
+
+def _greedy(gguf_path: Path, args: list[str], log: Path) -> list[dict]:
+    from glmgguf.llama import LlamaServer
+
+    out = []
+    with LlamaServer(gguf_path, args, log_path=log) as srv:
+        for p in PROMPTS:
+            ids = srv.request("/tokenize", {"content": p, "add_special": True})["tokens"]
+            r = srv.completion(ids, n_predict=N_PREDICT, temperature=0.0, top_k=1, return_tokens=True, n_probs=2,
+                               cache_prompt=False)
+            out.append({"prompt": ids, "tokens": r["tokens"], "timings": r["timings"],
+                        "top2": [[t["logprob"] for t in c["top_logprobs"]] for c in r["completion_probabilities"]]})
+    return out
+
+
+@pytest.mark.slow
+def test_greedy_output_identical_with_mtp_drafting(f32_gguf, tmp_path):
+    plain = _greedy(f32_gguf, BASE_ARGS, tmp_path / "plain.log")
+    drafted = _greedy(f32_gguf, [*BASE_ARGS, *draft_args(draft_settings())], tmp_path / "mtp.log")
+    assert "creating MTP draft context" in (tmp_path / "mtp.log").read_text()
+    for a, b in zip(plain, drafted, strict=True):
+        assert len(a["tokens"]) == N_PREDICT and "draft_n" not in a["timings"]
+        if a["tokens"] != b["tokens"]:  # allowed only at a near-tie of the non-drafting run (batched verification)
+            at = next(i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"], strict=True)) if x != y)
+            lp1, lp2 = a["top2"][at]
+            assert lp1 - lp2 < 1e-3, (at, lp1, lp2)  # the top-2 logits within 1e-3
+    assert sum(a["tokens"] == b["tokens"] for a, b in zip(plain, drafted, strict=True)) >= len(PROMPTS) - 1
+    n = sum(b["timings"]["draft_n"] for b in drafted)
+    acc = sum(b["timings"]["draft_n_accepted"] for b in drafted)
+    assert acc / n == pytest.approx(0.64, abs=0.1), (acc, n)  # measured 164/255; a random MTP head: 0
+
+
+@pytest.mark.slow
+def test_mtp_drafts_accepted_as_transformers_predicts(f32_gguf, trained_testbed_dir, tmp_path):
+    """One draft per step: the server's drafted/accepted counts are those the checkpoint's MTP layer gives in
+    transformers on the same continuation (a wrong MTP block in the GGUF would not match)."""
+    from glmgguf.eval.draft import reference_drafts
+
+    runs = _greedy(f32_gguf, [*BASE_ARGS, *draft_args(draft_settings(n_max=1))], tmp_path / "mtp1.log")
+    for r in runs:
+        ref = reference_drafts(trained_testbed_dir, r["prompt"], r["tokens"], N_PREDICT)
+        assert ref["accepted"] > 0
+        assert (r["timings"]["draft_n"], r["timings"]["draft_n_accepted"]) == (ref["drafted"], ref["accepted"])
+
+
+def _loops(gguf_path: Path, out: Path, *extra: str) -> tuple[dict, str]:
+    r = CliRunner().invoke(main, ["eval", "loops", "--gguf", str(gguf_path), "--prompts", "fuzz", "--limit", "4",
+                                  "--preset", "greedy", "--safety-cap", "128", "--threads", "1", "--ctx-size", "2048",
+                                  *extra, "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return json.loads(out.read_text()), r.output
+
+
+@pytest.mark.slow
+def test_eval_loops_reports_draft_acceptance(f32_gguf, tmp_path):
+    plain, _ = _loops(f32_gguf, tmp_path / "plain.json")
+    doc, output = _loops(f32_gguf, tmp_path / "mtp.json", "--draft-mtp")
+    assert doc["spec"]["draft"] == {"type": "draft-mtp", "n_max": 3, "p_min": 0.0} and "draft" not in plain["spec"]
+    assert "--spec-type draft-mtp" in (tmp_path / "mtp.json.server.log").read_text().splitlines()[0]
+    assert all(res["draft_n"] > 0 and 0 <= res["draft_accepted"] <= res["draft_n"] for res in doc["results"])
+    d = doc["summary"]["draft"]
+    assert d["drafted"] == sum(res["draft_n"] for res in doc["results"])
+    assert d["acceptance"] == pytest.approx(0.83, abs=0.1), d  # measured 315/378 (loops are easy to draft)
+    assert "draft acceptance" in output.splitlines()[0] and f"({d['accepted']}/{d['drafted']})" in output
+    # no logprobs come with drafted tokens: the detector keys them by text and finds the same loops
+    assert {res["token_keys"] for res in doc["results"]} == {"text"}
+    assert plain["summary"]["draft"] is None and {res["token_keys"] for res in plain["results"]} == {"id"}
+    assert plain["summary"]["loops"] >= 2
+    for a, b in zip(plain["results"], doc["results"], strict=True):
+        assert a["outcome"] == b["outcome"] and abs(a["tokens"] - b["tokens"]) <= 2, (a, b)

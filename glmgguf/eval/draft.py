@@ -10,6 +10,7 @@ one batch and keeps the longest prefix its own sampler agrees with. Every respon
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from glmgguf.eval.probes import EvalError
@@ -67,7 +68,7 @@ def reference_drafts(model_dir: str | os.PathLike[str], prompt: list[int], gener
 
     from glmgguf.kd.student import Student
 
-    student = Student(model_dir, dtype=torch.float32, mtp=True)
+    student = Student(Path(model_dir), dtype=torch.float32, mtp=True)
     with torch.no_grad():
         _, mtp = student.forward(torch.tensor([prompt + generated]))
     if mtp is None:

@@ -57,16 +57,29 @@ class LoopDetector:
 
     def __init__(self, config: LoopConfig | None = None) -> None:
         self.config = config or LoopConfig()
-        self.tokens: list[int] = []
-        self._hist = np.zeros(1024, dtype=np.int64)
-        # _run[p-1]: how many consecutive latest positions i satisfy t[i] == t[i-p]
-        self._run = np.zeros(self.config.max_block, dtype=np.int64)
         self._periods = np.arange(1, self.config.max_block + 1)
         self._text_tail = ""
         self._closed = 0
         self._reopened = False
         self.loop: Loop | None = None
+        self._reset_tokens()
+
+    def _reset_tokens(self) -> None:
+        self.tokens: list[int] = []
+        self._hist = np.zeros(1024, dtype=np.int64)
+        # _run[p-1]: how many consecutive latest positions i satisfy t[i] == t[i-p]
+        self._run = np.zeros(self.config.max_block, dtype=np.int64)
         self.borderline_stretch = False
+
+    def rekey(self, tokens: Sequence[int]) -> Loop | None:
+        """Analyse the tokens again under other keys (e.g. their text instead of ids); the text state stays."""
+        think = self.loop if self.loop is not None and self.loop.kind == "think_restart" else None
+        self.loop = None
+        self._reset_tokens()
+        for t in tokens:
+            self.feed(t)
+        self.loop = self.loop or think
+        return self.loop
 
     def feed(self, token: int) -> Loop | None:
         """Add one token; returns the loop once confirmed (and keeps returning it)."""

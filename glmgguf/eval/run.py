@@ -7,7 +7,9 @@ rare token whose text the server holds back (an incomplete UTF-8 character) is c
 
 Speculative decoding (e.g. llama-server `--spec-type draft-mtp`): the same timings carry the server's running
 counts of drafted and accepted draft tokens (`draft_n`, `draft_n_accepted`; absent while nothing was drafted),
-kept per prompt as `draft_n` / `draft_accepted`.
+kept per prompt as `draft_n` / `draft_accepted`. The pinned server sends no logprobs for the tokens it takes
+from a verified draft, so from the first streamed piece without an id on, the detector keys every token of that
+output by its text piece instead (`TokenKeys`; one piece per streamed token, as the ids were).
 """
 
 from __future__ import annotations
@@ -89,6 +91,33 @@ def request_for(prompt: Prompt, spec: RunSpec) -> tuple[str, dict[str, Any]]:
                                     "top_logprobs": 1, "reasoning_format": "none"}
 
 
+class TokenKeys:
+    """What the loop detector sees per token: its id while every token comes with one, else its text piece."""
+
+    def __init__(self, det: LoopDetector) -> None:
+        self.det = det
+        self.pieces: list[str] = []
+        self.by_text = False
+        self._ids: dict[str, int] = {}
+
+    def _key(self, piece: str) -> int:
+        return self._ids.setdefault(piece, len(self._ids))
+
+    def feed(self, choice: dict[str, Any], text: str) -> None:
+        """One streamed choice: its logprob items (ids and pieces), else its text as one token."""
+        items = (choice.get("logprobs") or {}).get("content") or []
+        for item in items:
+            piece = str(item.get("token", ""))
+            self.pieces.append(piece)
+            self.det.feed(self._key(piece) if self.by_text else int(item["id"]))
+        if text and not items:
+            if not self.by_text:  # a token without an id: key the whole output by text from here on
+                self.by_text = True
+                self.det.rekey([self._key(p) for p in self.pieces])
+            self.pieces.append(text)
+            self.det.feed(self._key(text))
+
+
 class Cancelled(Exception):
     """The run was interrupted while this prompt was generating."""
 
@@ -98,6 +127,7 @@ def generate(url: str, prompt: Prompt, spec: RunSpec, idle_timeout: float = 900.
     """One attempt at one prompt: stream until EOS, a confirmed loop or the safety cap. Raises StreamError."""
     path, payload = request_for(prompt, spec)
     det = LoopDetector(spec.loop)
+    keys = TokenKeys(det)
     n_tokens, finish, tail = 0, None, ""
     drafted: int | None = None
     accepted: int | None = None
@@ -113,10 +143,9 @@ def generate(url: str, prompt: Prompt, spec: RunSpec, idle_timeout: float = 900.
             accepted = timings.get("draft_n_accepted", accepted)
             n_tokens = (event.get("usage") or {}).get("completion_tokens", n_tokens)
             for choice in event.get("choices", []):
-                for item in (choice.get("logprobs") or {}).get("content") or []:
-                    det.feed(int(item["id"]))
                 delta = choice.get("delta") or {}
                 text = (delta.get("reasoning_content") or "") + (delta.get("content") or choice.get("text") or "")
+                keys.feed(choice, text)
                 det.feed_text(text)
                 tail = (tail + text)[-500:]
                 finish = choice.get("finish_reason") or finish
@@ -135,7 +164,8 @@ def generate(url: str, prompt: Prompt, spec: RunSpec, idle_timeout: float = 900.
     return {"id": prompt.id, "source": prompt.source, "outcome": outcome, "borderline": det.borderline(),
             "loop": asdict(det.loop) if det.loop else None, "tokens": int(n_tokens),
             "distinct4": distinct_n(det.tokens), "seconds": round(time.perf_counter() - t0, 3),
-            "finish_reason": finish, "error": None, "tail": tail, "draft_n": drafted, "draft_accepted": accepted}
+            "finish_reason": finish, "error": None, "tail": tail, "draft_n": drafted, "draft_accepted": accepted,
+            "token_keys": "text" if keys.by_text else "id"}
 
 
 def probe(url: str, prompt: Prompt, spec: RunSpec, retries: int = 3, backoff: float = 2.0,
