@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from glmgguf.io import CheckpointError
+from glmgguf.io.fp8 import check_readable
 from glmgguf.layout import GlmLayout, LayoutError, Part, parse_hf_name
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ def open_checkpoint(path: str | os.PathLike) -> GlmCheckpoint:
     from glmgguf.io.reader import CheckpointReader
 
     reader = CheckpointReader(path)
+    check_readable(reader.config)
     layout = GlmLayout.from_config(reader.config)
     _check_experts(reader, layout)
     mtp_indexer = any(

@@ -125,6 +125,32 @@ def load_decoder_layer(reader: CheckpointReader, layout: GlmLayout, config, inde
     return module.eval()
 
 
+def load_trunk_model(reader: CheckpointReader, dtype: torch.dtype, device: str | dict | None = None) -> nn.Module:
+    """The transformers `GlmMoeDsaForCausalLM` (trunk only) assembled from the reader's tensors, layer by layer.
+
+    For checkpoints transformers cannot load itself (the block-FP8 release, read dequantized). One device only:
+    spreading a model over several GPUs needs accelerate's loading (dequantize first: `reap prune --dequantize`).
+    """
+    from transformers import GlmMoeDsaForCausalLM
+    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaRotaryEmbedding
+
+    if isinstance(device, dict) or device == "auto":
+        raise RunnerError("a block-FP8 checkpoint loads onto one device in memory; use --streaming, or write a "
+                          "BF16 copy first (`glmgguf reap prune ... --dequantize bf16`)")
+    dev = torch.device(device or "cpu")
+    layout = GlmLayout.from_config(reader.config)
+    config = model_config(reader.config)
+    with torch.device("meta"):
+        model = GlmMoeDsaForCausalLM(config)
+    for i in range(layout.n_layers):
+        model.model.layers[i] = load_decoder_layer(reader, layout, config, i, dtype, dev)
+    for module, name in ((model.model.embed_tokens, "model.embed_tokens.weight"),
+                         (model.model.norm, "model.norm.weight"), (model.lm_head, "lm_head.weight")):
+        module.weight = nn.Parameter(reader.get(name).to(device=dev, dtype=dtype), requires_grad=False)
+    model.model.rotary_emb = GlmMoeDsaRotaryEmbedding(config).to(dev)
+    return model.eval()
+
+
 def load_vector_module(reader: CheckpointReader, name: str, eps: float, dtype: torch.dtype, device) -> nn.Module:
     """An RMSNorm whose weight is the checkpoint tensor `name`."""
     from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaRMSNorm

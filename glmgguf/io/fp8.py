@@ -55,17 +55,29 @@ class Fp8Scheme:
         return math.ceil(weight_shape[0] / self.block[0]), math.ceil(weight_shape[1] / self.block[1])
 
 
-def scheme_from_config(cfg: dict) -> Fp8Scheme | None:
-    """The block-FP8 scheme of a config.json, None when it declares no quantization; unknown schemes refused."""
+def quant_method(cfg: dict) -> str | None:
+    """`quantization_config.quant_method` of a config.json (None: not quantized)."""
     qc = cfg.get("quantization_config")
     if not qc:
         return None
-    method = qc.get("quant_method") if isinstance(qc, dict) else None
-    if method != "fp8":
+    return qc.get("quant_method") if isinstance(qc, dict) else "?"
+
+
+def check_readable(cfg: dict) -> None:
+    """Refuse quantization schemes whose weights the stages cannot read (all but the block-FP8 release)."""
+    method = quant_method(cfg)
+    if method not in (None, "fp8"):
         raise CheckpointError(
             f"quantization_config.quant_method {method!r} is not supported: this toolkit reads BF16 checkpoints "
             "and the block-FP8 release (quant_method 'fp8'); dequantize the checkpoint first"
         )
+
+
+def scheme_from_config(cfg: dict) -> Fp8Scheme | None:
+    """The block-FP8 scheme of a config.json; None unless it declares quant_method 'fp8'."""
+    if quant_method(cfg) != "fp8":
+        return None
+    qc = cfg["quantization_config"]
     fmt = qc.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise CheckpointError(f"quantization_config.fmt {fmt!r} is not supported (the GLM-5.x release uses e4m3)")

@@ -102,7 +102,8 @@ class CheckpointReader:
                 self.tensors[name] = info
         self._check_index()
         self.fp8 = fp8.scheme_from_config(self.config)
-        self.scales = self._split_scales()
+        # other schemes (e.g. an NVFP4 export, whose block scales are FP8 too) are read as stored
+        self.scales = self._split_scales() if fp8.quant_method(self.config) in (None, "fp8") else {}
 
     def _read_config(self) -> dict:
         cfg = self.root / "config.json"

@@ -262,10 +262,10 @@ def plan_export(src: str | os.PathLike, stats_paths: Sequence[str | os.PathLike]
         qc = json.loads((root / "config.json").read_text()).get("quantization_config")
     except (OSError, ValueError):
         qc = None  # open_checkpoint reports a missing or broken config
-    block_fp8 = isinstance(qc, dict) and qc.get("quant_method") == "fp8"  # the release: read dequantized
-    if (qc and not block_fp8) or (root / HF_QUANT_CONFIG).exists():
-        raise ExportError(f"{src} is already quantized (it has a quantization config)")
-    ckpt = open_checkpoint(src)
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method in ("modelopt", "compressed-tensors") or (root / HF_QUANT_CONFIG).exists():
+        raise ExportError(f"{src} is already quantized (it has a {method or 'modelopt'} quantization config)")
+    ckpt = open_checkpoint(src)  # reads the block-FP8 release dequantized; refuses other quantization schemes
     reader, layout = ckpt.reader, ckpt.layout
     for dim, what in ((layout.hidden_size, "hidden_size"), (layout.moe_intermediate_size, "moe_intermediate_size")):
         if dim % nq.BLOCK_SIZE:

@@ -182,21 +182,24 @@ def observe_streaming(model_dir: str | os.PathLike, chunks: Sequence[torch.Tenso
 def load_in_memory_model(model_dir: str | os.PathLike, dtype: torch.dtype, device_map: str | dict | None):
     """The transformers model (trunk) with its load report silenced (it lists the MTP block as unexpected).
 
-    A block-FP8 checkpoint (checked by the toolkit's reader first) is dequantized on load by transformers'
-    fine-grained FP8 support, to the same values the streaming reader gives."""
-    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+    A block-FP8 checkpoint is assembled from the toolkit's reader (`glmgguf.runner.load_trunk_model`): its
+    dequantization is upstream's exact one (transformers' derives the block from the scale grid, which is wrong for
+    weights whose rows are not a multiple of 128, and refuses GLM-5.2's 576-row `kv_a_proj_with_mqa`)."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from glmgguf.io import CheckpointReader
+    from glmgguf.runner import load_trunk_model
 
+    reader = CheckpointReader(model_dir)
+    if reader.fp8 is not None:
+        return load_trunk_model(reader, dtype, device_map)
     old = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         kw = {"device_map": device_map} if device_map not in (None, "cpu") else {}
-        if CheckpointReader(model_dir).fp8 is not None:
-            kw["quantization_config"] = FineGrainedFP8Config(dequantize=True)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa", **kw)
     finally:
         hf_logging.set_verbosity(old)

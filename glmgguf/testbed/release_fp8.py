@@ -22,7 +22,10 @@ from glmgguf.io.fp8 import quantize as fp8_quantize
 from glmgguf.layout import GlmLayout
 from glmgguf.testbed.build import fp8_quantization_config, is_fp8_in_release
 
-MAX_SHARD_BYTES = 64 * 1024**2
+
+def _shard_limit(reader: CheckpointReader) -> int:
+    """The source's largest shard size: the copy is sharded like the source."""
+    return max(os.path.getsize(p) for p in {i.shard for i in reader.tensors.values()})
 
 
 def _copy_side_files(reader: CheckpointReader, out: Path, config: dict) -> None:
@@ -48,7 +51,7 @@ def write_fp8_copy(src: str | os.PathLike, out: str | os.PathLike, force: bool =
     config = {**reader.config, "moe_router_dtype": "float32",
               "quantization_config": fp8_quantization_config(reader.config)}
     with atomic_dir(out, force=force) as tmp:
-        with ShardedWriter(tmp, plan, max_shard_bytes=MAX_SHARD_BYTES) as writer:
+        with ShardedWriter(tmp, plan, max_shard_bytes=_shard_limit(reader)) as writer:
             for name in reader.names():
                 if is_fp8_in_release(name):
                     codes, scale = fp8_quantize(reader.get(name), DEFAULT_BLOCK)
@@ -70,7 +73,7 @@ def write_dequantized_copy(src: str | os.PathLike, out: str | os.PathLike, dtype
             for n in reader.names()]
     config = {k: v for k, v in reader.config.items() if k != "quantization_config"}
     with atomic_dir(out, force=force) as tmp:
-        with ShardedWriter(tmp, plan, max_shard_bytes=MAX_SHARD_BYTES) as writer:
+        with ShardedWriter(tmp, plan, max_shard_bytes=_shard_limit(reader)) as writer:
             for name, _, dt in plan:
                 writer.add(name, reader.get(name).to(dt))
         _copy_side_files(reader, tmp, config)
