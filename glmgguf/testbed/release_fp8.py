@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -80,11 +81,12 @@ def write_dequantized_copy(src: str | os.PathLike, out: str | os.PathLike, dtype
     return Path(out)
 
 
-def trained_fp8_testbed(size: str = "tiny", seed: int = 0, steps: int | None = None) -> Path:
+def trained_fp8_testbed(size: str = "tiny", seed: int = 0, steps: int | None = None,
+                        log: Callable[[str], None] | None = None) -> Path:
     """The trained testbed stored as the FP8 release stores it (cached beside the trained BF16 one)."""
     from glmgguf.testbed.train import _file_lock, trained_testbed
 
-    bf16 = trained_testbed(size=size, seed=seed, steps=steps)
+    bf16 = trained_testbed(size=size, seed=seed, steps=steps, log=log)
     out = bf16.with_name(bf16.name + "-fp8")
     if (out / "config.json").is_file():
         return out
