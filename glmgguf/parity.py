@@ -35,11 +35,10 @@ def kl_stats(reference: torch.Tensor, candidate: torch.Tensor) -> KlStats:
 
 
 def transformers_logits(model_dir: str | os.PathLike, ids: list[int]) -> torch.Tensor:
-    """Reference logits [len(ids), vocab] from transformers in float32."""
-    from transformers import AutoModelForCausalLM
+    """Reference logits [len(ids), vocab] from transformers in float32 (a block-FP8 checkpoint dequantized)."""
+    from glmgguf.reap.observe import load_in_memory_model
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
+    model = load_in_memory_model(model_dir, torch.float32, None)
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
 

@@ -302,3 +302,22 @@ def test_head_copies_still_work(tmp_path):
         assert not hasattr(released_student.mtp.shared_head, "head")
         _, mtp_released = released_student.forward(ids)
     assert np.allclose(mtp_logits.numpy(), mtp_released.numpy(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fp8_f32_logit_parity(fp8_dir, trained_testbed_dir, llama_toolchain, tmp_path):
+    """The FP8 checkpoint's F32 GGUF in the pinned llama.cpp against transformers on the same dequantized weights,
+    with sparse DSA selection active."""
+    from transformers import AutoTokenizer
+
+    from glmgguf.parity import kl_stats, llama_logits, transformers_logits
+    from glmgguf.testbed.train import stdlib_corpus
+
+    tok = AutoTokenizer.from_pretrained(fp8_dir)
+    ids = tok("".join(stdlib_corpus("heldout"))[:20000])["input_ids"][:160]
+    assert len(ids) > GlmLayout.from_dir(fp8_dir).index_topk
+    out = tmp_path / "fp8.gguf"
+    convert(fp8_dir, out, outtype_chooser("f32"), progress=False)
+    stats = kl_stats(transformers_logits(fp8_dir, ids), llama_logits(llama_toolchain, out, ids))
+    print(f"fp8 source, f32 GGUF: {stats}")
+    assert stats.mean < 1e-5 and stats.top1_agreement == 1.0, stats
