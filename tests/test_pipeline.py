@@ -211,3 +211,26 @@ def test_killed_pipeline_resumes_to_the_same_outputs(trained_testbed_dir, tmp_pa
     assert res.returncode == 0 and "1 stage(s) ran" in res.stdout, res.stdout + res.stderr
     manifest = json.loads((work / "gguf-q8" / "manifest.json").read_text())
     assert "q4_protected" in manifest["command"]
+
+
+@pytest.mark.slow
+def test_demo_plan_on_the_fp8_release_layout(trained_testbed_dir, tmp_path):
+    """The shipped demo plan (observe, prune, teacher, KD, q4_protected GGUF, evaluation in llama-server) with the
+    testbed stored as the block-FP8 release: everything runs, and the pruned and distilled models stay FP8."""
+    from glmgguf.io import CheckpointReader
+
+    shipped = (Path(__file__).resolve().parent.parent / "glmgguf" / "pipeline" / "plans" / "testbed.toml").read_text()
+    text = (shipped.replace('model = "testbed:tiny"', 'model = "testbed:tiny-fp8"')
+            .replace('workdir = "demo-out/pipeline"', 'workdir = "work"')
+            .replace("steps = 100", "steps = 10").replace("kd_samples = 256", "kd_samples = 32")
+            .replace("limit = 16", "limit = 4").replace("safety_cap = 256", "safety_cap = 64"))
+    assert 'model = "testbed:tiny-fp8"' in text and "steps = 10" in text
+    proc = _pipeline(_write(tmp_path, text), {**os.environ, "OMP_NUM_THREADS": "1"})
+    out, _ = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    work = tmp_path / "work"
+    for model in ("prune/model", "kd/model"):
+        reader = CheckpointReader(work / model)
+        assert reader.fp8 is not None and reader.scales, model
+    assert (work / "gguf-q4_protected" / "q4_protected.gguf").stat().st_size > 0
+    assert (work / "eval-report" / "report.md").read_text().count("|") > 10
