@@ -83,9 +83,15 @@ def test_tensor_layout_matches_glm52(tiny_testbed_dir):
     n = cfg["num_hidden_layers"]
     mtp = f"model.layers.{n}."
     for suffix in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight",
-                   "shared_head.head.weight", "mlp.gate.e_score_correction_bias", "self_attn.indexer.wk.weight",
+                   "mlp.gate.e_score_correction_bias", "self_attn.indexer.wk.weight",
                    f"mlp.experts.{cfg['n_routed_experts'] - 1}.down_proj.weight"):
         assert mtp + suffix in reader
+    # as released: the MTP layer reuses lm_head and model.embed_tokens
+    assert mtp + "shared_head.head.weight" not in reader and mtp + "embed_tokens.weight" not in reader
+    # the release's config keys
+    assert (cfg["index_topk_freq"], cfg["index_skip_topk_offset"], cfg["index_topk_pattern"]) == (2, 1, None)
+    assert cfg["indexer_rope_interleave"] is cfg["rope_interleave"] is cfg["index_share_for_mtp_iteration"] is True
+    assert "bos_token_id" not in cfg and cfg["mlp_layer_types"] == ["dense"] + ["sparse"] * (n - 1)
     # shared layers carry no indexer tensors
     for i, t in enumerate(cfg["indexer_types"]):
         assert (f"model.layers.{i}.self_attn.indexer.wk.weight" in reader) == (t == "full")
@@ -95,7 +101,7 @@ def test_tensor_layout_matches_glm52(tiny_testbed_dir):
         assert info.dtype == want, name
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     assert reader.info(mtp + "eh_proj.weight").shape == (h, 2 * h)
-    assert reader.info(mtp + "shared_head.head.weight").shape == (v, h)
+    assert reader.info("lm_head.weight").shape == (v, h)
     assert reader.info("model.layers.1.mlp.experts.0.gate_proj.weight").shape == (cfg["moe_intermediate_size"], h)
     assert reader.info("model.layers.1.mlp.experts.0.down_proj.weight").shape == (h, cfg["moe_intermediate_size"])
     # several shards with an index; tensors stored layer by layer, the MTP block last
@@ -300,3 +306,20 @@ def test_trained_model_layout_and_cache(trained_testbed_dir):
     t0 = time.perf_counter()
     assert trained_testbed("tiny") == trained_testbed_dir
     assert time.perf_counter() - t0 < 10
+
+
+def test_release_config_keys_understood():
+    """GLM-5.2's config.json as published: every key parses; switches with another value are refused."""
+    from glmgguf.layout import GlmLayout, LayoutError
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "glm52_fp8_config.json"
+    cfg = json.loads(path.read_text())
+    lay = GlmLayout.from_config(cfg)
+    full = [x.index for x in lay.layers if x.indexer == "full"]
+    assert full[:5] == [0, 1, 2, 6, 10] and len(full) == 21  # the release's 21 full-indexer layers
+    assert lay.block_count == 79 and lay.moe_layers[-1].is_mtp and lay.moe_layers[-1].n_experts == 256
+    assert "bos_token_id" not in cfg and cfg["head_dim"] == 192  # ignored: the MLA dims are used
+    for key, bad in (("rope_interleave", False), ("indexer_rope_interleave", False), ("scoring_func", "softmax"),
+                     ("topk_method", "greedy")):
+        with pytest.raises(LayoutError, match=key):
+            GlmLayout.from_config({**cfg, key: bad})
