@@ -245,7 +245,8 @@ def _brute_force(model_dir: Path, chunks: list[torch.Tensor]) -> dict[int, dict[
             h = model.model(input_ids=c).last_hidden_state
             hh = h[:, :-1]
             pos = model.model.rotary_emb(hh, position_ids=torch.arange(hh.shape[1]).unsqueeze(0))
-            mtp.mtp_forward(hh, model.model.embed_tokens(c[:, 1:]), pos, _causal_mask(hh.shape[1], hh.dtype))
+            mtp.mtp_forward(hh, model.model.embed_tokens(c[:, 1:]), pos, _causal_mask(hh.shape[1], hh.dtype),
+                            lm_head=model.lm_head)
     for hk in hooks:
         hk.remove()
     out = {}
@@ -404,7 +405,8 @@ def test_plan_refuses_infeasible(stream_stats, trained_testbed_dir):
     with pytest.raises(StatsError, match="another model"):
         plan_prune(other, stream_stats, keep=8)
     deeper = GlmLayout.from_config({**lay.config, "num_hidden_layers": 5,
-                                    "indexer_types": ["full", "shared", "full", "shared", "shared"]})
+                                    "indexer_types": ["full", "shared", "full", "shared", "shared"],
+                                    "mlp_layer_types": ["dense"] + ["sparse"] * 4})
     with pytest.raises(StatsError, match="another model"):
         plan_prune(deeper, stream_stats, keep=8)
 
