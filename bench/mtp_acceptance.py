@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """MTP draft acceptance in llama-server (`--spec-type draft-mtp`): unpruned, REAP-pruned, and after Router-KD.
 
-    python bench/mtp_acceptance.py [--keeps 11 8] [--steps 150] [--prompts 16] [--n-predict 128]
+    python bench/mtp_acceptance.py [--keeps 11 8] [--steps 150] [--prompts 64] [--n-predict 128]
 
 Models: the trained tiny testbed (16 experts, top-4, the MTP block with its own MoE), REAP-pruned (`reap observe`
 on 32 x 128 tokens of the train split, `reap prune`, uniform) to keep 11 and 8 of 16 experts in every MoE layer,
@@ -244,7 +244,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150, help="Router-KD steps")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--kd-seqs", type=int, default=512)
-    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--n-predict", type=int, default=128)
     ap.add_argument("--draft-max", type=int, default=3)
     ap.add_argument("--reference-prompts", type=int, default=4, help="prompts checked against transformers")

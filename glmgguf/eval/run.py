@@ -77,7 +77,6 @@ class RunSpec:
         return d
 
 
-
 def request_for(prompt: Prompt, spec: RunSpec) -> tuple[str, dict[str, Any]]:
     """(endpoint, JSON body): chat prompts to /v1/chat/completions, text prompts to /v1/completions."""
     s = spec.sampler
