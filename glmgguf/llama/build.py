@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -11,8 +10,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from tqdm import tqdm
 
 from glmgguf.llama.patches import PATCH_DIR, SERIES, apply_module
 from glmgguf.llama.source import cache_root, pinned_identity, resolve_source, user_source
+from glmgguf.locks import file_lock
 
 TOOLS = (
     "llama-server", "llama-quantize", "llama-perplexity", "llama-imatrix", "llama-cli", "llama-gguf-split",
@@ -138,18 +136,6 @@ def find_toolchain(source: str | os.PathLike[str] | None = None, patches: bool =
     return _load_entry(entry) if (entry / META).is_file() else None
 
 
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock on `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -230,7 +216,7 @@ def ensure_toolchain(source: str | os.PathLike[str] | None = None, patches: bool
     src = resolve_source(source)
     series = series_patches() if patches else []
     entry = _cache_dir() / build_key(src.identity, series, backend)
-    with _lock(entry.with_name(entry.name + ".lock")):
+    with file_lock(entry.with_name(entry.name + ".lock")):
         if not (entry / META).is_file():
             _build(src.llama_cpp_dir, src.python_package_dir, series, backend, entry, progress)
     return _load_entry(entry)

