@@ -50,7 +50,8 @@ def portable_default(opt: click.Option) -> str | None:
         return None
     if isinstance(d, int) and "thread" in (opt.name or "") and d in cpu_counts():
         return "number of CPUs"
-    for base, label in ((ROOT, "the glmgguf checkout's "), (Path.home(), "~/")):
+    for base, label in ((ROOT / "glmgguf", "the installed package's "), (ROOT, "the glmgguf checkout's "),
+                        (Path.home(), "~/")):
         if isinstance(d, str | Path) and Path(d).is_absolute() and Path(d).is_relative_to(base):
             return label + Path(d).relative_to(base).as_posix()
     return None

@@ -49,8 +49,9 @@ from gguf import GGMLQuantizationType as Q
 
 from glmgguf.gguf.plan import PlannedTensor
 from glmgguf.layout import LayerInfo, LayerKind, Role
+from glmgguf.resources import package_path
 
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "quant_recipes"
+RECIPE_DIR = package_path("quant_recipes")  # top-level quant_recipes/ in a checkout links here
 
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 QUANT_TYPES = (

@@ -8,10 +8,11 @@ unpatched llama.cpp cannot load.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from types import ModuleType
 
-PATCH_DIR = Path(__file__).resolve().parents[2] / "patches"
+from glmgguf.resources import package_path
+
+PATCH_DIR = package_path("patches")  # top-level patches/ in a checkout links here
 SERIES = PATCH_DIR / "llama.cpp" / "series"
 
 # glm-dsa.expert_count as an array (one entry per block): non-uniformly pruned models
@@ -21,7 +22,7 @@ INDEXER_NORM_EPS = "0002-glm-dsa-indexer-k_norm-epsilon-from-metadata.patch"
 
 
 def apply_module() -> ModuleType:
-    """`patches/apply.py`, loaded as a module (it lives outside the package)."""
+    """`patches/apply.py`, loaded as a module (package data: it is meant to run as a script too)."""
     spec = importlib.util.spec_from_file_location("glmgguf_patch_apply", PATCH_DIR / "apply.py")
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {PATCH_DIR / 'apply.py'}")
