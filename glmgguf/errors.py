@@ -10,12 +10,12 @@ import click
 
 from glmgguf.eval.probes import EvalError
 from glmgguf.io import CheckpointError
-from glmgguf.io.atomic import OutputExistsError
+from glmgguf.io.atomic import OutputConflictError, OutputExistsError
 from glmgguf.layout import LayoutError
 from glmgguf.reap.errors import ReapError
 
-USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, LayoutError, OutputExistsError, FileNotFoundError,
-                                            ReapError, EvalError)
+USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, LayoutError, OutputExistsError, OutputConflictError,
+                                            FileNotFoundError, ReapError, EvalError)
 
 
 def _user_error_types() -> tuple[type[Exception], ...]:

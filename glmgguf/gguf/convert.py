@@ -156,7 +156,7 @@ def convert(
     total = sum(nbytes(t.ggml_type, t.n_elements) for t in plan)
     proc = psutil.Process()
     peak = proc.memory_info().rss
-    with atomic_gguf(out, GGUF_ARCH, plan, split_max_size, force=force) as w:
+    with atomic_gguf(out, GGUF_ARCH, plan, split_max_size, force=force, inputs=[src]) as w:
         w.add_name(Path(src).resolve().name)
         w.add_file_type(file_type(plan))
         if any(t.ggml_type not in (Q.F32, Q.F16, Q.BF16) for t in plan):

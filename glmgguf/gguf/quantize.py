@@ -249,7 +249,7 @@ def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe
     total = sum(nbytes(t.ggml_type, t.n_elements) for t in plan)
     proc = psutil.Process()
     peak = proc.memory_info().rss
-    with atomic_gguf(out, GGUF_ARCH, plan, split_max_size, force=force) as w:
+    with atomic_gguf(out, GGUF_ARCH, plan, split_max_size, force=force, inputs=split_paths(src)) as w:
         copy_kv(w, model.fields)
         w.add_file_type(file_type_of(plan)[1])
         if any(t.ggml_type not in FLOAT_TYPES for t in plan):

@@ -14,7 +14,7 @@ from gguf.gguf_writer import WriterState
 
 from glmgguf.gguf.encode import nbytes
 from glmgguf.gguf.plan import PlannedTensor
-from glmgguf.io.atomic import OutputExistsError
+from glmgguf.io.atomic import check_output, output_lock
 
 
 def open_writer(path: Path, arch: str, plan: list[PlannedTensor], split_max_size: int = 0) -> gguf.GGUFWriter:
@@ -59,7 +59,7 @@ def parse_split_size(text: str) -> int:
 
 @contextmanager
 def atomic_gguf(path: str | os.PathLike, arch: str, plan: list[PlannedTensor], split_max_size: int = 0,
-                force: bool = False) -> Iterator[gguf.GGUFWriter]:
+                force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[gguf.GGUFWriter]:
     """A GGUFWriter for `plan` whose file(s) are written as `X.partial` and renamed only when all are complete.
 
     With `split_max_size` the output is llama.cpp's split layout (`OUT-00001-of-0000N.gguf`, `split.*` keys in
@@ -69,24 +69,25 @@ def atomic_gguf(path: str | os.PathLike, arch: str, plan: list[PlannedTensor], s
     target = Path(path)
     w = open_writer(target, arch, plan, split_max_size)
     finals = w.format_shard_names(target)
+    inputs = list(inputs)
     for f in finals:
-        if f.exists() and not force:
-            raise OutputExistsError(f"{f} already exists (use --force to overwrite)")
+        check_output(f, force, inputs)
     partials = [f.with_name(f.name + ".partial") for f in finals]
     w.final_paths = finals  # type: ignore[attr-defined]
-    try:
-        w.fout = [open(p, "wb") for p in partials]
-        w.path = target
-        w.state = WriterState.EMPTY
-        yield w
-        w.close()
-        for p, f in zip(partials, finals, strict=True):
-            os.replace(p, f)
-    except BaseException:
-        w.close()
-        for p in partials:
-            p.unlink(missing_ok=True)
-        raise
+    with output_lock(target):
+        try:
+            w.fout = [open(p, "wb") for p in partials]
+            w.path = target
+            w.state = WriterState.EMPTY
+            yield w
+            w.close()
+            for p, f in zip(partials, finals, strict=True):
+                os.replace(p, f)
+        except BaseException:
+            w.close()
+            for p in partials:
+                p.unlink(missing_ok=True)
+            raise
 
 
 def split_paths(path: str | os.PathLike) -> list[Path]:

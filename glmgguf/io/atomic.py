@@ -1,10 +1,15 @@
-"""Atomic outputs: work in `X.partial`, rename to `X` only when complete."""
+"""Atomic outputs: work in `X.partial`, rename to `X` only when complete.
+
+Before anything is written the output is checked against the stage's inputs (an output that is, contains or lies
+inside an input is refused: `--force` must never delete the model it reads), and `X.lock` is held for the whole
+write, so a second run writing the same output fails at once instead of sharing `X.partial`.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,39 +18,78 @@ class OutputExistsError(FileExistsError):
     """The output already exists and overwriting was not asked for."""
 
 
-def _check_target(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists (use --force to overwrite)")
+class OutputConflictError(ValueError):
+    """The output overlaps an input, or another run is writing it."""
+
+
+PathLike = str | os.PathLike
+
+
+def check_output(target: PathLike, force: bool = False, inputs: Iterable[PathLike] = ()) -> None:
+    """Refuse an output that exists (unless `force`) or that is, contains or lies inside one of `inputs`."""
+    out = Path(target).resolve()
+    for item in inputs:
+        src = Path(item).resolve()
+        how = ("is" if out == src else "contains" if src.is_relative_to(out)
+               else "lies inside" if out.is_relative_to(src) else None)
+        if how:
+            raise OutputConflictError(f"output {target} {how} the input {item}: choose an output path outside it")
+    if Path(target).exists() and not force:
+        raise OutputExistsError(f"{target} already exists (use --force to overwrite)")
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield `path.partial`; on success rename it to `path`, on failure remove it."""
-    target = Path(path)
-    _check_target(target, force)
-    partial = target.with_name(target.name + ".partial")
-    partial.unlink(missing_ok=True)
+def output_lock(target: Path) -> Iterator[None]:
+    """Hold `target.lock` (non-blocking) while `target` is written; a concurrent writer gets a clear error."""
     try:
-        yield partial
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield
+        return
+    lock = target.with_name(target.name + ".lock")
+    with open(lock, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputConflictError(f"another run is writing {target} (it holds {lock})") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_file(path: PathLike, force: bool = False, inputs: Iterable[PathLike] = ()) -> Iterator[Path]:
+    """Yield `path.partial`; on success rename it to `path`, on failure remove it (see the module docstring)."""
+    target = Path(path)
+    check_output(target, force, inputs)
+    partial = target.with_name(target.name + ".partial")
+    with output_lock(target):
+        partial.unlink(missing_ok=True)
+        try:
+            yield partial
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+
+@contextmanager
+def atomic_dir(path: PathLike, force: bool = False, inputs: Iterable[PathLike] = ()) -> Iterator[Path]:
     """Yield an empty `path.partial/` directory; on success it replaces `path`, on failure it is removed."""
     target = Path(path)
-    _check_target(target, force)
+    check_output(target, force, inputs)
     partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(partial, target)
-    except BaseException:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(target):
         shutil.rmtree(partial, ignore_errors=True)
-        raise
+        partial.mkdir(parents=True)
+        try:
+            yield partial
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(partial, target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise

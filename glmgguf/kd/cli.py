@@ -63,14 +63,13 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
         import torch
         from tqdm import tqdm
 
-        from glmgguf.io.atomic import OutputExistsError
+        from glmgguf.io.atomic import check_output
         from glmgguf.kd.teacher import build_teacher_cache, file_hashes
         from glmgguf.layout import GlmLayout
         from glmgguf.reap.data import load_calibration, load_tokenizer
 
         _threads(threads)
-        if out.exists() and not force:
-            raise OutputExistsError(f"{out} already exists (use --force to overwrite)")
+        check_output(out, force, inputs=[model])
         layout = GlmLayout.from_dir(model)
         cal = load_calibration(data, load_tokenizer(model), seq_len, max_tokens=max_tokens,
                                num_samples=num_samples, seed=seed, text_field=text_field)

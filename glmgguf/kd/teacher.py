@@ -264,7 +264,7 @@ def build_teacher_cache(model_dir: str | os.PathLike, sequences: torch.Tensor, o
                                sort_keys=True).encode())[:16]
     chunks = chunk_sequences(sequences, batch_size)
     per_shard = max(1, shard_bytes // bytes_per_sequence(seq_len, top_k))
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=[model_dir]) as tmp:
         writer = _ShardWriter(tmp, n, per_shard, cache_id)
         if streaming:
             class _Visitor(LayerVisitor):

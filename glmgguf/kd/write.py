@@ -86,7 +86,7 @@ def write_student(student: str | os.PathLike, out: str | os.PathLike, replacemen
     meta.pop("format", None)
     meta.update(metadata or {})
     parts = {n: reader.stored_parts(n) for n in names}  # a block-FP8 weight: its codes, then its scale
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=[src]) as tmp:
         plan = [(part, info.shape, info.torch_dtype) for n in names for part, info in parts[n]]
         read_hash: dict[str, bytes] = {}  # sha256 of each input tensor's bytes, taken as it streams through
         with ShardedWriter(tmp, plan, max_shard_bytes=_max_shard_bytes(reader), metadata=meta) as writer:

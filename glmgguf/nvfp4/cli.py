@@ -62,15 +62,14 @@ def export_cmd(src: Path, out: Path, calib: tuple[Path, ...], device: str, exclu
     with _errors():
         from tqdm import tqdm
 
-        from glmgguf.io.atomic import OutputExistsError
+        from glmgguf.io.atomic import check_output
         from glmgguf.nvfp4.export import export_nvfp4, plan_export, resolve_device
 
         plan = plan_export(src, list(calib), fmt=fmt, exclude=exclude)
         click.echo(plan.describe())
         if dry_run:
             return
-        if out.exists() and not force:
-            raise OutputExistsError(f"{out} already exists (use --force to overwrite)")
+        check_output(out, force, inputs=[src])
         dev = resolve_device(device)
         if threads is None and dev.type == "cpu":
             from glmgguf.testbed.train import _num_threads

@@ -488,7 +488,7 @@ def _export(plan: ExportPlan, out: Path, dev: torch.device, force: bool, max_sha
         names = step.sources.values() if isinstance(step, ExpertStep) else [step]
         return sum(reader.info(n).nbytes for n in names)
 
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=[plan.src]) as tmp:
         meta = {"quantization": f"nvfp4-{plan.fmt}"}
         with ShardedWriter(tmp, plan.entries, max_shard_bytes=max_shard_bytes, metadata=meta) as writer, \
                 ThreadPoolExecutor(1, thread_name_prefix="nvfp4-read") as pool:
@@ -574,7 +574,7 @@ def dequantize_export(src: str | os.PathLike, out: str | os.PathLike, dtype: tor
         n, half = reader.info(f"{m}.{sfx[0]}").shape
         plan.append((f"{m}.weight", (n, half * 2), dtype))
     deq = {f"{m}.weight": m for m in modules}
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=[src]) as tmp:
         with ShardedWriter(tmp, plan) as writer:
             for name, _, _ in plan:
                 m = deq.get(name)

@@ -293,7 +293,7 @@ def prune_checkpoint(src: str | os.PathLike, plan: PrunePlan, out: str | os.Path
     metadata = {"reap_keep_map": json.dumps(keep_json["keep_map"], separators=(",", ":"))}
     limit = max_shard_bytes or _max_shard_bytes(reader)
     bytes_in = reader.total_bytes()
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=[src]) as tmp:
         with ShardedWriter(tmp, [(w.out, w.shape, w.dtype) for w in writes], max_shard_bytes=limit,
                            metadata=metadata) as writer:
             for i, w in enumerate(writes):

@@ -52,7 +52,7 @@ def write_fp8_copy(src: str | os.PathLike, out: str | os.PathLike, force: bool =
             plan.append((name, info.shape, info.torch_dtype))
     config = {**reader.config, "moe_router_dtype": "float32",
               "quantization_config": fp8_quantization_config(reader.config)}
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=[src]) as tmp:
         with ShardedWriter(tmp, plan, max_shard_bytes=_shard_limit(reader)) as writer:
             for name in reader.names():
                 if is_fp8_in_release(name):
@@ -74,7 +74,7 @@ def write_dequantized_copy(src: str | os.PathLike, out: str | os.PathLike, dtype
     plan = [(n, reader.info(n).shape, dtype if reader.is_fp8(n) else reader.info(n).torch_dtype)
             for n in reader.names()]
     config = {k: v for k, v in reader.config.items() if k != "quantization_config"}
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=[src]) as tmp:
         with ShardedWriter(tmp, plan, max_shard_bytes=_shard_limit(reader)) as writer:
             for name, _, dt in plan:
                 writer.add(name, reader.get(name).to(dt))
