@@ -48,6 +48,7 @@ def open_checkpoint(path: str | os.PathLike) -> GlmCheckpoint:
 
     reader = CheckpointReader(path)
     check_readable(reader.config)
+    reader.check_scales()
     layout = GlmLayout.from_config(reader.config)
     _check_experts(reader, layout)
     mtp_indexer = any(

@@ -221,6 +221,12 @@ class CheckpointReader:
             return torch.empty(info.shape, dtype=info.torch_dtype)
         return torch.frombuffer(self._read(info), dtype=torch.uint8).view(info.torch_dtype).reshape(info.shape)
 
+    def check_scales(self) -> None:
+        """Read every block-FP8 scale once and refuse NaN/Inf/zero/negative ones (scales are ~1/16000 of the
+        weights: GLM-5.2-FP8 has 0.2 GB of them), so a stage fails before it writes anything."""
+        for name in self.scales:
+            self._scale_words(name)
+
     def get_scale(self, name: str) -> torch.Tensor:
         """The float32 block scales (`_scale_inv`) of FP8 weight `name`, checked finite and positive."""
         import torch
