@@ -106,9 +106,18 @@ def expand_scale(scale: np.ndarray, shape: tuple[int, int], block: tuple[int, in
 
 
 def dequantize(codes: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
-    """float32 weight from FP8 codes (uint8 [out, in]) and block scales (float32), exactly as upstream does."""
+    """float32 weight from FP8 codes (uint8 [out, in]) and block scales (float32), exactly as upstream does.
+
+    When both dimensions are whole blocks (every GLM-5.2 FP8 weight but the 576-row kv_a_proj) the scales are
+    broadcast over a blocked view instead of being repeated to full size: the same products, ~10x faster."""
     values = E4M3_TO_F32[codes]
-    values *= expand_scale(scale.astype(np.float32, copy=False), codes.shape, block)
+    scale = scale.astype(np.float32, copy=False)
+    (rows, cols), (br, bc) = codes.shape, block
+    if rows % br == 0 and cols % bc == 0:
+        blocked = values.reshape(rows // br, br, cols // bc, bc)
+        blocked *= scale[:, None, :, None]
+    else:
+        values *= expand_scale(scale, codes.shape, block)
     return values
 
 
