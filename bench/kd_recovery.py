@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from upstream import portable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -259,7 +260,7 @@ def main() -> None:
     res.update({"python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine(),
                 "wall_s": round(time.perf_counter() - t0, 1)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    args.out.write_text(json.dumps(portable(res), indent=1) + "\n")
     plot(res, args.out.with_suffix(".png"))
     print()
     print(markdown(res))

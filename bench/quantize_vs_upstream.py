@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from convert_vs_upstream import checkpoint_bytes, testbed_dir, warm_page_cache
-from upstream import ConvertRunError, compare_gguf, measure, run_upstream_convert
+from upstream import ConvertRunError, compare_gguf, measure, portable, run_upstream_convert
 
 IGNORED = ("GGUF.", "general.", "glmgguf.", "quantize.")  # KV keys that name files, tools and provenance
 RESULTS = Path(__file__).resolve().parent / "results" / "quantize_vs_upstream.json"
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print_table(res)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=2) + "\n")
+    args.json.write_text(json.dumps(portable(res), indent=2) + "\n")
     print(f"\nwrote {args.json}")
     if not args.keep:
         for p in (up_bf16, up_q, ours_c, ours_q, ours_lib):

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from upstream import portable
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reap_quality.json"
 METRICS = ("reap", "ean", "frequency")
@@ -202,7 +203,7 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.write_text(json.dumps(portable(result), indent=1) + "\n")
     print()
     print(markdown(result))
     print(f"wrote {args.out}")

@@ -33,6 +33,18 @@ with open(out, "w") as fh:
 """
 
 
+def portable(obj: object) -> object:
+    """`obj` with this checkout's path written as `.` and the home directory as `~` in every string, so result
+    files name no machine's paths."""
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [portable(v) for v in obj]
+    if isinstance(obj, str | Path):
+        return str(obj).replace(str(BENCH_DIR.parent), ".").replace(str(Path.home()), "~")
+    return obj
+
+
 class ConvertRunError(RuntimeError):
     """A measured converter run exited non-zero."""
 
