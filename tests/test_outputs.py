@@ -84,3 +84,14 @@ def test_atomic_dir_refuses_a_parent_of_its_input(tmp_path):
     with pytest.raises(OutputConflictError, match="contains the input"), atomic_dir(tmp_path / "a", True, [src]):
         pass
     assert (src / "w").read_text() == "keep me"
+
+
+def test_unwritable_output_is_refused_before_any_work(workspace, tmp_path):
+    model, stats = workspace
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, out = _run("reap", "observe", model, "--data", stats, "--out", blocker / "sub" / "stats.safetensors")
+    assert code == 1 and "cannot create the folder" in out and "Traceback" not in out, out
+    # a missing folder is created up front
+    code, out = _run("convert", model, tmp_path / "new" / "dir" / "m.gguf", "--outtype", "f32")
+    assert code == 0 and (tmp_path / "new" / "dir" / "m.gguf").is_file(), out

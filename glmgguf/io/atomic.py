@@ -26,7 +26,8 @@ PathLike = str | os.PathLike
 
 
 def check_output(target: PathLike, force: bool = False, inputs: Iterable[PathLike] = ()) -> None:
-    """Refuse an output that exists (unless `force`) or that is, contains or lies inside one of `inputs`."""
+    """Refuse an output that exists (unless `force`), that is, contains or lies inside one of `inputs`, or whose
+    folder cannot be written (created when missing): before any work, not after it."""
     out = Path(target).resolve()
     for item in inputs:
         src = Path(item).resolve()
@@ -36,6 +37,13 @@ def check_output(target: PathLike, force: bool = False, inputs: Iterable[PathLik
             raise OutputConflictError(f"output {target} {how} the input {item}: choose an output path outside it")
     if Path(target).exists() and not force:
         raise OutputExistsError(f"{target} already exists (use --force to overwrite)")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputConflictError(f"cannot create the folder of {target}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputConflictError(f"cannot write {target}: {parent} is not writable")
 
 
 @contextmanager
