@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 SCALE_SUFFIX = "_scale_inv"  # `<weight name>_scale_inv`, e.g. `...q_a_proj.weight_scale_inv`
 FP8_DTYPE = "F8_E4M3"
-E4M3_MAX = 448.0
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
 DEFAULT_BLOCK = (128, 128)
 
 
@@ -47,7 +47,6 @@ class Fp8Scheme:
     """The block-FP8 scheme a checkpoint declares."""
 
     block: tuple[int, int] = DEFAULT_BLOCK
-    config: dict | None = None  # the checkpoint's `quantization_config`, kept to write it back
 
     def scale_shape(self, weight_shape: tuple[int, ...]) -> tuple[int, int]:
         if len(weight_shape) != 2:
@@ -86,7 +85,7 @@ def scheme_from_config(cfg: dict) -> Fp8Scheme | None:
         raise CheckpointError("quantization_config has no weight_block_size: per-tensor FP8 is not supported")
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
         raise CheckpointError(f"quantization_config.weight_block_size must be two positive integers, got {block}")
-    return Fp8Scheme((block[0], block[1]), dict(qc))
+    return Fp8Scheme((block[0], block[1]))
 
 
 def check_scale(name: str, scale: np.ndarray) -> None:

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from glmgguf.io.fp8 import E4M3_MAX
+
 BLOCK_SIZE = 16
 E2M1_MAX = 6.0
-E4M3_MAX = 448.0
 SCALE_MIN = 2.0**-9  # smallest e4m3 subnormal: block scales are clamped to [SCALE_MIN, E4M3_MAX]
 GLOBAL_DENOM = E2M1_MAX * E4M3_MAX  # 2688
 
