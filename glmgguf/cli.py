@@ -11,6 +11,7 @@ import importlib
 import click
 
 from glmgguf import __version__
+from glmgguf.errors import user_errors
 
 COMMANDS = {  # name -> "module:attribute"
     "convert": "glmgguf.gguf.cli:convert_cmd",
@@ -43,6 +44,11 @@ class LazyGroup(click.Group):
         cmd = getattr(importlib.import_module(module), attr)
         assert cmd.name == name, f"{COMMANDS[name]} is named {cmd.name!r}, not {name!r}"
         return cmd
+
+    def invoke(self, ctx: click.Context):
+        """Run the command; any `GlmggufError` it raises becomes one `Error:` line (exit status 1)."""
+        with user_errors():
+            return super().invoke(ctx)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

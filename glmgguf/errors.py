@@ -1,35 +1,31 @@
-"""Turn the toolkit's expected failures into one clear CLI error line."""
+"""The toolkit's one error hierarchy: every expected failure is a `GlmggufError`.
+
+Bad input, a missing or inconsistent file, an output that would overwrite an input, a tool that fails: each stage
+raises a subclass of `GlmggufError` (most also subclass `ValueError` or `RuntimeError`, as before), and the
+command line turns any of them into one `Error:` line with exit status 1 (`glmgguf.cli` catches them once, for
+every command). Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import click
 
-from glmgguf.eval.probes import EvalError
-from glmgguf.io import CheckpointError
-from glmgguf.io.atomic import OutputConflictError, OutputExistsError
-from glmgguf.layout import LayoutError
-from glmgguf.reap.errors import ReapError
 
-USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, LayoutError, OutputExistsError, OutputConflictError,
-                                            FileNotFoundError, ReapError, EvalError)
+class GlmggufError(Exception):
+    """An expected failure, reported to the user as one line."""
 
 
-def _user_error_types() -> tuple[type[Exception], ...]:
-    """USER_ERRORS, plus the layer runner's when it is loaded (it imports torch; unloaded, it raised nothing)."""
-    runner = sys.modules.get("glmgguf.runner")
-    return USER_ERRORS + ((runner.RunnerError,) if runner is not None else ())
+# built-in errors that mean the user named something that is not there
+USER_OS_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError,)
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Re-raise known input errors as click errors (one line, exit status 1)."""
+    """Re-raise the toolkit's errors (and a missing file) as click errors: one line, exit status 1."""
     try:
         yield
-    except Exception as e:
-        if isinstance(e, _user_error_types()):
-            raise click.ClickException(str(e)) from None
-        raise
+    except (GlmggufError, *USER_OS_ERRORS) as e:
+        raise click.ClickException(str(e)) from None

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from glmgguf.errors import GlmggufError
+
 ARCHITECTURE = "GlmMoeDsaForCausalLM"
 GGUF_ARCH = "glm-dsa"
 
 
-class LayoutError(ValueError):
+class LayoutError(GlmggufError, ValueError):
     """The config or the checkpoint does not describe a model this toolkit understands."""
 
 

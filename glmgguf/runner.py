@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from glmgguf.errors import GlmggufError
 from glmgguf.io import CheckpointReader
 from glmgguf.layout import GlmLayout, LayerInfo, LayerKind, mtp_embedding_name
 
@@ -266,7 +267,7 @@ class RunReport:
     activation_bytes: int
 
 
-class RunnerError(ValueError):
+class RunnerError(GlmggufError, ValueError):
     """A run that cannot start (work directory, spill settings)."""
 
 

@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from glmgguf.errors import user_errors
-
 if TYPE_CHECKING:
     from glmgguf.eval.probes import Prompt
     from glmgguf.eval.run import RunSpec
@@ -158,18 +156,17 @@ def eval_group() -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Run file (JSON).")
 def loops_cmd(out: Path, **opts: Any) -> None:
     """Generate on every prompt until EOS or a detected loop; record outcome, tokens, distinct-4, time."""
-    with user_errors():
-        from glmgguf.eval.compare import compare_table
-        from glmgguf.eval.run import run_probes
-        from glmgguf.io.atomic import OutputExistsError
+    from glmgguf.eval.compare import compare_table
+    from glmgguf.eval.run import run_probes
+    from glmgguf.io.atomic import OutputExistsError
 
-        prompts, spec = _spec(opts, {})
-        if out.exists() and not opts["force"]:
-            raise OutputExistsError(f"{out} already exists (use --force to overwrite)")
-        with _server(opts, out.with_name(out.name + ".server.log")) as url:
-            doc = run_probes(url, prompts, spec, out, force=opts["force"], **_run_kwargs(opts))
-        click.echo(compare_table([(out.stem, doc)]), nl=False)
-        click.echo(f"wrote {out}")
+    prompts, spec = _spec(opts, {})
+    if out.exists() and not opts["force"]:
+        raise OutputExistsError(f"{out} already exists (use --force to overwrite)")
+    with _server(opts, out.with_name(out.name + ".server.log")) as url:
+        doc = run_probes(url, prompts, spec, out, force=opts["force"], **_run_kwargs(opts))
+    click.echo(compare_table([(out.stem, doc)]), nl=False)
+    click.echo(f"wrote {out}")
 
 
 @eval_group.command("compare")
@@ -178,17 +175,16 @@ def loops_cmd(out: Path, **opts: Any) -> None:
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Bar chart of loop and EOS rates.")
 def compare_cmd(runs: tuple[Path, ...], out: Path | None, png: Path | None) -> None:
     """Compare run files: rates with Wilson 95% CIs, z-tests against the first run, loops per source."""
-    with user_errors():
-        from glmgguf.eval.compare import compare_chart, compare_table, load_run
+    from glmgguf.eval.compare import compare_chart, compare_table, load_run
 
-        loaded = [(p.stem, load_run(p)) for p in runs]
-        table = compare_table(loaded)
-        click.echo(table, nl=False)
-        if out:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(table)
-        if png:
-            compare_chart(loaded, png)
+    loaded = [(p.stem, load_run(p)) for p in runs]
+    table = compare_table(loaded)
+    click.echo(table, nl=False)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
+    if png:
+        compare_chart(loaded, png)
 
 
 def _grid(specs: tuple[str, ...]) -> list[dict[str, str]]:
@@ -214,26 +210,25 @@ def _grid(specs: tuple[str, ...]) -> list[dict[str, str]]:
               help="Directory: one run file per grid point, compare.md, compare.png.")
 def sweep_cmd(grids: tuple[str, ...], out: Path, **opts: Any) -> None:
     """The same probes over a grid of sampler settings, on one server; one comparison table."""
-    with user_errors():
-        from glmgguf.eval.compare import compare_chart, compare_table, load_run
-        from glmgguf.eval.probes import EvalError
-        from glmgguf.eval.run import run_probes
+    from glmgguf.eval.compare import compare_chart, compare_table, load_run
+    from glmgguf.eval.probes import EvalError
+    from glmgguf.eval.run import run_probes
 
-        points = [(combo, *_spec(opts, combo)) for combo in _grid(grids)]
-        runs = []
-        with _server(opts, out / "llama-server.log") as url:
-            for combo, prompts, spec in points:
-                label = " ".join(f"{k}={v}" for k, v in combo.items())
-                path = out / (label.replace(" ", "_") + ".json")
-                if path.exists() and not opts["force"]:
-                    doc = load_run(path)
-                    if doc["spec"] != json.loads(json.dumps(spec.as_dict())):
-                        raise EvalError(f"{path} holds a run with other settings; use --force to redo it")
-                else:
-                    doc = run_probes(url, prompts, spec, path, force=opts["force"], **_run_kwargs(opts))
-                runs.append((label, doc))
-        table = compare_table(runs)
-        (out / "compare.md").write_text(table)
-        compare_chart(runs, out / "compare.png")
-        click.echo(table, nl=False)
-        click.echo(f"wrote {out}/compare.md and compare.png")
+    points = [(combo, *_spec(opts, combo)) for combo in _grid(grids)]
+    runs = []
+    with _server(opts, out / "llama-server.log") as url:
+        for combo, prompts, spec in points:
+            label = " ".join(f"{k}={v}" for k, v in combo.items())
+            path = out / (label.replace(" ", "_") + ".json")
+            if path.exists() and not opts["force"]:
+                doc = load_run(path)
+                if doc["spec"] != json.loads(json.dumps(spec.as_dict())):
+                    raise EvalError(f"{path} holds a run with other settings; use --force to redo it")
+            else:
+                doc = run_probes(url, prompts, spec, path, force=opts["force"], **_run_kwargs(opts))
+            runs.append((label, doc))
+    table = compare_table(runs)
+    (out / "compare.md").write_text(table)
+    compare_chart(runs, out / "compare.png")
+    click.echo(table, nl=False)
+    click.echo(f"wrote {out}/compare.md and compare.png")

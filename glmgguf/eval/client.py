@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+from glmgguf.errors import GlmggufError
 
-class StreamError(RuntimeError):
+
+class StreamError(GlmggufError, RuntimeError):
     """A request that failed; `retryable` when trying again may help (connection lost, 5xx, cut stream)."""
 
     def __init__(self, message: str, retryable: bool) -> None:

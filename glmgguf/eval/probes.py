@@ -11,10 +11,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from glmgguf.errors import GlmggufError
+
 BUILTIN = {"fuzz": "fuzz.jsonl"}
 
 
-class EvalError(ValueError):
+class EvalError(GlmggufError, ValueError):
     """Bad evaluation input (prompts, run files, sampler settings): a one-line CLI error."""
 
 

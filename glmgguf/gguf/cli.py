@@ -4,31 +4,13 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from glmgguf.errors import user_errors
 from glmgguf.gguf.plan import OUTTYPES, IndexerMode, MtpMode
 
 DEFAULT_THREADS = os.cpu_count() or 1
-
-
-@contextmanager
-def gguf_errors() -> Iterator[None]:
-    """Input errors of this stage (recipes, imatrix files, GGUF inputs, ggml) as one clear CLI error line."""
-    from glmgguf.gguf.ggml import GgmlError
-    from glmgguf.gguf.imatrix import ImatrixError
-    from glmgguf.gguf.quantize import GgufInputError
-    from glmgguf.gguf.recipe import RecipeError
-
-    try:
-        with user_errors():
-            yield
-    except (RecipeError, ImatrixError, GgufInputError, GgmlError) as e:
-        raise click.ClickException(str(e)) from None
 
 
 def _split_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int:
@@ -80,28 +62,27 @@ def convert_cmd(src: Path, out: Path, outtype: str | None, recipe: str | None, m
     """Convert the GLM-5.x checkpoint SRC into the GGUF file OUT (one streaming pass, also for --recipe)."""
     if outtype and recipe:
         raise click.UsageError("--outtype and --recipe are mutually exclusive")
-    with gguf_errors():
-        from glmgguf.gguf.convert import convert, outtype_chooser
+    from glmgguf.gguf.convert import convert, outtype_chooser
 
-        settings = {}
-        if recipe:
-            from glmgguf.checkpoint import open_checkpoint
-            from glmgguf.gguf.recipe import load_recipe
+    settings = {}
+    if recipe:
+        from glmgguf.checkpoint import open_checkpoint
+        from glmgguf.gguf.recipe import load_recipe
 
-            rec = load_recipe(recipe)
-            choose = rec.chooser(open_checkpoint(src).layout.layers)
-        else:
-            outtype = outtype or "bf16"
-            choose = outtype_chooser(outtype)
-            settings["outtype"] = outtype
-        imat = None
-        if imatrix is not None:
-            from glmgguf.gguf.imatrix import load_imatrix
+        rec = load_recipe(recipe)
+        choose = rec.chooser(open_checkpoint(src).layout.layers)
+    else:
+        outtype = outtype or "bf16"
+        choose = outtype_chooser(outtype)
+        settings["outtype"] = outtype
+    imat = None
+    if imatrix is not None:
+        from glmgguf.gguf.imatrix import load_imatrix
 
-            imat = load_imatrix(imatrix)
-        result = convert(src, out, choose, MtpMode(mtp), IndexerMode(indexer), settings=settings, force=force,
-                         allow_nonfinite=allow_nonfinite, imatrix=imat, threads=threads,
-                         split_max_size=split_max_size)
+        imat = load_imatrix(imatrix)
+    result = convert(src, out, choose, MtpMode(mtp), IndexerMode(indexer), settings=settings, force=force,
+                     allow_nonfinite=allow_nonfinite, imatrix=imat, threads=threads,
+                     split_max_size=split_max_size)
     _echo_written(result.paths or [result.path], result.n_tensors, result.n_bytes, result.seconds, result.peak_rss)
     if result.requires_patches:
         click.echo(f"note: this GGUF needs llama.cpp with {', '.join(result.requires_patches)} (an unpatched "
@@ -120,15 +101,14 @@ def convert_cmd(src: Path, out: Path, outtype: str | None, recipe: str | None, m
 def quantize_cmd(src: Path, out: Path, recipe: str, imatrix: Path | None, threads: int, split_max_size: int,
                  force: bool) -> None:
     """Quantize the glm-dsa GGUF SRC (F32/BF16/F16) into OUT by a recipe, with ggml's own kernels."""
-    with gguf_errors():
-        from glmgguf.gguf.imatrix import load_imatrix
-        from glmgguf.gguf.quantize import quantize_gguf
-        from glmgguf.gguf.recipe import load_recipe
+    from glmgguf.gguf.imatrix import load_imatrix
+    from glmgguf.gguf.quantize import quantize_gguf
+    from glmgguf.gguf.recipe import load_recipe
 
-        rec = load_recipe(recipe)
-        imat = load_imatrix(imatrix) if imatrix is not None else None
-        result = quantize_gguf(src, out, rec, imatrix=imat, threads=threads, split_max_size=split_max_size,
-                               force=force)
+    rec = load_recipe(recipe)
+    imat = load_imatrix(imatrix) if imatrix is not None else None
+    result = quantize_gguf(src, out, rec, imatrix=imat, threads=threads, split_max_size=split_max_size,
+                           force=force)
     _echo_written(result.paths, result.n_tensors, result.n_bytes, result.seconds, result.peak_rss)
 
 
@@ -159,27 +139,26 @@ def inspect_cmd(path: Path, other: Path | None) -> None:
 @click.option("--imatrix", type=click.Path(dir_okay=False, path_type=Path), help="Imatrix for that command.")
 def recipes_cmd(name: str | None, gguf_in: Path | None, gguf_out: str, imatrix: Path | None) -> None:
     """List the shipped recipes; with NAME show it (and, with --llama-quantize-args, its llama-quantize twin)."""
-    with gguf_errors():
-        from glmgguf.gguf.recipe import builtin_recipes, llama_quantize_args, load_recipe
+    from glmgguf.gguf.recipe import builtin_recipes, llama_quantize_args, load_recipe
 
-        if name is None:
-            if gguf_in is not None:
-                raise click.UsageError("--llama-quantize-args needs a recipe NAME")
-            recipes = {n: load_recipe(n) for n in builtin_recipes()}
-            width = max(map(len, recipes), default=0)
-            for n, r in recipes.items():
-                click.echo(f"{n.ljust(width)}  {r.description}")
-            return
-        rec = load_recipe(name)
-        if gguf_in is None:
-            click.echo(f"# {rec.name} ({rec.path}, sha256 {rec.sha256[:16]})")
-            click.echo(rec.text.rstrip())
-            return
-        from glmgguf.gguf.quantize import open_gguf, plan_quantize
+    if name is None:
+        if gguf_in is not None:
+            raise click.UsageError("--llama-quantize-args needs a recipe NAME")
+        recipes = {n: load_recipe(n) for n in builtin_recipes()}
+        width = max(map(len, recipes), default=0)
+        for n, r in recipes.items():
+            click.echo(f"{n.ljust(width)}  {r.description}")
+        return
+    rec = load_recipe(name)
+    if gguf_in is None:
+        click.echo(f"# {rec.name} ({rec.path}, sha256 {rec.sha256[:16]})")
+        click.echo(rec.text.rstrip())
+        return
+    from glmgguf.gguf.quantize import open_gguf, plan_quantize
 
-        model = open_gguf(gguf_in)
-        plan, resolution = plan_quantize(model, rec)
-        for w in resolution.warnings:
-            click.echo(f"# warning: {w}", err=True)
-        src_types = {t.name: t.ggml_type for t in model.plan}
-        click.echo(shlex.join(llama_quantize_args(plan, gguf_in, gguf_out, imatrix=imatrix, src_types=src_types)))
+    model = open_gguf(gguf_in)
+    plan, resolution = plan_quantize(model, rec)
+    for w in resolution.warnings:
+        click.echo(f"# warning: {w}", err=True)
+    src_types = {t.name: t.ggml_type for t in model.plan}
+    click.echo(shlex.join(llama_quantize_args(plan, gguf_in, gguf_out, imatrix=imatrix, src_types=src_types)))

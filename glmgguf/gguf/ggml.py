@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from glmgguf.errors import GlmggufError
+
 _LIB_NAMES = {"linux": "libggml-base.so", "darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}
 ROWS_PER_TASK = 32
 MIN_TASK_ELEMENTS = 1 << 16  # short rows: more of them per task, to keep the per-task overhead small
@@ -24,7 +26,7 @@ MIN_TASK_ELEMENTS = 1 << 16  # short rows: more of them per task, to keep the pe
 _TO_F32_ROW = {GGMLQuantizationType.BF16: "ggml_bf16_to_fp32_row", GGMLQuantizationType.F16: "ggml_fp16_to_fp32_row"}
 
 
-class GgmlError(RuntimeError):
+class GgmlError(GlmggufError, RuntimeError):
     """The ggml library is missing or refused a quantization."""
 
 

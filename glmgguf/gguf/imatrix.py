@@ -18,12 +18,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from glmgguf.errors import GlmggufError
+
 SUM_SUFFIX = ".in_sum2"
 COUNT_SUFFIX = ".counts"
 EXPERT_TENSORS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 
 
-class ImatrixError(ValueError):
+class ImatrixError(GlmggufError, ValueError):
     """An importance matrix is unreadable or does not fit the model."""
 
 

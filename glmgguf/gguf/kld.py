@@ -22,12 +22,14 @@ from pathlib import Path
 
 import click
 
+from glmgguf.errors import GlmggufError
+
 DEFAULT_CTX = 256
 KV_F32 = ("-ctk", "f32", "-ctv", "f32")
 MIN_KLD_VALUES = 100  # llama-perplexity prints its statistics only above this many scored tokens
 
 
-class KldError(RuntimeError):
+class KldError(GlmggufError, RuntimeError):
     """llama-perplexity / llama-imatrix failed or printed nothing this module can read."""
 
 

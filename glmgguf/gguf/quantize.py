@@ -23,6 +23,7 @@ from gguf import GGUFReader, GGUFValueType
 from tqdm import tqdm
 
 from glmgguf import __version__
+from glmgguf.errors import GlmggufError
 from glmgguf.gguf.encode import FLOAT_TYPES, bf16_words_to_f32, default_kernels, encode, nbytes
 from glmgguf.gguf.imatrix import Imatrix, imatrix_for_plan, write_imatrix_keys
 from glmgguf.gguf.metadata import PROVENANCE_PREFIX
@@ -37,7 +38,7 @@ SKIPPED_KEYS = ("GGUF.", "split.", "general.architecture", "general.file_type", 
                 "quantize.imatrix.", *OUR_KEYS)
 
 
-class GgufInputError(ValueError):
+class GgufInputError(GlmggufError, ValueError):
     """The input GGUF is not a glm-dsa model this tool can quantize."""
 
 

@@ -47,6 +47,7 @@ import gguf
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
+from glmgguf.errors import GlmggufError
 from glmgguf.gguf.plan import PlannedTensor
 from glmgguf.layout import LayerInfo, LayerKind, Role
 from glmgguf.resources import package_path
@@ -111,7 +112,7 @@ _SELECTOR = re.compile(r"^(?:(?P<word>all|trunk|mtp|dense|moe)|(?P<kind>first|la
                        r"|(?P<a>\d+)(?:-(?P<b>\d+))?)$")
 
 
-class RecipeError(ValueError):
+class RecipeError(GlmggufError, ValueError):
     """A recipe file is invalid, or cannot be applied to this model."""
 
 

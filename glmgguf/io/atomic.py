@@ -13,12 +13,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from glmgguf.errors import GlmggufError
 
-class OutputExistsError(FileExistsError):
+
+class OutputExistsError(GlmggufError, FileExistsError):
     """The output already exists and overwriting was not asked for."""
 
 
-class OutputConflictError(ValueError):
+class OutputConflictError(GlmggufError, ValueError):
     """The output overlaps an input, or another run is writing it."""
 
 

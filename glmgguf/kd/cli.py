@@ -5,27 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from glmgguf.cli_options import DTYPES, parse_size_option, streaming_options, text_options
-from glmgguf.errors import user_errors
-
-
-@contextmanager
-def kd_errors() -> Iterator[None]:
-    """The toolkit's input errors and the KD stage's own as one-line CLI errors."""
-    from glmgguf.kd.errors import KdError
-
-    with user_errors():
-        try:
-            yield
-        except KdError as e:
-            raise click.ClickException(str(e)) from None
-
 
 
 def _threads(n: int | None) -> None:
@@ -59,38 +43,37 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
                 dtype: str, work_dir: Path | None, spill_threshold: int, shard_size: int, threads: int | None,
                 force: bool) -> None:
     """Run the unpruned teacher MODEL over the KD text once and cache its top-k next-token distributions."""
-    with kd_errors():
-        import torch
-        from tqdm import tqdm
+    import torch
+    from tqdm import tqdm
 
-        from glmgguf.io.atomic import check_output
-        from glmgguf.kd.teacher import build_teacher_cache, file_hashes
-        from glmgguf.layout import GlmLayout
-        from glmgguf.reap.data import load_calibration, load_tokenizer
+    from glmgguf.io.atomic import check_output
+    from glmgguf.kd.teacher import build_teacher_cache, file_hashes
+    from glmgguf.layout import GlmLayout
+    from glmgguf.reap.data import load_calibration, load_tokenizer
 
-        _threads(threads)
-        check_output(out, force, inputs=[model])
-        layout = GlmLayout.from_dir(model)
-        cal = load_calibration(data, load_tokenizer(model), seq_len, max_tokens=max_tokens,
-                               num_samples=num_samples, seed=seed, text_field=text_field)
-        text = {"files": file_hashes(data), "seed": seed, "max_tokens": max_tokens, "num_samples": num_samples,
-                "text_field": text_field, **cal.describe()}
-        click.echo(f"KD text: {cal.sequences.shape[0]} x {seq_len} tokens from {cal.documents_used} of "
-                   f"{cal.documents_total} documents; teacher {'streaming' if streaming else 'in-memory'} on "
-                   f"{device}, top-{min(top_k, layout.vocab_size)} of {layout.vocab_size}")
-        blocks = layout.n_layers if streaming else 1
-        bar = tqdm(total=cal.n_tokens * blocks, unit="tok", unit_scale=True, desc="teacher", dynamic_ncols=True)
-        wd = work_dir or out.with_name(out.name + ".work")
-        try:
-            res = build_teacher_cache(
-                model, cal.sequences, out, top_k=top_k, streaming=streaming, batch_size=batch_size,
-                dtype=getattr(torch, DTYPES[dtype]), device=device, device_map=None if device == "cpu" else device,
-                work_dir=wd, spill_bytes=spill_threshold, shard_bytes=shard_size, text=text, force=force,
-                progress=lambda block, n: bar.update(n))
-        finally:
-            bar.close()
-        if streaming:
-            shutil.rmtree(wd, ignore_errors=True)
+    _threads(threads)
+    check_output(out, force, inputs=[model])
+    layout = GlmLayout.from_dir(model)
+    cal = load_calibration(data, load_tokenizer(model), seq_len, max_tokens=max_tokens,
+                           num_samples=num_samples, seed=seed, text_field=text_field)
+    text = {"files": file_hashes(data), "seed": seed, "max_tokens": max_tokens, "num_samples": num_samples,
+            "text_field": text_field, **cal.describe()}
+    click.echo(f"KD text: {cal.sequences.shape[0]} x {seq_len} tokens from {cal.documents_used} of "
+               f"{cal.documents_total} documents; teacher {'streaming' if streaming else 'in-memory'} on "
+               f"{device}, top-{min(top_k, layout.vocab_size)} of {layout.vocab_size}")
+    blocks = layout.n_layers if streaming else 1
+    bar = tqdm(total=cal.n_tokens * blocks, unit="tok", unit_scale=True, desc="teacher", dynamic_ncols=True)
+    wd = work_dir or out.with_name(out.name + ".work")
+    try:
+        res = build_teacher_cache(
+            model, cal.sequences, out, top_k=top_k, streaming=streaming, batch_size=batch_size,
+            dtype=getattr(torch, DTYPES[dtype]), device=device, device_map=None if device == "cpu" else device,
+            work_dir=wd, spill_bytes=spill_threshold, shard_bytes=shard_size, text=text, force=force,
+            progress=lambda block, n: bar.update(n))
+    finally:
+        bar.close()
+    if streaming:
+        shutil.rmtree(wd, ignore_errors=True)
     m = res.manifest
     click.echo(f"wrote {out}: {m['positions']} positions in {len(m['shards'])} shard(s), top-{m['top_k']}, "
                f"mean mass outside the top-k {m['mean_rest_mass']:.4f}, {res.seconds:.1f} s")
@@ -143,39 +126,38 @@ def train_cmd(student: Path, cache: Path, out: Path, lr: float, steps: int, batc
               save_every: int, resume: bool, work_dir: Path | None, eval_cache: Path | None, eval_every: int,
               data: tuple[Path, ...], threads: int | None, force: bool) -> None:
     """Train only the MoE routers of STUDENT (pruned from the teacher) to match the teacher cache."""
-    with kd_errors():
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        from glmgguf.kd.train import LOG_NAME, TrainOptions, train_router
+    from glmgguf.kd.train import LOG_NAME, TrainOptions, train_router
 
-        _threads(threads)
-        opts = TrainOptions(steps=steps, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                            warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip, train_bias=train_bias,
-                            mtp=not no_mtp, mtp_weight=mtp_weight, seed=seed, dtype=DTYPES[dtype],
-                            device_map=None if device_map in (None, "cpu") else device_map,
-                            gradient_checkpointing=not no_gradient_checkpointing, save_every=save_every,
-                            eval_every=eval_every)
-        bar: list = []
+    _threads(threads)
+    opts = TrainOptions(steps=steps, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                        warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip, train_bias=train_bias,
+                        mtp=not no_mtp, mtp_weight=mtp_weight, seed=seed, dtype=DTYPES[dtype],
+                        device_map=None if device_map in (None, "cpu") else device_map,
+                        gradient_checkpointing=not no_gradient_checkpointing, save_every=save_every,
+                        eval_every=eval_every)
+    bar: list = []
 
-        def progress(step: int, total: int, rec: dict) -> None:
-            if not bar:
-                bar.append(tqdm(total=total, initial=step - 1, unit="step", desc="router-KD", dynamic_ncols=True))
-            b = bar[0]
-            b.update(1)
-            post = f"KL {rec['kl']:.4f}"
-            if rec.get("mtp_kl") is not None:
-                post += f", MTP {rec['mtp_kl']:.4f}"
-            b.set_postfix_str(post + f", lr {rec['lr']:.2e}")
+    def progress(step: int, total: int, rec: dict) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, initial=step - 1, unit="step", desc="router-KD", dynamic_ncols=True))
+        b = bar[0]
+        b.update(1)
+        post = f"KL {rec['kl']:.4f}"
+        if rec.get("mtp_kl") is not None:
+            post += f", MTP {rec['mtp_kl']:.4f}"
+        b.set_postfix_str(post + f", lr {rec['lr']:.2e}")
 
-        def log(line: str) -> None:
-            (bar[0].write if bar else click.echo)(line)
+    def log(line: str) -> None:
+        (bar[0].write if bar else click.echo)(line)
 
-        try:
-            res = train_router(student, cache, out, opts, work_dir=work_dir, resume=resume, force=force,
-                               eval_cache=eval_cache, data=list(data) or None, progress=progress, log=log)
-        finally:
-            if bar:
-                bar[0].close()
+    try:
+        res = train_router(student, cache, out, opts, work_dir=work_dir, resume=resume, force=force,
+                           eval_cache=eval_cache, data=list(data) or None, progress=progress, log=log)
+    finally:
+        if bar:
+            bar[0].close()
     w = res.write
     recs = res.records
     first = sum(r["kl"] for r in recs[:10]) / max(len(recs[:10]), 1) if recs else float("nan")
@@ -201,16 +183,15 @@ def train_cmd(student: Path, cache: Path, out: Path, lr: float, steps: int, batc
 def eval_cmd(model: Path, cache: Path, data: tuple[Path, ...], batch_size: int, dtype: str, device_map: str | None,
              no_mtp: bool, json_out: Path | None, threads: int | None) -> None:
     """KL(teacher || MODEL) and top-1 agreement on the cached (held-out) text, for any checkpoint."""
-    with kd_errors():
-        import torch
+    import torch
 
-        from glmgguf.kd.evaluate import evaluate
+    from glmgguf.kd.evaluate import evaluate
 
-        _threads(threads)
-        t0 = time.perf_counter()
-        res = evaluate(model, cache, batch_size=batch_size, dtype=getattr(torch, DTYPES[dtype]),
-                       device_map=None if device_map in (None, "cpu") else device_map, mtp=not no_mtp,
-                       data=list(data) or None)
-        if json_out is not None:
-            json_out.write_text(json.dumps(res.to_json(), indent=1) + "\n")
+    _threads(threads)
+    t0 = time.perf_counter()
+    res = evaluate(model, cache, batch_size=batch_size, dtype=getattr(torch, DTYPES[dtype]),
+                   device_map=None if device_map in (None, "cpu") else device_map, mtp=not no_mtp,
+                   data=list(data) or None)
+    if json_out is not None:
+        json_out.write_text(json.dumps(res.to_json(), indent=1) + "\n")
     click.echo(f"{model.name}: {res} (top-{res.cache_top_k} cache, {time.perf_counter() - t0:.1f} s)")

@@ -1,7 +1,9 @@
 """Errors of the Router-KD stage (each one clear line on the command line)."""
 
+from glmgguf.errors import GlmggufError
 
-class KdError(ValueError):
+
+class KdError(GlmggufError, ValueError):
     """Base of the KD stage's input errors."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from glmgguf.errors import GlmggufError
 from glmgguf.llama.patches import PATCH_DIR, SERIES, apply_module
 from glmgguf.llama.source import cache_root, pinned_identity, resolve_source, user_source
 from glmgguf.locks import file_lock
@@ -32,7 +33,7 @@ META = "toolchain.json"
 _PROGRESS = re.compile(r"^\[\s*(\d+)%\]|^\[(\d+)/(\d+)\]")
 
 
-class LlamaBuildError(RuntimeError):
+class LlamaBuildError(GlmggufError, RuntimeError):
     """Building or locating the llama.cpp tools failed."""
 
 

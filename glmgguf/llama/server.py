@@ -17,10 +17,11 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
 
+from glmgguf.errors import GlmggufError
 from glmgguf.llama.build import LlamaBuildError, Toolchain, ensure_toolchain
 
 
-class LlamaServerError(RuntimeError):
+class LlamaServerError(GlmggufError, RuntimeError):
     """llama-server failed to start or a request to it failed."""
 
 

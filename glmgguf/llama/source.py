@@ -11,13 +11,15 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from glmgguf.errors import GlmggufError
+
 PINNED_LLAMA_CPP_PYTHON = "0.3.36"
 PINNED_LLAMA_CPP_COMMIT = "0c1e5709"
 SDIST_NAME = f"llama_cpp_python-{PINNED_LLAMA_CPP_PYTHON}"
 REQUIRED_FILES = ("CMakeLists.txt", "src/models/glm-dsa.cpp")
 
 
-class LlamaSourceError(RuntimeError):
+class LlamaSourceError(GlmggufError, RuntimeError):
     """The llama.cpp source could not be obtained or is not usable."""
 
 

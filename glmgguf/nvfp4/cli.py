@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
-
-from glmgguf.errors import user_errors
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
@@ -18,18 +14,6 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
         return parse_size(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    from glmgguf.nvfp4.export import ExportError
-    from glmgguf.nvfp4.quant import Nvfp4Error
-
-    with user_errors():
-        try:
-            yield
-        except (ExportError, Nvfp4Error) as e:
-            raise click.ClickException(str(e)) from None
 
 
 @click.group("nvfp4")
@@ -59,32 +43,31 @@ def nvfp4() -> None:
 def export_cmd(src: Path, out: Path, calib: tuple[Path, ...], device: str, exclude: tuple[str, ...], fmt: str,
                max_shard: int, threads: int | None, dry_run: bool, force: bool) -> None:
     """Write SRC with its routed experts (every MoE layer, MTP included) in NVFP4 to OUT."""
-    with _errors():
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        from glmgguf.io.atomic import check_output
-        from glmgguf.nvfp4.export import export_nvfp4, plan_export, resolve_device
+    from glmgguf.io.atomic import check_output
+    from glmgguf.nvfp4.export import export_nvfp4, plan_export, resolve_device
 
-        plan = plan_export(src, list(calib), fmt=fmt, exclude=exclude)
-        click.echo(plan.describe())
-        if dry_run:
-            return
-        check_output(out, force, inputs=[src])
-        dev = resolve_device(device)
-        if threads is None and dev.type == "cpu":
-            from glmgguf.testbed.train import _num_threads
+    plan = plan_export(src, list(calib), fmt=fmt, exclude=exclude)
+    click.echo(plan.describe())
+    if dry_run:
+        return
+    check_output(out, force, inputs=[src])
+    dev = resolve_device(device)
+    if threads is None and dev.type == "cpu":
+        from glmgguf.testbed.train import _num_threads
 
-            threads = _num_threads()
-        bar = tqdm(total=plan.bytes_in, unit="B", unit_scale=True, desc="nvfp4", dynamic_ncols=True)
+        threads = _num_threads()
+    bar = tqdm(total=plan.bytes_in, unit="B", unit_scale=True, desc="nvfp4", dynamic_ncols=True)
 
-        def progress(done: int, total: int) -> None:
-            bar.update(done - bar.n)
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
 
-        try:
-            res = export_nvfp4(plan, out, device=dev, force=force, max_shard_bytes=max_shard, threads=threads,
-                               progress=progress)
-        finally:
-            bar.close()
+    try:
+        res = export_nvfp4(plan, out, device=dev, force=force, max_shard_bytes=max_shard, threads=threads,
+                           progress=progress)
+    finally:
+        bar.close()
     click.echo(f"wrote {res.out} ({fmt}): {res.n_tensors} tensors, {res.bytes_out / 2**20:.1f} MiB "
                f"(from {plan.bytes_in / 2**20:.1f} MiB) in {res.seconds:.1f} s; experts at "
                f"{res.expert_gbps:.3f} GB/s on {dev}; {plan.amax.n_fallback} expert(s) took their layer's max "
@@ -98,10 +81,9 @@ def export_cmd(src: Path, out: Path, calib: tuple[Path, ...], device: str, exclu
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
 def dequantize_cmd(src: Path, out: Path, dtype: str, force: bool) -> None:
     """Write a plain checkpoint from an NVFP4 export (experts dequantized) for transformers or llama.cpp."""
-    with _errors():
-        import torch
+    import torch
 
-        from glmgguf.nvfp4.export import dequantize_export
+    from glmgguf.nvfp4.export import dequantize_export
 
-        dequantize_export(src, out, dtype={"f32": torch.float32, "bf16": torch.bfloat16}[dtype], force=force)
+    dequantize_export(src, out, dtype={"f32": torch.float32, "bf16": torch.bfloat16}[dtype], force=force)
     click.echo(f"wrote {out}")

@@ -40,6 +40,7 @@ import torch
 
 from glmgguf import __version__
 from glmgguf.checkpoint import GlmCheckpoint, open_checkpoint
+from glmgguf.errors import GlmggufError
 from glmgguf.io import ShardedWriter, atomic_dir
 from glmgguf.io.writer import PlanEntry
 from glmgguf.layout import GlmLayout, Role, parse_hf_name
@@ -60,7 +61,7 @@ TENSOR_SUFFIXES = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(GlmggufError, ValueError):
     """The export cannot be planned or run with these inputs."""
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from glmgguf.errors import GlmggufError
 from glmgguf.io.fp8 import E4M3_MAX
 
 BLOCK_SIZE = 16
@@ -39,7 +40,7 @@ CHUNK_ELEMENTS = 1 << 16
 _TABLES: dict[tuple[torch.device, str], torch.Tensor] = {}
 
 
-class Nvfp4Error(ValueError):
+class Nvfp4Error(GlmggufError, ValueError):
     """A tensor or a calibration value cannot be represented in NVFP4."""
 
 

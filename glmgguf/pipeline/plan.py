@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glmgguf.errors import GlmggufError
+
 BUILTIN_DATA = ("stdlib:train", "stdlib:heldout")  # the testbed's standard-library text splits
 # the trained testbed models (built and cached on demand); `-fp8`: stored as the block-FP8 release is
 BUILTIN_MODELS = ("testbed:tiny", "testbed:small", "testbed:tiny-fp8", "testbed:small-fp8")
@@ -46,7 +48,7 @@ CHOICES = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(GlmggufError, ValueError):
     """The plan is invalid; the message names the file and line."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from glmgguf import __version__
+from glmgguf.errors import GlmggufError
 from glmgguf.layout import GlmLayout
 from glmgguf.pipeline.inputs import (
     check_inputs,
@@ -40,7 +41,7 @@ from glmgguf.pipeline.plan import Plan, PlanError
 from glmgguf.pipeline.stages import Stage, build_stages
 
 
-class StageFailed(RuntimeError):
+class StageFailed(GlmggufError, RuntimeError):
     """A stage's command exited with an error."""
 
 

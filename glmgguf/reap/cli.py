@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 
 from glmgguf.cli_options import DTYPES, streaming_options, text_options
-from glmgguf.errors import user_errors
 
 
 @click.group("reap")
@@ -29,46 +28,45 @@ def observe_cmd(model: Path, data: tuple[Path, ...], out: Path, seq_len: int, ma
                 num_samples: int | None, seed: int, text_field: str, batch_size: int, streaming: bool, device: str,
                 dtype: str, work_dir: Path | None, spill_threshold: int, no_mtp: bool, force: bool) -> None:
     """Run calibration text through MODEL and save per-expert REAP statistics."""
-    with user_errors():
-        import torch
-        from tqdm import tqdm
+    import torch
+    from tqdm import tqdm
 
-        from glmgguf.io.atomic import check_output
-        from glmgguf.layout import GlmLayout
-        from glmgguf.reap.data import load_calibration, load_tokenizer
-        from glmgguf.reap.observe import observe
-        from glmgguf.runner import chunk_sequences
+    from glmgguf.io.atomic import check_output
+    from glmgguf.layout import GlmLayout
+    from glmgguf.reap.data import load_calibration, load_tokenizer
+    from glmgguf.reap.observe import observe
+    from glmgguf.runner import chunk_sequences
 
-        check_output(out, force, inputs=[model])
-        layout = GlmLayout.from_dir(model)
-        cal = load_calibration(data, load_tokenizer(model), seq_len, max_tokens=max_tokens,
-                               num_samples=num_samples, seed=seed, text_field=text_field)
-        chunks = chunk_sequences(cal.sequences, batch_size)
-        blocks = layout.n_layers + (0 if no_mtp else layout.n_mtp)
-        click.echo(f"calibration: {cal.sequences.shape[0]} x {seq_len} tokens from {cal.documents_used} of "
-                   f"{cal.documents_total} documents; {'streaming' if streaming else 'in-memory'} on {device}")
-        total = cal.n_tokens * (blocks if streaming else 1)
-        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="observe", dynamic_ncols=True)
-        t0 = time.perf_counter()
+    check_output(out, force, inputs=[model])
+    layout = GlmLayout.from_dir(model)
+    cal = load_calibration(data, load_tokenizer(model), seq_len, max_tokens=max_tokens,
+                           num_samples=num_samples, seed=seed, text_field=text_field)
+    chunks = chunk_sequences(cal.sequences, batch_size)
+    blocks = layout.n_layers + (0 if no_mtp else layout.n_mtp)
+    click.echo(f"calibration: {cal.sequences.shape[0]} x {seq_len} tokens from {cal.documents_used} of "
+               f"{cal.documents_total} documents; {'streaming' if streaming else 'in-memory'} on {device}")
+    total = cal.n_tokens * (blocks if streaming else 1)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="observe", dynamic_ncols=True)
+    t0 = time.perf_counter()
 
-        def progress(block: int, n_tok: int) -> None:
-            bar.update(n_tok)
-            el = time.perf_counter() - t0
-            model_tok = bar.n / (blocks if streaming else 1)
-            bar.set_postfix_str(f"block {block + 1}/{blocks}, {model_tok / max(el, 1e-9):.0f} tok/s (whole model)")
+    def progress(block: int, n_tok: int) -> None:
+        bar.update(n_tok)
+        el = time.perf_counter() - t0
+        model_tok = bar.n / (blocks if streaming else 1)
+        bar.set_postfix_str(f"block {block + 1}/{blocks}, {model_tok / max(el, 1e-9):.0f} tok/s (whole model)")
 
-        try:
-            stats = observe(model, chunks, streaming=streaming, dtype=getattr(torch, DTYPES[dtype]),
-                            device=device, device_map=device, work_dir=work_dir or out.with_name(out.name + ".work"),
-                            spill_bytes=spill_threshold, mtp=not no_mtp, progress=progress,
-                            meta={"data": [p.name for p in data], "seed": seed, **cal.describe()})
-        finally:
-            bar.close()
-        stats.save(out, force=force)
-        if streaming:
-            from glmgguf.runner import clear_work_dir
+    try:
+        stats = observe(model, chunks, streaming=streaming, dtype=getattr(torch, DTYPES[dtype]),
+                        device=device, device_map=device, work_dir=work_dir or out.with_name(out.name + ".work"),
+                        spill_bytes=spill_threshold, mtp=not no_mtp, progress=progress,
+                        meta={"data": [p.name for p in data], "seed": seed, **cal.describe()})
+    finally:
+        bar.close()
+    stats.save(out, force=force)
+    if streaming:
+        from glmgguf.runner import clear_work_dir
 
-            clear_work_dir(work_dir or out.with_name(out.name + ".work"))
+        clear_work_dir(work_dir or out.with_name(out.name + ".work"))
     secs, resumed = stats.meta["seconds"], stats.meta.get("layers_resumed")
     click.echo(f"wrote {out} ({len(stats.layers)} MoE layers, {stats.meta['tokens']} tokens in {secs:.1f} s, "
                f"{stats.meta['tokens'] / max(secs, 1e-9):.0f} tok/s"
@@ -113,27 +111,26 @@ _seed_opt = click.option("--seed", default=0, show_default=True, help="Seed of -
 def prune_cmd(model: Path, stats_paths: tuple[Path, ...], keep: int | None, ratio: float | None, out: Path,
               per_layer: str, metric: str, seed: int, dequantize: str | None, dry_run: bool, force: bool) -> None:
     """Write a copy of MODEL without its least salient experts."""
-    with user_errors():
-        import torch
-        from tqdm import tqdm
+    import torch
+    from tqdm import tqdm
 
-        from glmgguf.reap.prune import prune_checkpoint
+    from glmgguf.reap.prune import prune_checkpoint
 
-        stats, plan = _plan(model, stats_paths, keep, ratio, per_layer, metric, seed)
-        click.echo(plan.describe())
-        if dry_run:
-            return
-        bar = tqdm(unit="tensor", desc="prune", dynamic_ncols=True)
+    stats, plan = _plan(model, stats_paths, keep, ratio, per_layer, metric, seed)
+    click.echo(plan.describe())
+    if dry_run:
+        return
+    bar = tqdm(unit="tensor", desc="prune", dynamic_ncols=True)
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
 
-        try:
-            res = prune_checkpoint(model, plan, out, force=force, stats=stats, progress=progress,
-                                   dequantize=torch.bfloat16 if dequantize == "bf16" else None)
-        finally:
-            bar.close()
+    try:
+        res = prune_checkpoint(model, plan, out, force=force, stats=stats, progress=progress,
+                               dequantize=torch.bfloat16 if dequantize == "bf16" else None)
+    finally:
+        bar.close()
     click.echo(f"wrote {res.out}: {res.n_tensors} tensors, {res.bytes_out / 2**20:.1f} MiB "
                f"(from {res.bytes_in / 2**20:.1f} MiB) in {res.seconds:.1f} s")
 
@@ -152,23 +149,22 @@ def prune_cmd(model: Path, stats_paths: tuple[Path, ...], keep: int | None, rati
 def report_cmd(stats_path: Path, out: Path | None, model: Path | None, keep: int | None, ratio: float | None,
                per_layer: str, metric: str, seed: int) -> None:
     """Heatmap (layers x experts) and per-layer table of STATS."""
-    with user_errors():
-        from glmgguf.layout import GlmLayout
-        from glmgguf.reap.prune import plan_prune
-        from glmgguf.reap.report import heatmap, layer_table, markdown_table
-        from glmgguf.reap.stats import ReapStats
+    from glmgguf.layout import GlmLayout
+    from glmgguf.reap.prune import plan_prune
+    from glmgguf.reap.report import heatmap, layer_table, markdown_table
+    from glmgguf.reap.stats import ReapStats
 
-        stats = ReapStats.load(stats_path)
-        plan = None
-        if keep is not None or ratio is not None:
-            if model is None:
-                raise click.UsageError("--keep/--ratio need --model (the plan is checked against it)")
-            plan = plan_prune(GlmLayout.from_dir(model), stats, keep=keep, ratio=ratio, per_layer=per_layer,
-                              metric=metric, seed=seed)
-        out = out or stats_path.with_suffix(".png")
-        heatmap(stats, out, plan, metric)
-        table = markdown_table(layer_table(stats, plan, metric))
-        out.with_suffix(".md").write_text(table)
+    stats = ReapStats.load(stats_path)
+    plan = None
+    if keep is not None or ratio is not None:
+        if model is None:
+            raise click.UsageError("--keep/--ratio need --model (the plan is checked against it)")
+        plan = plan_prune(GlmLayout.from_dir(model), stats, keep=keep, ratio=ratio, per_layer=per_layer,
+                          metric=metric, seed=seed)
+    out = out or stats_path.with_suffix(".png")
+    heatmap(stats, out, plan, metric)
+    table = markdown_table(layer_table(stats, plan, metric))
+    out.with_suffix(".md").write_text(table)
     click.echo(table, nl=False)
     click.echo(f"wrote {out} and {out.with_suffix('.md')}")
 
@@ -179,10 +175,9 @@ def report_cmd(stats_path: Path, out: Path | None, model: Path | None, keep: int
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
 def merge_cmd(inputs: tuple[Path, ...], out: Path, force: bool) -> None:
     """Merge statistics of several observe runs over the same model."""
-    with user_errors():
-        from glmgguf.reap.stats import ReapStats
+    from glmgguf.reap.stats import ReapStats
 
-        stats = ReapStats.load_many(list(inputs))
-        stats.save(out, force=force)
+    stats = ReapStats.load_many(list(inputs))
+    stats.save(out, force=force)
     click.echo(f"wrote {out} ({len(inputs)} runs, {json.dumps({str(k): v for k, v in stats.tokens.items()})} "
                f"tokens per layer)")

@@ -1,7 +1,9 @@
 """Errors of the REAP stage (all one-line user errors on the command line)."""
 
+from glmgguf.errors import GlmggufError
 
-class ReapError(ValueError):
+
+class ReapError(GlmggufError, ValueError):
     """Base of the REAP stage's input errors."""
 
 

@@ -20,6 +20,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from glmgguf.errors import GlmggufError
 from glmgguf.io.atomic import atomic_dir
 from glmgguf.llama.source import cache_root
 from glmgguf.locks import file_lock
@@ -40,7 +41,7 @@ EOS_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")  # config.json eos
 PAD_TOKEN = "<|endoftext|>"
 
 
-class RealTokenizerError(RuntimeError):
+class RealTokenizerError(GlmggufError, RuntimeError):
     """The package could not be downloaded or does not hold the expected files."""
 
 
