@@ -11,7 +11,7 @@ import importlib
 import click
 
 from glmgguf import __version__
-from glmgguf.errors import user_errors
+from glmgguf.errors import install_cli_warnings, user_errors
 
 COMMANDS = {  # name -> "module:attribute"
     "convert": "glmgguf.gguf.cli:convert_cmd",
@@ -46,7 +46,9 @@ class LazyGroup(click.Group):
         return cmd
 
     def invoke(self, ctx: click.Context):
-        """Run the command; any `GlmggufError` it raises becomes one `Error:` line (exit status 1)."""
+        """Run the command; any `GlmggufError` it raises becomes one `Error:` line (exit status 1), and the
+        library's log warnings are printed as `warning:` lines."""
+        install_cli_warnings()
         with user_errors():
             return super().invoke(ctx)
 

@@ -8,6 +8,7 @@ every command). Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,3 +30,25 @@ def user_errors() -> Iterator[None]:
         yield
     except (GlmggufError, *USER_OS_ERRORS) as e:
         raise click.ClickException(str(e)) from None
+
+
+class CliWarnings(logging.Handler):
+    """Print the toolkit's log warnings on the command line as `warning: ...` lines (stderr, written at emit time
+    so progress bars and captured output see them); library code only calls `logging`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=click.get_text_stream("stderr"))
+
+
+def install_cli_warnings() -> None:
+    """Route the `glmgguf` loggers' warnings to the command line (once per process)."""
+    logger = logging.getLogger("glmgguf")
+    if not any(isinstance(h, CliWarnings) for h in logger.handlers):
+        logger.addHandler(CliWarnings())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,8 @@ from glmgguf.gguf.vocab import write_vocab
 from glmgguf.gguf.writer import atomic_gguf, write_tensor_chunks
 from glmgguf.io import CheckpointError
 from glmgguf.layout import GGUF_ARCH, Transform
+
+log = logging.getLogger(__name__)
 
 # A chooser may also have `warnings() -> list[str]` (a recipe's unused rules), reported once types are chosen.
 TypeChooser = Callable[[PlannedTensor], Q]
@@ -83,7 +86,7 @@ def _read_words(ckpt: GlmCheckpoint, name: str, allow_nonfinite: bool) -> tuple[
     if bad:
         if not allow_nonfinite:
             raise CheckpointError(f"{name} has {bad} NaN/Inf values (use --allow-nonfinite to convert anyway)")
-        tqdm.write(f"warning: {name} has {bad} NaN/Inf values")
+        log.warning("%s has %d NaN/Inf values", name, bad)
     return words, _WORD_TYPES[dtype]
 
 
@@ -145,7 +148,7 @@ def convert(
     imatrix_data, imatrix_warnings = imatrix_for_plan(plan, imatrix)
     warnings += imatrix_warnings
     for w in warnings:
-        tqdm.write(f"warning: {w}")
+        log.warning("%s", w)
     nvfp4 = None
     if any(t.ggml_type == Q.NVFP4 for t in plan):  # + per-expert `.scale` tensors, ModelOpt-exact data
         from glmgguf.nvfp4.gguf import Nvfp4Encoder, with_scale_tensors

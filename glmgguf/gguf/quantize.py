@@ -7,6 +7,7 @@ quantization version, the imatrix keys llama-quantize writes and our `glmgguf.re
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import os
@@ -31,6 +32,8 @@ from glmgguf.gguf.plan import PlannedTensor
 from glmgguf.gguf.recipe import Recipe, Resolution, file_type_of
 from glmgguf.gguf.writer import atomic_gguf, split_paths, write_tensor_chunks
 from glmgguf.layout import GGUF_ARCH, LayerInfo, LayerKind, Transform, parse_gguf_name
+
+log = logging.getLogger(__name__)
 
 SLAB_ELEMENTS = 1 << 24  # rows dequantized and quantized at once (64 MiB of F32)
 OUR_KEYS = tuple(PROVENANCE_PREFIX + k for k in ("version", "recipe", "recipe_sha256"))
@@ -245,7 +248,7 @@ def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe
     imatrix_data, imatrix_warnings = imatrix_for_plan(plan, imatrix)
     warnings = resolution.warnings + imatrix_warnings
     for w in warnings:
-        tqdm.write(f"warning: {w}")
+        log.warning("%s", w)
     src_types = {t.name: t.ggml_type for t in model.plan}
     total = sum(nbytes(t.ggml_type, t.n_elements) for t in plan)
     proc = psutil.Process()
