@@ -14,7 +14,7 @@ DTYPES = {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}
 
 def parse_size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
     """click callback: '4G', '512M', '2048' -> bytes."""
-    from glmgguf.runner import parse_size
+    from glmgguf.units import parse_size
 
     try:
         return parse_size(value)

@@ -22,7 +22,6 @@ import ctypes
 import gc
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -468,25 +467,3 @@ def chunk_sequences(seqs: torch.Tensor | Iterable[torch.Tensor], batch_size: int
     """Group [N, S] token rows into [B, S] chunks of at most `batch_size` rows."""
     rows = seqs if isinstance(seqs, torch.Tensor) else torch.stack(list(seqs))
     return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)] if len(rows) else []
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def parse_size(text: str) -> int:
-    """'4G', '512M', '1.5GiB', '0' -> bytes (K/M/G/T are powers of 1024)."""
-    s = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = 1
-    for i, u in enumerate("KMGT", start=1):
-        if s.endswith(u):
-            mult, s = 1024**i, s[:-1]
-            break
-    value = float(s)
-    if value < 0 or not math.isfinite(value):
-        raise ValueError(f"invalid size {text!r}")
-    return int(value * mult)

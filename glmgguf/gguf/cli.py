@@ -14,7 +14,7 @@ DEFAULT_THREADS = os.cpu_count() or 1
 
 
 def _split_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int:
-    from glmgguf.gguf.writer import parse_split_size
+    from glmgguf.units import parse_split_size
 
     if value is None:
         return 0

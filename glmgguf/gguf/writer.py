@@ -46,17 +46,6 @@ def write_tensor_chunks(w: gguf.GGUFWriter, chunks: Iterable[np.ndarray]) -> int
     return written
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
-
-
-def parse_split_size(text: str) -> int:
-    """'50G' -> bytes, as llama.cpp's gguf-split and convert_hf_to_gguf read it (K/M/G/T = powers of 1000)."""
-    m = _SIZE.match(str(text))
-    if m is None or float(m.group(1)) <= 0:
-        raise ValueError(f"invalid split size {text!r} (e.g. 50G, 500M)")
-    return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2).upper() or " "))
-
-
 @contextmanager
 def atomic_gguf(path: str | os.PathLike, arch: str, plan: list[PlannedTensor], split_max_size: int = 0,
                 force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[gguf.GGUFWriter]:

@@ -6,14 +6,7 @@ from pathlib import Path
 
 import click
 
-
-def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    from glmgguf.runner import parse_size
-
-    try:
-        return parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+from glmgguf.cli_options import parse_size_option
 
 
 @click.group("nvfp4")
@@ -34,7 +27,7 @@ def nvfp4() -> None:
 @click.option("--format", "fmt", type=click.Choice(["modelopt", "compressed-tensors"]), default="modelopt",
               show_default=True, help="modelopt: NVIDIA ModelOpt's layout (--quantization modelopt_fp4); "
                                       "compressed-tensors: llm-compressor's nvfp4-pack-quantized.")
-@click.option("--max-shard-size", "max_shard", default="5G", show_default=True, callback=_size,
+@click.option("--max-shard-size", "max_shard", default="5G", show_default=True, callback=parse_size_option,
               help="Largest output shard.")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads  [default: $GLMGGUF_THREADS, else the cores other processes leave free]")

@@ -8,13 +8,7 @@ import click
 
 from glmgguf.pipeline.plan import Plan, PlanError, parse_plan
 from glmgguf.pipeline.run import StageFailed, plan_stages, run_plan, stage_status
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
+from glmgguf.units import format_size
 
 
 def dry_run_lines(plan: Plan, model_config: Path | None) -> list[str]:
@@ -29,7 +23,7 @@ def dry_run_lines(plan: Plan, model_config: Path | None) -> list[str]:
     src = tensor_bytes(layout, fp8=fp8)[0]
     lines = [f"plan {plan.path}: model {plan.model} ({layout.n_layers} layers + {layout.n_mtp} MTP, "
              f"{len(layout.moe_layers)} MoE layers of {layout.moe_layers[0].n_experts if layout.moe_layers else 0} "
-             f"experts, {_size(src)} of {'block-FP8' if fp8 else 'BF16'} weights); workdir {plan.workdir}", "",
+             f"experts, {format_size(src)} of {'block-FP8' if fp8 else 'BF16'} weights); workdir {plan.workdir}", "",
              "| stage | status | writes | disk | peak memory | note |", "|---|---|---|---:|---:|---|"]
     upstream: dict[str, str | None] = {}
     total = 0
@@ -39,9 +33,10 @@ def dry_run_lines(plan: Plan, model_config: Path | None) -> list[str]:
         upstream[s.name] = state.output_fingerprint if state else None
         e = est[s.name]
         total += e.disk
-        lines.append(f"| {s.name} | {status} | {s.output.relative_to(plan.workdir)} | {_size(e.disk)} | "
-                     f"{_size(e.memory)} | {e.note} |")
-    lines += ["", f"disk for all stages: {_size(total)} (plus the source model, {_size(src)})", "", "commands:"]
+        lines.append(f"| {s.name} | {status} | {s.output.relative_to(plan.workdir)} | {format_size(e.disk)} | "
+                     f"{format_size(e.memory)} | {e.note} |")
+    lines += ["", f"disk for all stages: {format_size(total)} (plus the source model, {format_size(src)})", "",
+              "commands:"]
     lines += [f"  [{s.name}] glmgguf {' '.join(s.args)}" for s in stages]
     return lines
 
