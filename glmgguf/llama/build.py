@@ -19,6 +19,7 @@ from glmgguf.errors import GlmggufError
 from glmgguf.llama.patches import PATCH_DIR, SERIES, apply_module
 from glmgguf.llama.source import cache_root, pinned_identity, resolve_source, user_source
 from glmgguf.locks import file_lock
+from glmgguf.threads import usable_cores
 
 TOOLS = (
     "llama-server", "llama-quantize", "llama-perplexity", "llama-imatrix", "llama-cli", "llama-gguf-split",
@@ -137,10 +138,6 @@ def find_toolchain(source: str | os.PathLike[str] | None = None, patches: bool =
     return _load_entry(entry) if (entry / META).is_file() else None
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _run_logged(cmd: list[str], log: Path, step: str, bar: tqdm | None = None) -> str:
     """Run `cmd`, appending its output to `log`; returns the output; raises naming the log on failure."""
     out: list[str] = []
@@ -190,7 +187,7 @@ def _build(src_dir: Path, pkg_dir: Path | None, patches: list[Path], backend: st
     if missing:
         raise LlamaBuildError(f"this llama.cpp tree has no target(s) {', '.join(missing)}; log: {log}")
     with tqdm(total=100, desc="building llama.cpp", unit="%", disable=not progress) as bar:
-        _run_logged(["cmake", "--build", str(build), "--config", "Release", "-j", str(_cpu_count()),
+        _run_logged(["cmake", "--build", str(build), "--config", "Release", "-j", str(usable_cores()),
                      "--target", *targets], log, "build", bar)
     absent = [t for t in targets if not (build / "bin" / t).is_file()]
     if absent or not any((build / "bin").glob("libllama.*")):

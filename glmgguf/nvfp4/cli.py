@@ -48,9 +48,9 @@ def export_cmd(src: Path, out: Path, calib: tuple[Path, ...], device: str, exclu
     check_output(out, force, inputs=[src])
     dev = resolve_device(device)
     if threads is None and dev.type == "cpu":
-        from glmgguf.testbed.train import _num_threads
+        from glmgguf.threads import free_cores
 
-        threads = _num_threads()
+        threads = free_cores()
     bar = tqdm(total=plan.bytes_in, unit="B", unit_scale=True, desc="nvfp4", dynamic_ncols=True)
 
     def progress(done: int, total: int) -> None:
