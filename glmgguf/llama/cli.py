@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from glmgguf.llama.build import TOOLS, LlamaBuildError, Toolchain, ensure_toolchain, find_toolchain
-from glmgguf.llama.source import LlamaSourceError
+from glmgguf.llama.build import TOOLS, Toolchain, ensure_toolchain, find_toolchain
 
 _source = click.option("--source", type=click.Path(path_type=Path),
                        help="Your own llama.cpp tree (default: the pinned llama-cpp-python sdist).")
@@ -38,10 +37,7 @@ def llama() -> None:
 @_backend
 def build(source: Path | None, patches: bool, backend: str) -> None:
     """Fetch and build llama.cpp (cached: a finished build is reused)."""
-    try:
-        _show(ensure_toolchain(source, patches=patches, backend=backend))
-    except (LlamaSourceError, LlamaBuildError) as e:
-        raise click.ClickException(str(e)) from e
+    _show(ensure_toolchain(source, patches=patches, backend=backend))
 
 
 @llama.command()
@@ -50,10 +46,7 @@ def build(source: Path | None, patches: bool, backend: str) -> None:
 @_backend
 def where(source: Path | None, patches: bool, backend: str) -> None:
     """Print the paths of an existing build (never builds)."""
-    try:
-        tc = find_toolchain(source, patches=patches, backend=backend)
-    except (LlamaSourceError, LlamaBuildError) as e:
-        raise click.ClickException(str(e)) from e
+    tc = find_toolchain(source, patches=patches, backend=backend)
     if tc is None:
         raise click.ClickException("no llama.cpp build for these options yet; run `glmgguf llama build`")
     _show(tc)

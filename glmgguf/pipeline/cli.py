@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from glmgguf.pipeline.plan import Plan, PlanError, parse_plan
-from glmgguf.pipeline.run import StageFailed, plan_stages, run_plan, stage_status
+from glmgguf.pipeline.plan import Plan, parse_plan
+from glmgguf.pipeline.run import plan_stages, run_plan, stage_status
 from glmgguf.units import format_size
 
 
@@ -58,14 +58,11 @@ def pipeline(plan_path: str, dry_run: bool, model_config: Path | None, workdir: 
     """
     if model_config is not None and not dry_run:
         raise click.UsageError("--model-config is for --dry-run only")
-    try:
-        plan = parse_plan(plan_path, workdir)
-        if dry_run:
-            click.echo("\n".join(dry_run_lines(plan, model_config)))
-            return
-        results = run_plan(plan, quiet=quiet, echo=click.echo, only=list(only) or None)
-    except (PlanError, StageFailed) as e:
-        raise click.ClickException(str(e)) from None
+    plan = parse_plan(plan_path, workdir)
+    if dry_run:
+        click.echo("\n".join(dry_run_lines(plan, model_config)))
+        return
+    results = run_plan(plan, quiet=quiet, echo=click.echo, only=list(only) or None)
     ran = [r for r in results if r.status == "ran"]
     click.echo(f"pipeline done: {len(ran)} stage(s) ran, {len(results) - len(ran)} skipped; outputs in "
                f"{plan.workdir}")

@@ -36,12 +36,9 @@ def _tokenizer_choice(tokenizer_dir: Path | None, real_version: str | None, do_t
         if tokenizer_dir is not None:
             _check_tokenizer_dir(tokenizer_dir)
         return tokenizer_dir
-    from glmgguf.testbed.glm_tokenizer import RealTokenizerError, real_tokenizer_dir
+    from glmgguf.testbed.glm_tokenizer import real_tokenizer_dir
 
-    try:
-        return real_tokenizer_dir(real_version)
-    except RealTokenizerError as e:
-        raise click.ClickException(str(e)) from None
+    return real_tokenizer_dir(real_version)
 
 
 def _summary(out: Path) -> list[str]:
@@ -100,32 +97,29 @@ def _report_lines(report: dict) -> list[str]:
 def testbed(out: Path, size: str, seed: int, do_train: bool, steps: int | None, force: bool,
             tokenizer_dir: Path | None, real_version: str | None, fp8: bool, mtp_head_copies: bool) -> None:
     """Build a GLM-5.2-layout testbed checkpoint into OUT (random init, or trained with --train)."""
-    from glmgguf.io.atomic import OutputExistsError, atomic_dir
+    from glmgguf.io.atomic import atomic_dir
 
     if out.exists() and not force:
         raise click.ClickException(f"{out} already exists (use --force to overwrite)")
     if do_train and mtp_head_copies:
         raise click.UsageError("--mtp-head-copies builds a random-init model; the trained testbed is as released")
     tokenizer_dir = _tokenizer_choice(tokenizer_dir, real_version, do_train)
-    try:
-        if do_train:
-            from glmgguf.testbed.release_fp8 import trained_fp8_testbed
-            from glmgguf.testbed.train import read_report, trained_testbed
+    if do_train:
+        from glmgguf.testbed.release_fp8 import trained_fp8_testbed
+        from glmgguf.testbed.train import read_report, trained_testbed
 
-            log = lambda m: click.echo(m, err=True)  # noqa: E731
-            cached = (trained_fp8_testbed(size=size, seed=seed, steps=steps, log=log) if fp8
-                      else trained_testbed(size=size, seed=seed, steps=steps, log=log))
-            with atomic_dir(out, force=force) as tmp:
-                for f in sorted(cached.iterdir()):
-                    shutil.copy2(f, tmp / f.name)
-            lines = _summary(out) + _report_lines(read_report(out))
-        else:
-            from glmgguf.testbed.build import build_testbed
+        log = lambda m: click.echo(m, err=True)  # noqa: E731
+        cached = (trained_fp8_testbed(size=size, seed=seed, steps=steps, log=log) if fp8
+                  else trained_testbed(size=size, seed=seed, steps=steps, log=log))
+        with atomic_dir(out, force=force) as tmp:
+            for f in sorted(cached.iterdir()):
+                shutil.copy2(f, tmp / f.name)
+        lines = _summary(out) + _report_lines(read_report(out))
+    else:
+        from glmgguf.testbed.build import build_testbed
 
-            build_testbed(out, size=size, seed=seed, force=force, tokenizer_dir=tokenizer_dir, fp8=fp8,
-                          mtp_head_copies=mtp_head_copies)
-            lines = _summary(out)
-    except OutputExistsError as e:
-        raise click.ClickException(str(e)) from None
+        build_testbed(out, size=size, seed=seed, force=force, tokenizer_dir=tokenizer_dir, fp8=fp8,
+                      mtp_head_copies=mtp_head_copies)
+        lines = _summary(out)
     for line in lines:
         click.echo(line)
