@@ -95,3 +95,15 @@ def test_unwritable_output_is_refused_before_any_work(workspace, tmp_path):
     # a missing folder is created up front
     code, out = _run("convert", model, tmp_path / "new" / "dir" / "m.gguf", "--outtype", "f32")
     assert code == 0 and (tmp_path / "new" / "dir" / "m.gguf").is_file(), out
+
+
+def test_kd_train_into_its_teacher_cache_is_refused(workspace, tmp_path):
+    from glmgguf.kd.train import train_router
+
+    model, _ = workspace
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text("{}")
+    with pytest.raises(OutputConflictError, match="is the input"):
+        train_router(model, cache, cache, force=True)
+    assert (cache / "manifest.json").read_text() == "{}"

@@ -264,10 +264,10 @@ def train_router(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, o
         raise KdError(f"--lr must be a positive number, not {opts.lr}")
     out = Path(out)
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
-    if out.exists() and not force:
-        from glmgguf.io.atomic import OutputExistsError
+    from glmgguf.io.atomic import check_output
 
-        raise OutputExistsError(f"{out} already exists (use --force to overwrite)")
+    inputs = [student_dir, cache_dir, *([eval_cache] if eval_cache is not None else []), *(data or [])]
+    check_output(out, force, inputs)  # before the training, not when writing its result
     cache = TeacherCache(cache_dir)
     if data:
         cache.check_text(data)
