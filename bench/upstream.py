@@ -156,6 +156,13 @@ def _kv_value(field) -> object:
     return value.tolist() if hasattr(value, "tolist") else value
 
 
+def gguf_kv(path: Path) -> dict[str, tuple[list[int], object]]:
+    """Every KV pair of a GGUF file: key -> (value type codes, value as plain Python)."""
+    import gguf
+
+    return {key: (list(field.types), _kv_value(field)) for key, field in gguf.GGUFReader(path).fields.items()}
+
+
 def _kv_type(field) -> str:
     import gguf
 

@@ -149,12 +149,6 @@ def released_as_fp8(rule: TensorRule) -> bool:
     return rule.role in _FP8_ROLES or (rule.role is Role.INDEXER and not rule.hf.endswith("weights_proj.weight"))
 
 
-def mtp_head_name(names: Container[str], index: int) -> str:
-    """The MTP block's LM head: its own `shared_head.head` when stored, else the trunk's `lm_head` (as released)."""
-    own = f"model.layers.{index}.shared_head.head.weight"
-    return own if own in names else "lm_head.weight"
-
-
 def mtp_embedding_name(names: Container[str], index: int) -> str:
     """The MTP block's embedding: its own `embed_tokens` when stored, else `model.embed_tokens` (as released)."""
     own = f"model.layers.{index}.embed_tokens.weight"
@@ -246,15 +240,11 @@ CONFIG_FIXED_VALUES: dict[str, object] = {
     "rope_interleave": True,  # interleaved RoPE pairs in attention, as both runtimes implement it
     "indexer_rope_interleave": True,  # ... and in the DSA indexer
 }
-# Keys read nowhere, on purpose.
-CONFIG_IGNORED = {
-    "head_dim": "inconsistent in the release (192 against qk 256 / v 256); the MLA dims are used instead",
-    "bos_token_id": "GLM puts [gMASK]<sop> in the chat template; the release's FP8 config has no bos_token_id",
-    "index_share_for_mtp_iteration": "the MTP layer reuses the trunk's top-k; llama.cpp runs it dense",
-    "moe_router_dtype": "routing is computed in float32 everywhere in this toolkit",
-    "quantization_config": "read by the checkpoint reader (block-FP8 storage), not part of the architecture",
-    "transformers_version": "informational",
-}
+# Release keys read nowhere, on purpose: `head_dim` (inconsistent in the release, 192 against qk 256 / v 256; the
+# MLA dims are used), `bos_token_id` (absent from the FP8 config; GLM puts [gMASK]<sop> in the chat template),
+# `index_share_for_mtp_iteration` (the MTP layer reuses the trunk's top-k; llama.cpp runs it dense),
+# `moe_router_dtype` (routing is float32 everywhere here), `quantization_config` (the checkpoint reader's business,
+# not the architecture's), `transformers_version`.
 
 
 def check_fixed_values(cfg: dict) -> None:

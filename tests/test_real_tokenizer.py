@@ -22,7 +22,6 @@ from pathlib import Path
 import gguf
 import pytest
 from click.testing import CliRunner
-from gguf import GGUFReader
 
 from glmgguf.cli import main as cli_main
 from glmgguf.gguf.vocab import add_special_flags, special_token_ids, write_vocab
@@ -97,15 +96,6 @@ def _bench_upstream():
     return sys.modules[name]
 
 
-def _kv(path: Path) -> dict[str, tuple[list[int], object]]:
-    reader = GGUFReader(path)
-    out = {}
-    for key, field in reader.fields.items():
-        value = field.contents()
-        out[key] = (list(field.types), value.tolist() if hasattr(value, "tolist") else value)
-    return out
-
-
 def _vocab_gguf(model_dir: Path, out: Path) -> dict[str, tuple[list[int], object]]:
     w = gguf.GGUFWriter(out, "glm-dsa")
     write_vocab(w, model_dir, REAL_VOCAB_SIZE)
@@ -113,7 +103,7 @@ def _vocab_gguf(model_dir: Path, out: Path) -> dict[str, tuple[list[int], object
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return _kv(out)
+    return _bench_upstream().gguf_kv(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,7 +272,7 @@ def test_token_types_judged_by_hf(vocabs, hf_tok):
 
 @pytest.mark.slow
 def test_tokenizer_keys_match_upstream(ggufs):
-    up, ours = _kv(ggufs["upstream"]), _kv(ggufs["ours"])
+    up, ours = _bench_upstream().gguf_kv(ggufs["upstream"]), _bench_upstream().gguf_kv(ggufs["ours"])
     up_keys = sorted(k for k in up if k.startswith("tokenizer."))
     assert up_keys == sorted(k for k in ours if k.startswith("tokenizer."))
     assert "tokenizer.ggml.add_eos_token" in up_keys and "tokenizer.ggml.padding_token_id" in up_keys
@@ -306,7 +296,7 @@ def test_upstream_knows_the_real_tokenizer_as_glm4(hf_tok, llama_toolchain):
 @pytest.mark.slow
 def test_special_ids_are_the_models(ggufs, vocabs, llama_cpp, real_testbed):
     cfg = json.loads((real_testbed / "config.json").read_text())
-    kv = _kv(ggufs["ours"])
+    kv = _bench_upstream().gguf_kv(ggufs["ours"])
     assert kv["tokenizer.ggml.eos_token_id"][1] in cfg["eos_token_id"]
     assert kv["tokenizer.ggml.padding_token_id"][1] == cfg["pad_token_id"]
     vocab = llama_cpp.llama_model_get_vocab(vocabs["ours"].model)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from gguf import GGUFReader
 
 from glmgguf.gguf.convert import convert, outtype_chooser
 from glmgguf.gguf.plan import MtpMode
@@ -43,15 +42,6 @@ KNOWN_EXTRA_KEYS: dict[str, str] = {
 }
 
 
-def _kv(path: Path) -> dict[str, tuple[list[int], object]]:
-    reader = GGUFReader(path)
-    out = {}
-    for key, field in reader.fields.items():
-        value = field.contents()
-        out[key] = (list(field.types), value.tolist() if hasattr(value, "tolist") else value)
-    return out
-
-
 def _convert_both(source_dir: Path, model_dir: Path, tmp: Path, outtype: str, mtp: MtpMode) -> tuple[Path, Path]:
     up = tmp / f"upstream-{outtype}-{mtp.value}.gguf"
     ours = tmp / f"ours-{outtype}-{mtp.value}.gguf"
@@ -84,7 +74,7 @@ def test_same_gguf_as_upstream(tmp_path, tiny_testbed_dir, tiny_fp8_testbed_dir,
     assert not t["data_mismatch"], f"tensor bytes differ: {t['data_mismatch']}"
     assert t["identical"] == t["count"]["upstream"] == t["count"]["ours"] > 0
 
-    kv_up, kv_ours = _kv(up), _kv(ours)
+    kv_up, kv_ours = bench.gguf_kv(up), bench.gguf_kv(ours)
     checked = [k for k in kv_up if k.startswith(CHECKED_PREFIXES)]
     assert any(k.startswith("glm-dsa.") for k in checked) and "tokenizer.ggml.tokens" in checked
     missing = [k for k in checked if k not in kv_ours and k not in INTENTIONAL_DIFFERENCES]

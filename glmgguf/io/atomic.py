@@ -91,7 +91,6 @@ def atomic_dir(path: PathLike, force: bool = False, inputs: Iterable[PathLike] =
     target = Path(path)
     check_output(target, force, inputs)
     partial = target.with_name(target.name + ".partial")
-    target.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(target):
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)

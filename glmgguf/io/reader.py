@@ -244,7 +244,8 @@ class CheckpointReader:
 
     def get_f32(self, name: str) -> np.ndarray:
         """A block-FP8 weight dequantized to float32 (numpy, bit-identical to the upstream converter)."""
-        codes = np.frombuffer(self._read(self.info(name)), dtype=np.uint8).reshape(self.info(name).shape)
+        info = self.info(name)
+        codes = np.frombuffer(self._read(info), dtype=np.uint8).reshape(info.shape)
         assert self.fp8 is not None
         return fp8.dequantize(codes, self._scale_words(name), self.fp8.block)
 

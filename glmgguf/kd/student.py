@@ -67,7 +67,7 @@ class Student:
         self.path = Path(model_dir)
         self.reader = CheckpointReader(model_dir)
         self.layout = GlmLayout.from_config(self.reader.config)
-        self.model = load_in_memory_model(model_dir, dtype, device_map)
+        self.model = load_in_memory_model(model_dir, dtype, device_map, self.reader)
         self.config = model_config(self.reader.config)
         self.in_device = self.model.model.embed_tokens.weight.device
         self.out_device = self.model.model.norm.weight.device

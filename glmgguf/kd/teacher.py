@@ -225,10 +225,10 @@ def default_experts_implementation() -> str:
     return model.config._experts_implementation or "eager"
 
 
-def _load_teacher(model_dir, dtype, device_map):
+def _load_teacher(model_dir, dtype, device_map, reader: CheckpointReader):
     from glmgguf.reap.observe import load_in_memory_model
 
-    return load_in_memory_model(model_dir, dtype, device_map)
+    return load_in_memory_model(model_dir, dtype, device_map, reader)
 
 
 def build_teacher_cache(model_dir: str | os.PathLike, sequences: torch.Tensor, out: str | os.PathLike, *,
@@ -283,7 +283,7 @@ def build_teacher_cache(model_dir: str | os.PathLike, sequences: torch.Tensor, o
             report = runner.run(chunks, _Visitor(), progress)
             mode = {"mode": "streaming", "device": device, "layers_resumed": report.layers_skipped}
         else:
-            model = _load_teacher(model_dir, dtype, device_map)
+            model = _load_teacher(model_dir, dtype, device_map, reader)
             in_dev = model.model.embed_tokens.weight.device
             with torch.no_grad():
                 for c in chunks:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from gguf.constants import GGML_QUANT_SIZES
 
 from glmgguf.checkpoint import GlmCheckpoint
-from glmgguf.io.fp8 import Fp8Scheme
+from glmgguf.io.fp8 import Fp8Scheme, quant_method, scheme_from_config
 from glmgguf.layout import GlmLayout, parse_hf_name, released_as_fp8
 from glmgguf.pipeline.plan import Plan
 
@@ -51,13 +51,12 @@ def pruned_layout(layout: GlmLayout, keep: int | None, ratio: float | None) -> G
 
 def is_block_fp8(layout: GlmLayout) -> bool:
     """Whether the config declares the block-FP8 storage of the GLM-5.x FP8 release."""
-    return (layout.config.get("quantization_config") or {}).get("quant_method") == "fp8"
+    return quant_method(layout.config) == "fp8"
 
 
-def _stored_bytes(name: str, shape: tuple[int, ...], dtype_bytes: int, fp8: bool) -> int:
+def _stored_bytes(name: str, shape: tuple[int, ...], dtype_bytes: int, scheme: Fp8Scheme | None) -> int:
     parsed = parse_hf_name(name)
-    if fp8 and parsed is not None and released_as_fp8(parsed.rule):  # FP8 codes + float32 scale per block
-        scheme = Fp8Scheme()
+    if scheme is not None and parsed is not None and released_as_fp8(parsed.rule):  # codes + a float32 per block
         return math.prod(shape) + math.prod(scheme.scale_shape(shape)) * 4
     return math.prod(shape) * dtype_bytes
 
@@ -65,9 +64,10 @@ def _stored_bytes(name: str, shape: tuple[int, ...], dtype_bytes: int, fp8: bool
 def tensor_bytes(layout: GlmLayout, dtype_bytes: int = 2, fp8: bool = False) -> tuple[int, int, int]:
     """(all, routed experts, largest single tensor) bytes of the checkpoint at `dtype_bytes` per weight (with
     `fp8`: the block-FP8 release's weights at one byte plus their scales)."""
+    scheme = scheme_from_config(layout.config) if fp8 else None  # the config's own weight_block_size
     total = experts = largest = 0
     for name, shape in layout.expected_hf_tensors(mtp_indexer=True).items():
-        n = _stored_bytes(name, shape, dtype_bytes, fp8)
+        n = _stored_bytes(name, shape, dtype_bytes, scheme)
         total += n
         largest = max(largest, n)
         if ".mlp.experts." in name:

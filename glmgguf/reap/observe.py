@@ -19,6 +19,7 @@ import time
 import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,8 @@ from glmgguf.runner import (
     mtp_block_forward,
 )
 
+if TYPE_CHECKING:
+    from glmgguf.io import CheckpointReader
 
 class LayerAccumulator:
     """Running statistics of one MoE layer (on the layer's device until `result`)."""
@@ -179,8 +182,10 @@ def observe_streaming(model_dir: str | os.PathLike, chunks: Sequence[torch.Tenso
     return observer.stats
 
 
-def load_in_memory_model(model_dir: str | os.PathLike, dtype: torch.dtype, device_map: str | dict | None):
-    """The transformers model (trunk) with its load report silenced (it lists the MTP block as unexpected).
+def load_in_memory_model(model_dir: str | os.PathLike, dtype: torch.dtype, device_map: str | dict | None,
+                         reader: CheckpointReader | None = None):
+    """The transformers model (trunk) with its load report silenced (it lists the MTP block as unexpected);
+    `reader` is the caller's reader of `model_dir`, when it has one.
 
     A block-FP8 checkpoint is assembled from the toolkit's reader (`glmgguf.runner.load_trunk_model`): its
     dequantization is upstream's exact one (transformers' derives the block from the scale grid, which is wrong for
@@ -191,7 +196,7 @@ def load_in_memory_model(model_dir: str | os.PathLike, dtype: torch.dtype, devic
     from glmgguf.io import CheckpointReader
     from glmgguf.runner import load_trunk_model
 
-    reader = CheckpointReader(model_dir)
+    reader = reader or CheckpointReader(model_dir)
     if reader.fp8 is not None:
         return load_trunk_model(reader, dtype, device_map)
     old = hf_logging.get_verbosity()
@@ -221,7 +226,7 @@ def observe_in_memory(model_dir: str | os.PathLike, chunks: Sequence[torch.Tenso
     layout = GlmLayout.from_config(reader.config)
     if layout.uniform_experts is None:
         raise ReapError("transformers cannot build a model with per-layer expert counts: observe it with --streaming")
-    model = load_in_memory_model(model_dir, dtype, device_map)
+    model = load_in_memory_model(model_dir, dtype, device_map, reader)
     observer = ExpertObserver(layout)
     in_dev = model.model.embed_tokens.weight.device
     out_dev = model.model.norm.weight.device
