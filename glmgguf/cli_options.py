@@ -8,8 +8,9 @@ from typing import TypeVar
 
 import click
 
+from glmgguf.choices import DTYPES
+
 F = TypeVar("F", bound=Callable)
-DTYPES = {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}
 
 
 def parse_size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from glmgguf.checkpoint import open_checkpoint
 from glmgguf.cli import main
 from glmgguf.layout import GlmLayout
+from glmgguf.modeling import load_decoder_layer, model_config
 from glmgguf.reap.data import load_calibration, pack, read_records
 from glmgguf.reap.errors import DataError, PruneError, ReapError, StatsError
 from glmgguf.reap.observe import LayerAccumulator, instrument_moe, load_in_memory_model, observe
@@ -28,8 +29,6 @@ from glmgguf.runner import (
     RunnerError,
     StreamingRunner,
     chunk_sequences,
-    load_decoder_layer,
-    model_config,
 )
 
 SEQ_LEN = 64  # > the tiny testbed's index_topk (32): sparse DSA and shared-layer top-k reuse are exercised

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import click
 
-from glmgguf.cli_options import DTYPES, parse_size_option, streaming_options, text_options
+from glmgguf.choices import DTYPES, KD_SCHEDULES
+from glmgguf.cli_options import parse_size_option, streaming_options, text_options
 
 
 def _threads(n: int | None) -> None:
@@ -43,37 +43,25 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
                 dtype: str, work_dir: Path | None, spill_threshold: int, shard_size: int, threads: int | None,
                 force: bool) -> None:
     """Run the unpruned teacher MODEL over the KD text once and cache its top-k next-token distributions."""
-    import torch
-    from tqdm import tqdm
-
-    from glmgguf.io.atomic import check_output
     from glmgguf.kd.teacher import build_teacher_cache, file_hashes
     from glmgguf.layout import GlmLayout
-    from glmgguf.reap.data import load_calibration, load_tokenizer
+    from glmgguf.textpass import TextPass
 
     _threads(threads)
-    check_output(out, force, inputs=[model])
+    tp = TextPass.prepare(model, out, force=force, data=data, seq_len=seq_len, max_tokens=max_tokens,
+                          num_samples=num_samples, seed=seed, text_field=text_field, batch_size=batch_size,
+                          streaming=streaming, device=device, dtype=dtype, work_dir=work_dir,
+                          spill_threshold=spill_threshold)
     layout = GlmLayout.from_dir(model)
-    cal = load_calibration(data, load_tokenizer(model), seq_len, max_tokens=max_tokens,
-                           num_samples=num_samples, seed=seed, text_field=text_field)
     text = {"files": file_hashes(data), "seed": seed, "max_tokens": max_tokens, "num_samples": num_samples,
-            "text_field": text_field, **cal.describe()}
-    click.echo(f"KD text: {cal.sequences.shape[0]} x {seq_len} tokens from {cal.documents_used} of "
-               f"{cal.documents_total} documents; teacher {'streaming' if streaming else 'in-memory'} on "
-               f"{device}, top-{min(top_k, layout.vocab_size)} of {layout.vocab_size}")
-    blocks = layout.n_layers if streaming else 1
-    bar = tqdm(total=cal.n_tokens * blocks, unit="tok", unit_scale=True, desc="teacher", dynamic_ncols=True)
-    wd = work_dir or out.with_name(out.name + ".work")
-    try:
+            "text_field": text_field, **tp.text.describe()}
+    click.echo(tp.describe("KD text") + f", top-{min(top_k, layout.vocab_size)} of {layout.vocab_size}")
+    with tp.progress(layout.n_layers, "teacher") as progress:
         res = build_teacher_cache(
-            model, cal.sequences, out, top_k=top_k, streaming=streaming, batch_size=batch_size,
-            dtype=getattr(torch, DTYPES[dtype]), device=device, device_map=None if device == "cpu" else device,
-            work_dir=wd, spill_bytes=spill_threshold, shard_bytes=shard_size, text=text, force=force,
-            progress=lambda block, n: bar.update(n))
-    finally:
-        bar.close()
-    if streaming:
-        shutil.rmtree(wd, ignore_errors=True)
+            model, tp.text.sequences, out, top_k=top_k, streaming=streaming, batch_size=batch_size,
+            dtype=tp.dtype, device=device, device_map=None if device == "cpu" else device, work_dir=tp.work_dir,
+            spill_bytes=spill_threshold, shard_bytes=shard_size, text=text, force=force, progress=progress)
+    tp.finish()
     m = res.manifest
     click.echo(f"wrote {out}: {m['positions']} positions in {len(m['shards'])} shard(s), top-{m['top_k']}, "
                f"mean mass outside the top-k {m['mean_rest_mass']:.4f}, {res.seconds:.1f} s")
@@ -88,7 +76,7 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
 @click.option("--lr", default=5e-5, show_default=True, type=float, help="AdamW learning rate.")
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
-@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+@click.option("--schedule", type=click.Choice(KD_SCHEDULES), default="constant", show_default=True,
               help="Learning-rate schedule after warmup (cosine ends at 10%).")
 @click.option("--warmup", "warmup_steps", default=0, show_default=True, type=click.IntRange(min=0),
               help="Linear warmup steps.")

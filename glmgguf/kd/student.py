@@ -1,8 +1,8 @@
 """The student as KD trains and evaluates it: the transformers trunk plus the MTP block built beside it.
 
 transformers' `GlmMoeDsaForCausalLM` ignores the MTP (NextN) block stored after the trunk, so the block is built
-with `glmgguf.runner.load_decoder_layer` (the testbed's `build_mtp_layer`, GLM's on-disk names) and run with
-`glmgguf.runner.mtp_block_forward` the way llama.cpp runs it: for position t, the trunk's post-final-norm state h_t
+with `glmgguf.modeling.load_decoder_layer` (the testbed's `build_mtp_layer`, GLM's on-disk names) and run with
+`glmgguf.modeling.mtp_block_forward` the way llama.cpp runs it: for position t, the trunk's post-final-norm state h_t
 and the embedding of token t+1 give the block's prediction of token t+2, through `shared_head.norm` and
 the LM head (`lm_head` as released; a stored `shared_head.head` copy when there is one).
 
@@ -61,8 +61,8 @@ class Student:
                  device_map: str | dict | None = None, mtp: bool = True):
         from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaRotaryEmbedding
 
+        from glmgguf.modeling import load_decoder_layer, model_config
         from glmgguf.reap.observe import load_in_memory_model
-        from glmgguf.runner import load_decoder_layer, model_config
 
         self.path = Path(model_dir)
         self.reader = CheckpointReader(model_dir)
@@ -123,7 +123,7 @@ class Student:
         logits = self.model.lm_head(hidden)
         if self.mtp is None or ids.shape[1] < 2:
             return logits, None
-        from glmgguf.runner import mtp_block_forward
+        from glmgguf.modeling import mtp_block_forward
 
         h = hidden.detach().to(self.out_device)
         e = F.embedding(ids[:, 1:].to(self.out_device), self.mtp_embed)

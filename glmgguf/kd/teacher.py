@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from glmgguf.io.reader import TensorInfo
 from glmgguf.kd.errors import CacheError, StudentMismatchError
 from glmgguf.kd.loss import topk_targets
 from glmgguf.layout import GlmLayout, LayerKind, Role, parse_hf_name
+from glmgguf.runner import ProgressFn
 
 CACHE_FORMAT = "glmgguf-kd-teacher-cache"
 CACHE_VERSION = 1
@@ -51,9 +52,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.tx
                    "special_tokens_map.json")
 DIGEST_BYTES = 4096  # bytes read from each end of a tensor for its fingerprint (GLM-5.2: ~0.5 GB in all)
 FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "rest_logprob")
-
-ProgressFn = Callable[[int, int], None]
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Identities: tokenizer, text, teacher

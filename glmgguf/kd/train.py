@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from glmgguf.choices import KD_SCHEDULES as SCHEDULES
 from glmgguf.kd.errors import KdError, NanLossError
 from glmgguf.kd.loss import sparse_kl
 from glmgguf.kd.student import Student, parameter_counts, router_names
@@ -51,7 +52,6 @@ from glmgguf.kd.write import WriteReport, checkpoint_digest, write_student
 LOG_NAME = "kd_train_log.json"
 CURVE_NAME = "kd_loss.png"
 LATEST = "LATEST"
-SCHEDULES = ("constant", "cosine")
 MIN_LR_FRACTION = 0.1
 
 

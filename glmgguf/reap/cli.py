@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import click
 
-from glmgguf.cli_options import DTYPES, streaming_options, text_options
+from glmgguf.choices import REAP_METRICS, REAP_PER_LAYER
+from glmgguf.cli_options import streaming_options, text_options
 
 
 @click.group("reap")
@@ -28,45 +28,22 @@ def observe_cmd(model: Path, data: tuple[Path, ...], out: Path, seq_len: int, ma
                 num_samples: int | None, seed: int, text_field: str, batch_size: int, streaming: bool, device: str,
                 dtype: str, work_dir: Path | None, spill_threshold: int, no_mtp: bool, force: bool) -> None:
     """Run calibration text through MODEL and save per-expert REAP statistics."""
-    import torch
-    from tqdm import tqdm
-
-    from glmgguf.io.atomic import check_output
     from glmgguf.layout import GlmLayout
-    from glmgguf.reap.data import load_calibration, load_tokenizer
     from glmgguf.reap.observe import observe
-    from glmgguf.runner import chunk_sequences
+    from glmgguf.textpass import TextPass
 
-    check_output(out, force, inputs=[model])
+    tp = TextPass.prepare(model, out, force=force, data=data, seq_len=seq_len, max_tokens=max_tokens,
+                          num_samples=num_samples, seed=seed, text_field=text_field, batch_size=batch_size,
+                          streaming=streaming, device=device, dtype=dtype, work_dir=work_dir,
+                          spill_threshold=spill_threshold)
     layout = GlmLayout.from_dir(model)
-    cal = load_calibration(data, load_tokenizer(model), seq_len, max_tokens=max_tokens,
-                           num_samples=num_samples, seed=seed, text_field=text_field)
-    chunks = chunk_sequences(cal.sequences, batch_size)
-    blocks = layout.n_layers + (0 if no_mtp else layout.n_mtp)
-    click.echo(f"calibration: {cal.sequences.shape[0]} x {seq_len} tokens from {cal.documents_used} of "
-               f"{cal.documents_total} documents; {'streaming' if streaming else 'in-memory'} on {device}")
-    total = cal.n_tokens * (blocks if streaming else 1)
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="observe", dynamic_ncols=True)
-    t0 = time.perf_counter()
-
-    def progress(block: int, n_tok: int) -> None:
-        bar.update(n_tok)
-        el = time.perf_counter() - t0
-        model_tok = bar.n / (blocks if streaming else 1)
-        bar.set_postfix_str(f"block {block + 1}/{blocks}, {model_tok / max(el, 1e-9):.0f} tok/s (whole model)")
-
-    try:
-        stats = observe(model, chunks, streaming=streaming, dtype=getattr(torch, DTYPES[dtype]),
-                        device=device, device_map=device, work_dir=work_dir or out.with_name(out.name + ".work"),
-                        spill_bytes=spill_threshold, mtp=not no_mtp, progress=progress,
-                        meta={"data": [p.name for p in data], "seed": seed, **cal.describe()})
-    finally:
-        bar.close()
+    click.echo(tp.describe("calibration"))
+    with tp.progress(layout.n_layers + (0 if no_mtp else layout.n_mtp), "observe") as progress:
+        stats = observe(model, tp.chunks, streaming=streaming, dtype=tp.dtype, device=device, device_map=device,
+                        work_dir=tp.work_dir, spill_bytes=spill_threshold, mtp=not no_mtp, progress=progress,
+                        meta={"data": [p.name for p in data], "seed": seed, **tp.text.describe()})
     stats.save(out, force=force)
-    if streaming:
-        from glmgguf.runner import clear_work_dir
-
-        clear_work_dir(work_dir or out.with_name(out.name + ".work"))
+    tp.finish()
     secs, resumed = stats.meta["seconds"], stats.meta.get("layers_resumed")
     click.echo(f"wrote {out} ({len(stats.layers)} MoE layers, {stats.meta['tokens']} tokens in {secs:.1f} s, "
                f"{stats.meta['tokens'] / max(secs, 1e-9):.0f} tok/s"
@@ -86,7 +63,7 @@ def _plan(model: Path, stats_paths: tuple[Path, ...], keep, ratio, per_layer, me
 _keep_opt = click.option("--keep", type=click.IntRange(min=1), help="Experts to keep per MoE layer.")
 _ratio_opt = click.option("--ratio", type=click.FloatRange(0.0, 1.0, max_open=True),
                           help="Fraction of experts to prune (0.25 keeps 75%).")
-_metric_opt = click.option("--metric", type=click.Choice(["reap", "frequency", "ean", "random"]), default="reap",
+_metric_opt = click.option("--metric", type=click.Choice(REAP_METRICS), default="reap",
                            show_default=True, help="Saliency used to rank experts.")
 _seed_opt = click.option("--seed", default=0, show_default=True, help="Seed of --metric random.")
 
@@ -99,7 +76,7 @@ _seed_opt = click.option("--seed", default=0, show_default=True, help="Seed of -
 @_ratio_opt
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output checkpoint directory.")
-@click.option("--per-layer", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
+@click.option("--per-layer", type=click.Choice(REAP_PER_LAYER), default="uniform", show_default=True,
               help="uniform: the same count in every layer; global: per-layer counts from a global ranking "
                    "(num_routed_experts_per_layer; llama.cpp cannot load those).")
 @_metric_opt
@@ -143,7 +120,7 @@ def prune_cmd(model: Path, stats_paths: tuple[Path, ...], keep: int | None, rati
               help="Checkpoint the statistics belong to (with --keep/--ratio: mark what a prune would drop).")
 @_keep_opt
 @_ratio_opt
-@click.option("--per-layer", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True)
+@click.option("--per-layer", type=click.Choice(REAP_PER_LAYER), default="uniform", show_default=True)
 @_metric_opt
 @_seed_opt
 def report_cmd(stats_path: Path, out: Path | None, model: Path | None, keep: int | None, ratio: float | None,

@@ -17,7 +17,7 @@ import contextlib
 import os
 import time
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,17 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmgguf.layout import GlmLayout, LayerInfo, LayerKind, mtp_embedding_name
+from glmgguf.modeling import load_decoder_layer, model_config, mtp_block_forward
 from glmgguf.reap.errors import ReapError
 from glmgguf.reap.routing import RouterSpec, route
 from glmgguf.reap.stats import FIELDS, ReapStats, empty_layer, model_fingerprint
-from glmgguf.runner import (
-    LayerVisitor,
-    RunOptions,
-    StreamingRunner,
-    load_decoder_layer,
-    model_config,
-    mtp_block_forward,
-)
+from glmgguf.runner import LayerVisitor, ProgressFn, RunOptions, StreamingRunner
 
 if TYPE_CHECKING:
     from glmgguf.io import CheckpointReader
@@ -165,9 +159,6 @@ class ExpertObserver(LayerVisitor):
 # The two modes
 # ---------------------------------------------------------------------------------------------------------------
 
-ProgressFn = Callable[[int, int], None]
-
-
 def observe_streaming(model_dir: str | os.PathLike, chunks: Sequence[torch.Tensor], *,
                       dtype: torch.dtype = torch.bfloat16, device: str = "cpu", work_dir: Path | None = None,
                       spill_bytes: int = 4 * 1024**3, mtp: bool = True, progress: ProgressFn | None = None,
@@ -187,14 +178,14 @@ def load_in_memory_model(model_dir: str | os.PathLike, dtype: torch.dtype, devic
     """The transformers model (trunk) with its load report silenced (it lists the MTP block as unexpected);
     `reader` is the caller's reader of `model_dir`, when it has one.
 
-    A block-FP8 checkpoint is assembled from the toolkit's reader (`glmgguf.runner.load_trunk_model`): its
+    A block-FP8 checkpoint is assembled from the toolkit's reader (`glmgguf.modeling.load_trunk_model`): its
     dequantization is upstream's exact one (transformers' derives the block from the scale grid, which is wrong for
     weights whose rows are not a multiple of 128, and refuses GLM-5.2's 576-row `kv_a_proj_with_mqa`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from glmgguf.io import CheckpointReader
-    from glmgguf.runner import load_trunk_model
+    from glmgguf.modeling import load_trunk_model
 
     reader = reader or CheckpointReader(model_dir)
     if reader.fp8 is not None:

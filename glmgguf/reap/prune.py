@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from glmgguf.checkpoint import open_checkpoint
+from glmgguf.choices import REAP_PER_LAYER as PER_LAYER_MODES
 from glmgguf.io import ShardedWriter, atomic_dir
 from glmgguf.io.fp8 import SCALE_SUFFIX
 from glmgguf.layout import GlmLayout, Role, parse_hf_name
@@ -38,7 +39,6 @@ from glmgguf.reap.stats import METRICS, ReapStats
 
 KEEP_MAP_NAME = "reap_keep_map.json"
 STATS_NAME = "reap_stats.safetensors"
-PER_LAYER_MODES = ("uniform", "global")
 
 
 @dataclass

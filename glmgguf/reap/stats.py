@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from glmgguf.choices import REAP_METRICS as METRICS
 from glmgguf.io import atomic_file
 from glmgguf.layout import GlmLayout
 from glmgguf.reap.errors import StatsError
@@ -33,7 +34,6 @@ FIELDS: dict[str, tuple[torch.dtype, str]] = {
     "input_amax": (torch.float32, "max"),  # max |x| over routed tokens (input of gate_proj / up_proj)
     "down_input_amax": (torch.float32, "max"),  # max |act(gate x) * up x| (input of down_proj)
 }
-METRICS = ("reap", "frequency", "ean", "random")
 
 
 

@@ -1,0 +1,14 @@
+"""The choices of every enumerated option: one source for the command line (`click.Choice`) and the plan."""
+
+from __future__ import annotations
+
+from glmgguf.gguf.plan import OUTTYPES, IndexerMode, MtpMode
+
+DTYPES = {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}  # option value -> torch dtype name
+REAP_METRICS = ("reap", "frequency", "ean", "random")  # saliency that ranks experts for pruning
+REAP_PER_LAYER = ("uniform", "global")  # the same keep count in every layer, or per-layer counts
+KD_SCHEDULES = ("constant", "cosine")  # learning rate after warmup
+NVFP4_FORMATS = ("modelopt", "compressed-tensors")  # `glmgguf.nvfp4.formats` has one object per name
+GGUF_OUTTYPES = tuple(sorted(OUTTYPES))
+GGUF_MTP = tuple(m.value for m in MtpMode)
+GGUF_INDEXER = tuple(m.value for m in IndexerMode)
