@@ -312,6 +312,30 @@ def test_streaming_resumes_after_interruption(trained_testbed_dir, chunks, strea
     assert (foreign / "keep.txt").read_text() == "mine"
 
 
+def test_work_dir_removes_only_its_own_files(tmp_path):
+    from glmgguf.runner import WorkDir
+
+    ours = WorkDir(tmp_path / "ours")
+    ours.clear()
+    (ours.path / "manifest.json").write_text(json.dumps({"key": "k", "done": []}))
+    (ours.path / "acts-3").mkdir()
+    ours.release()
+    assert not ours.path.exists()
+    mixed = tmp_path / "mixed"
+    (mixed / "acts-1").mkdir(parents=True)
+    (mixed / "manifest.json").write_text(json.dumps({"key": "k", "done": []}))
+    (mixed / "notes.txt").write_text("mine")
+    with pytest.raises(RunnerError, match="not empty"):
+        WorkDir(mixed).clear()
+    WorkDir(mixed).release()  # left in place, with a warning
+    assert (mixed / "notes.txt").read_text() == "mine" and (mixed / "acts-1").is_dir()
+    other_manifest = tmp_path / "cache"
+    other_manifest.mkdir()
+    (other_manifest / "manifest.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(RunnerError, match="not empty"):
+        WorkDir(other_manifest).clear()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stats files
 # ---------------------------------------------------------------------------------------------------------------
