@@ -19,15 +19,9 @@ from glmgguf.checkpoint import open_checkpoint
 from glmgguf.io import CheckpointReader
 from glmgguf.layout import GlmLayout, LayerKind, Role, parse_hf_name
 from glmgguf.nvfp4 import quant as nq
-from glmgguf.nvfp4.export import (
-    HF_QUANT_CONFIG,
-    MANIFEST_NAME,
-    ExportError,
-    dequantize_export,
-    export_nvfp4,
-    plan_export,
-    summarize_exclude,
-)
+from glmgguf.nvfp4.dequantize import dequantize_export
+from glmgguf.nvfp4.export import MANIFEST_NAME, ExportError, export_nvfp4, plan_export
+from glmgguf.nvfp4.formats import HF_QUANT_CONFIG, summarize_exclude
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from glmgguf.choices import NVFP4_FORMATS
 from glmgguf.cli_options import parse_size_option
 
 
@@ -24,7 +25,7 @@ def nvfp4() -> None:
 @click.option("--exclude", multiple=True,
               help="Module name pattern (fnmatch) whose experts stay BF16, e.g. 'model.layers.78.*' for the MTP "
                    "block (repeatable; a whole MoE layer's experts or none).")
-@click.option("--format", "fmt", type=click.Choice(["modelopt", "compressed-tensors"]), default="modelopt",
+@click.option("--format", "fmt", type=click.Choice(NVFP4_FORMATS), default="modelopt",
               show_default=True, help="modelopt: NVIDIA ModelOpt's layout (--quantization modelopt_fp4); "
                                       "compressed-tensors: llm-compressor's nvfp4-pack-quantized.")
 @click.option("--max-shard-size", "max_shard", default="5G", show_default=True, callback=parse_size_option,
@@ -76,7 +77,7 @@ def dequantize_cmd(src: Path, out: Path, dtype: str, force: bool) -> None:
     """Write a plain checkpoint from an NVFP4 export (experts dequantized) for transformers or llama.cpp."""
     import torch
 
-    from glmgguf.nvfp4.export import dequantize_export
+    from glmgguf.nvfp4.dequantize import dequantize_export
 
     dequantize_export(src, out, dtype={"f32": torch.float32, "bf16": torch.bfloat16}[dtype], force=force)
     click.echo(f"wrote {out}")

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from glmgguf.io import CheckpointReader
 from glmgguf.nvfp4 import quant as nq
-from glmgguf.nvfp4.export import TENSOR_SUFFIXES, detect_format
+from glmgguf.nvfp4.formats import detect_format
 
 
 def fake_quantize_activations(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def fake_quantize_activations(x: torch.Tensor, input_scale: torch.Tensor) -> tor
 def input_scales(export_dir: str | os.PathLike) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per MoE layer: (gate/up input scales [E], down input scales [E]) of an export (either layout)."""
     fmt = detect_format(export_dir)
-    suffix = TENSOR_SUFFIXES[fmt][3]
+    suffix = fmt.suffixes[3]
     reader = CheckpointReader(export_dir)
     found: dict[int, dict[int, dict[str, float]]] = {}
     for name in reader.names():
@@ -40,7 +40,7 @@ def input_scales(export_dir: str | os.PathLike) -> dict[int, tuple[torch.Tensor,
         if name.endswith("." + suffix) and ".mlp.experts." in name:
             L, E, proj = int(parts[2]), int(parts[5]), parts[6]
             v = float(reader.get(name).reshape(-1)[0])
-            found.setdefault(L, {}).setdefault(E, {})[proj] = 1.0 / v if fmt == "compressed-tensors" else v
+            found.setdefault(L, {}).setdefault(E, {})[proj] = fmt.multiplier(v)
     out = {}
     for L, experts in found.items():
         n = max(experts) + 1

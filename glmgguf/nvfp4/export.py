@@ -12,26 +12,20 @@ Execute: one tensor (one expert: gate, up, down) at a time, read ahead on a back
 `glmgguf.nvfp4.quant` on `device` (the same torch code on CPU and CUDA, so the bytes are the same), streamed into
 `ShardedWriter` shards with an index; the output directory appears atomically.
 
-Layouts per expert projection `model.layers.L.mlp.experts.E.{gate,up,down}_proj`:
-  modelopt            weight u8 [N, K/2], weight_scale e4m3 [N, K/16], weight_scale_2 f32 [], input_scale f32 []
-                      (+ hf_quant_config.json and config.json quantization_config with quant_method "modelopt")
-  compressed-tensors  weight_packed u8 [N, K/2], weight_scale e4m3 [N, K/16], weight_global_scale f32 [1],
-                      input_global_scale f32 [1], global scales reciprocal (6*448/amax, llm-compressor's formula)
-                      (config.json quantization_config with format "nvfp4-pack-quantized")
-gate_proj and up_proj of one expert share the weight global scale (max of the two amaxes) and the input scale:
-serving engines fuse them into one GEMM with one scale.
+The formats (tensor names, scale conventions, config files) are `glmgguf.nvfp4.formats` objects. gate_proj and
+up_proj of one expert share the weight global scale (max of the two amaxes) and the input scale: serving engines
+fuse them into one GEMM with one scale.
 """
 
 from __future__ import annotations
 
-import bisect
 import fnmatch
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,133 +34,19 @@ import torch
 
 from glmgguf import __version__
 from glmgguf.checkpoint import GlmCheckpoint, open_checkpoint
-from glmgguf.errors import GlmggufError
-from glmgguf.io import ShardedWriter, atomic_dir
+from glmgguf.io import CheckpointReader, ShardedWriter, atomic_dir
 from glmgguf.io.writer import PlanEntry
 from glmgguf.layout import GlmLayout, Role, parse_hf_name
 from glmgguf.nvfp4 import quant as nq
+from glmgguf.nvfp4.calibration import InputAmax, input_amax_from_stats, load_stats
+from glmgguf.nvfp4.errors import ExportError
+from glmgguf.nvfp4.formats import FORMATS, HF_QUANT_CONFIG, Nvfp4Format, get_format
 
-FORMATS = ("modelopt", "compressed-tensors")
-HF_QUANT_CONFIG = "hf_quant_config.json"
 MANIFEST_NAME = "nvfp4_export.json"
 PROJS = ("gate_proj", "up_proj", "down_proj")
-MODELOPT_VERSION = "0.47.0"  # the ModelOpt release whose format (and quantizer) this export reproduces
 DEFAULT_STATS_NAME = "reap_stats.safetensors"  # what `reap prune` leaves beside a pruned checkpoint
 _EXPERT_ROLES = {Role.EXPERT_GATE: "gate_proj", Role.EXPERT_UP: "up_proj", Role.EXPERT_DOWN: "down_proj"}
-
-# Names of the four tensors of one quantized projection: packed weight, block scales, weight global, input global.
-TENSOR_SUFFIXES = {
-    "modelopt": ("weight", "weight_scale", "weight_scale_2", "input_scale"),
-    "compressed-tensors": ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale"),
-}
-
-
-class ExportError(GlmggufError, ValueError):
-    """The export cannot be planned or run with these inputs."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Calibration: per-expert activation amaxes
-# ----------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class InputAmax:
-    """Per MoE layer and expert: the activation amax of gate/up's input and of down's input (fallbacks applied)."""
-
-    gate_up: dict[int, torch.Tensor]  # layer -> float32 [n_experts]
-    down: dict[int, torch.Tensor]
-    fallbacks: dict[int, list[int]]  # layer -> experts that got the layer's max (never routed / no finite amax)
-
-    @property
-    def n_fallback(self) -> int:
-        return sum(len(v) for v in self.fallbacks.values())
-
-
-def _layer_amax(values: torch.Tensor, routed: torch.Tensor, layer: int, what: str) -> tuple[torch.Tensor, set[int]]:
-    values = values.float()
-    ok = routed & torch.isfinite(values) & (values > 0)
-    if not bool(ok.any()):
-        raise ExportError(f"statistics of layer {layer} have no usable {what} (no expert was routed to in "
-                          "calibration): observe more tokens")
-    fill = values[ok].max()
-    out = torch.where(ok, values, fill)
-    if float(fill) / nq.GLOBAL_DENOM == 0.0:
-        raise ExportError(f"layer {layer}: {what} {float(fill)} is too small for an NVFP4 input scale")
-    return out, {int(i) for i in (~ok).nonzero().flatten()}
-
-
-def input_amax_from_stats(stats, layout: GlmLayout, layers: Sequence[int]) -> InputAmax:
-    """Per-expert input amaxes of `layers` from REAP statistics (`glmgguf.reap.stats.ReapStats`).
-
-    Raises ExportError unless the statistics were observed on a model with this layout's MoE layers (hidden size,
-    layer count, each quantized layer's expert count).
-    """
-    from glmgguf.reap.stats import model_fingerprint
-
-    want, have = model_fingerprint(layout), stats.fingerprint
-    if have.get("hidden_size") != want["hidden_size"] or have.get("n_layers") != want["n_layers"]:
-        raise ExportError(f"calibration statistics are from another model (hidden {have.get('hidden_size')}, "
-                          f"{have.get('n_layers')} layers) than the checkpoint (hidden {want['hidden_size']}, "
-                          f"{want['n_layers']} layers)")
-    out = InputAmax({}, {}, {})
-    for L in layers:
-        n = want["experts"][str(L)]
-        if L not in stats.layers:
-            raise ExportError(f"calibration statistics lack MoE layer {L}"
-                              + (" (the MTP block: observe without --no-mtp, or --exclude its experts)"
-                                 if L >= layout.n_layers else ""))
-        t = stats.layers[L]
-        if t["count"].numel() != n:
-            raise ExportError(f"calibration statistics are from another model: layer {L} has {n} experts in the "
-                              f"checkpoint, {t['count'].numel()} in the statistics")
-        routed = t["count"] > 0
-        out.gate_up[L], fb1 = _layer_amax(t["input_amax"], routed, L, "input_amax")
-        out.down[L], fb2 = _layer_amax(t["down_input_amax"], routed, L, "down_input_amax")
-        if fb1 | fb2:
-            out.fallbacks[L] = sorted(fb1 | fb2)
-    return out
-
-
-def load_stats(paths: Sequence[str | os.PathLike]):
-    """Load (and merge) REAP statistics files."""
-    from glmgguf.reap.stats import ReapStats
-
-    for p in paths:
-        if not Path(p).is_file():
-            raise ExportError(f"calibration statistics {p} not found")
-    return ReapStats.load_many(list(paths))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Exclude lists
-# ----------------------------------------------------------------------------------------------------------------
-
-def summarize_exclude(unquantized: Iterable[str], quantized: Iterable[str]) -> list[str]:
-    """ModelOpt's exclude-list summary: each unquantized module is covered by the shortest dot-boundary prefix
-    wildcard `P*` that no quantized module name starts with, else `P.*` (when only names like `P0...` are
-    quantized), else its own name."""
-    q = sorted(set(quantized))
-    qset = set(q)
-
-    def some_start_with(prefix: str) -> bool:
-        i = bisect.bisect_left(q, prefix)
-        return i < len(q) and q[i].startswith(prefix)
-
-    out: set[str] = set()
-    for m in sorted(set(unquantized)):
-        for i, ch in enumerate(m):
-            if ch != ".":
-                continue
-            p = m[:i]
-            if not some_start_with(p):
-                out.add(p + "*")
-                break
-            if p not in qset and not some_start_with(p + "."):
-                out.add(p + ".*")  # ModelOpt 0.47 writes only `P.*` of the pair `P`, `P.*`
-                break
-        else:
-            out.add(m)
-    return sorted(out)
+KEPT_FILES = (HF_QUANT_CONFIG, MANIFEST_NAME)  # a source's files the output does not copy (written anew)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,7 +69,7 @@ Step = str | ExpertStep  # a tensor name to copy, or one expert to quantize
 @dataclass
 class ExportPlan:
     checkpoint: GlmCheckpoint = field(repr=False)
-    fmt: str
+    format: Nvfp4Format
     steps: list[Step]
     entries: list[PlanEntry]
     quantized_layers: list[int]
@@ -225,7 +105,7 @@ class ExportPlan:
     def describe(self) -> str:
         n_exp = sum(isinstance(s, ExpertStep) for s in self.steps)
         lines = [
-            f"NVFP4 export ({self.fmt}) of {self.src}",
+            f"NVFP4 export ({self.format.name}) of {self.src}",
             f"  {n_exp} experts in NVFP4 over {len(self.quantized_layers)} MoE layers "
             f"({', '.join(map(str, self.quantized_layers))}), {len(self.modules_nvfp4)} projections",
             f"  {len(self.modules_bf16)} other modules kept as they are; exclude list of {len(self.ignore)} entries",
@@ -241,12 +121,80 @@ class ExportPlan:
         return "\n".join(lines)
 
 
-def _natural_key(name: str) -> tuple:
+def natural_key(name: str) -> tuple:
+    """Sort key of tensor names with their numbers compared as numbers (layer 2 before layer 10)."""
     return tuple(int(t) if t.isdigit() else t for t in name.replace(".", " . ").split())
 
 
 def _module(name: str) -> str:
     return name.rsplit(".", 1)[0]
+
+
+def _open_source(src: str | os.PathLike) -> GlmCheckpoint:
+    """The source checkpoint, refused when already quantized or when its dimensions cannot be NVFP4."""
+    root = Path(src)
+    try:
+        qc = json.loads((root / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        qc = None  # open_checkpoint reports a missing or broken config
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method in FORMATS or (root / HF_QUANT_CONFIG).exists():
+        raise ExportError(f"{src} is already quantized (it has a {method or 'modelopt'} quantization config)")
+    ckpt = open_checkpoint(src)  # reads the block-FP8 release dequantized; refuses other quantization schemes
+    layout = ckpt.layout
+    for dim, what in ((layout.hidden_size, "hidden_size"), (layout.moe_intermediate_size, "moe_intermediate_size")):
+        if dim % nq.BLOCK_SIZE:
+            raise ExportError(f"{what} {dim} is not a multiple of {nq.BLOCK_SIZE}: experts cannot be NVFP4")
+    return ckpt
+
+
+def _stats_paths(reader: CheckpointReader, src: str | os.PathLike,
+                 given: Sequence[str | os.PathLike] | None) -> list[Path]:
+    if given:
+        return [Path(p) for p in given]
+    default = reader.root / DEFAULT_STATS_NAME
+    if not default.is_file():
+        raise ExportError(f"no calibration statistics: pass --calib (REAP observe output); {src} has no "
+                          f"{DEFAULT_STATS_NAME}")
+    return [default]
+
+
+def _excluded_layers(layout: GlmLayout, exclude: Sequence[str]) -> set[int]:
+    """MoE layers whose experts all match an --exclude pattern (some but not all: refused)."""
+    out: set[int] = set()
+    for layer in layout.moe_layers:
+        mods = [f"model.layers.{layer.index}.mlp.experts.{e}.{proj}" for e in range(layer.n_experts) for proj in PROJS]
+        hit = [any(fnmatch.fnmatchcase(m, pat) for pat in exclude) for m in mods]
+        if all(hit):
+            out.add(layer.index)
+        elif any(hit):
+            raise ExportError(f"--exclude matches some but not all experts of layer {layer.index}: serving engines "
+                              "load one quantization scheme per MoE layer, exclude all of its experts or none")
+    return out
+
+
+def _expert_sources(reader: CheckpointReader) -> dict[tuple[int, int], dict[str, str]]:
+    """(layer, expert) -> proj -> source tensor name."""
+    experts: dict[tuple[int, int], dict[str, str]] = {}
+    for name in reader.names():
+        p = parse_hf_name(name)
+        if p is not None and p.rule.role in _EXPERT_ROLES:
+            experts.setdefault((p.layer, p.expert), {})[_EXPERT_ROLES[p.rule.role]] = name
+    return experts
+
+
+def _expert_entries(step: ExpertStep, reader: CheckpointReader, fmt: Nvfp4Format) -> list[PlanEntry]:
+    """The four output tensors of each projection of one expert."""
+    sfx = fmt.suffixes
+    entries: list[PlanEntry] = []
+    for proj in PROJS:
+        n, k = reader.info(step.sources[proj]).shape
+        mod = step.module(proj)
+        entries += [(f"{mod}.{sfx[0]}", (n, k // 2), torch.uint8),
+                    (f"{mod}.{sfx[1]}", (n, k // nq.BLOCK_SIZE), torch.float8_e4m3fn),
+                    (f"{mod}.{sfx[2]}", fmt.scalar_shape, torch.float32),
+                    (f"{mod}.{sfx[3]}", fmt.scalar_shape, torch.float32)]
+    return entries
 
 
 def plan_export(src: str | os.PathLike, stats_paths: Sequence[str | os.PathLike] | None = None,
@@ -256,142 +204,40 @@ def plan_export(src: str | os.PathLike, stats_paths: Sequence[str | os.PathLike]
     `exclude` holds fnmatch patterns of module names (`model.layers.78.mlp.experts.*`) whose experts stay BF16;
     an MoE layer's experts are excluded all together or not at all (engines load one scheme per MoE layer).
     """
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    root = Path(src)
-    try:
-        qc = json.loads((root / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError):
-        qc = None  # open_checkpoint reports a missing or broken config
-    method = qc.get("quant_method") if isinstance(qc, dict) else None
-    if method in ("modelopt", "compressed-tensors") or (root / HF_QUANT_CONFIG).exists():
-        raise ExportError(f"{src} is already quantized (it has a {method or 'modelopt'} quantization config)")
-    ckpt = open_checkpoint(src)  # reads the block-FP8 release dequantized; refuses other quantization schemes
+    form = get_format(fmt)
+    ckpt = _open_source(src)
     reader, layout = ckpt.reader, ckpt.layout
-    for dim, what in ((layout.hidden_size, "hidden_size"), (layout.moe_intermediate_size, "moe_intermediate_size")):
-        if dim % nq.BLOCK_SIZE:
-            raise ExportError(f"{what} {dim} is not a multiple of {nq.BLOCK_SIZE}: experts cannot be NVFP4")
-    if stats_paths is None or len(stats_paths) == 0:
-        default = reader.root / DEFAULT_STATS_NAME
-        if not default.is_file():
-            raise ExportError(f"no calibration statistics: pass --calib (REAP observe output); {src} has no "
-                              f"{DEFAULT_STATS_NAME}")
-        stats_paths = [default]
-    stats_paths = [Path(p) for p in stats_paths]
+    stats_paths = _stats_paths(reader, src, stats_paths)
     stats = load_stats(stats_paths)
-
-    experts: dict[tuple[int, int], dict[str, str]] = {}
-    for name in reader.names():
-        p = parse_hf_name(name)
-        if p is not None and p.rule.role in _EXPERT_ROLES:
-            experts.setdefault((p.layer, p.expert), {})[_EXPERT_ROLES[p.rule.role]] = name
-    excluded_layers: set[int] = set()
-    for layer in layout.moe_layers:
-        mods = [f"model.layers.{layer.index}.mlp.experts.{e}.{proj}" for e in range(layer.n_experts) for proj in PROJS]
-        hit = [any(fnmatch.fnmatchcase(m, pat) for pat in exclude) for m in mods]
-        if all(hit):
-            excluded_layers.add(layer.index)
-        elif any(hit):
-            raise ExportError(f"--exclude matches some but not all experts of layer {layer.index}: serving engines "
-                              "load one quantization scheme per MoE layer, exclude all of its experts or none")
-    quantized_layers = [x.index for x in layout.moe_layers if x.index not in excluded_layers]
+    excluded = _excluded_layers(layout, exclude)
+    quantized_layers = [x.index for x in layout.moe_layers if x.index not in excluded]
     if not quantized_layers:
         raise ExportError("--exclude leaves no expert to quantize")
     amax = input_amax_from_stats(stats, layout, quantized_layers)
-
+    experts = _expert_sources(reader)
     steps: list[Step] = []
     entries: list[PlanEntry] = []
-    nvfp4: list[str] = []
     bf16: set[str] = set()
-    sfx = TENSOR_SUFFIXES[fmt]
-    scalar = () if fmt == "modelopt" else (1,)
     seen: set[tuple[int, int]] = set()
-    for name in sorted(reader.names(), key=_natural_key):
+    for name in sorted(reader.names(), key=natural_key):
         p = parse_hf_name(name)
         key = (p.layer, p.expert) if p is not None and p.rule.role in _EXPERT_ROLES else None
-        if key is None or key[0] in excluded_layers:
+        if key is None or key[0] in excluded:
             steps.append(name)
             info = reader.info(name)
             entries.append((name, info.shape, torch.bfloat16 if reader.is_fp8(name) else info.torch_dtype))
             if len(info.shape) == 2:
                 bf16.add(_module(name))
-            continue
-        if key in seen:
-            continue
-        seen.add(key)
-        step = ExpertStep(key[0], key[1], experts[key])
-        steps.append(step)
-        for proj in PROJS:
-            n, k = reader.info(step.sources[proj]).shape
-            mod = step.module(proj)
-            nvfp4.append(mod)
-            entries += [(f"{mod}.{sfx[0]}", (n, k // 2), torch.uint8),
-                        (f"{mod}.{sfx[1]}", (n, k // nq.BLOCK_SIZE), torch.float8_e4m3fn),
-                        (f"{mod}.{sfx[2]}", scalar, torch.float32),
-                        (f"{mod}.{sfx[3]}", scalar, torch.float32)]
-    ignore = summarize_exclude(bf16, nvfp4) if fmt == "modelopt" else sorted(bf16)
+        elif key not in seen:
+            seen.add(key)
+            steps.append(ExpertStep(key[0], key[1], experts[key]))
+            entries += _expert_entries(steps[-1], reader, form)
+    nvfp4 = [s.module(proj) for s in steps if isinstance(s, ExpertStep) for proj in PROJS]
+    ignore = form.ignore_list(bf16, nvfp4)
     if not ignore:
         raise ExportError("the exclude list is empty (SGLang refuses that): nothing is kept unquantized")
-    return ExportPlan(ckpt, fmt, steps, entries, quantized_layers, sorted(excluded_layers), nvfp4, sorted(bf16),
+    return ExportPlan(ckpt, form, steps, entries, quantized_layers, sorted(excluded), nvfp4, sorted(bf16),
                       ignore, amax, stats_paths)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Config files
-# ----------------------------------------------------------------------------------------------------------------
-
-def hf_quant_config(ignore: list[str]) -> dict:
-    """hf_quant_config.json as ModelOpt writes it for NVFP4 (no KV-cache quantization)."""
-    return {
-        "producer": {"name": "modelopt", "version": MODELOPT_VERSION},
-        "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": nq.BLOCK_SIZE,
-                         "exclude_modules": list(ignore)},
-    }
-
-
-def modelopt_quantization_config(ignore: list[str]) -> dict:
-    """config.json `quantization_config`: ModelOpt's conversion of hf_quant_config.json (compressed-tensors-like
-    groups, `ignore`, `quant_method: modelopt`) plus `group_size` and `exclude_modules`, which vLLM's and
-    SGLang's config.json readers look up directly."""
-    gs = nq.BLOCK_SIZE
-    return {
-        "config_groups": {"group_0": {
-            "input_activations": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": gs},
-            "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": gs},
-            "targets": ["Linear"],
-        }},
-        "ignore": list(ignore),
-        "quant_algo": "NVFP4",
-        "producer": {"name": "modelopt", "version": MODELOPT_VERSION},
-        "quant_method": "modelopt",
-        "group_size": gs,
-        "kv_cache_quant_algo": None,
-        "exclude_modules": list(ignore),
-    }
-
-
-def compressed_tensors_quantization_config(ignore: list[str]) -> dict:
-    """config.json `quantization_config` of llm-compressor's NVFP4 (W4A4) scheme, `nvfp4-pack-quantized`."""
-    args = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": nq.BLOCK_SIZE,
-            "strategy": "tensor_group", "block_structure": None, "actorder": None, "observer": "minmax",
-            "observer_kwargs": {}}
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "nvfp4-pack-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": {**args, "dynamic": False},
-            "input_activations": {**args, "dynamic": "local"},
-            "output_activations": None,
-            "format": "nvfp4-pack-quantized",
-        }},
-        "ignore": list(ignore),
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-        "sparsity_config": {},
-        "transform_config": {},
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -422,8 +268,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def quantize_expert(tensors: dict[str, torch.Tensor], gate_up_amax: torch.Tensor, down_amax: torch.Tensor,
-                    fmt: str, device: torch.device) -> dict[str, list[torch.Tensor]]:
-    """The four output tensors of each projection of one expert (CPU tensors, in TENSOR_SUFFIXES order)."""
+                    fmt: Nvfp4Format, device: torch.device) -> dict[str, list[torch.Tensor]]:
+    """The four output tensors of each projection of one expert (CPU tensors, in `fmt.suffixes` order)."""
     w = {proj: t.to(device, non_blocking=True) for proj, t in tensors.items()}
     pair_amax = torch.maximum(nq.amax(w["gate_proj"]), nq.amax(w["up_proj"]))
     down_w_amax = nq.amax(w["down_proj"])
@@ -432,23 +278,24 @@ def quantize_expert(tensors: dict[str, torch.Tensor], gate_up_amax: torch.Tensor
         w_amax = pair_amax if proj != "down_proj" else down_w_amax
         in_amax = (gate_up_amax if proj != "down_proj" else down_amax).to(device)
         q = nq.quantize(w[proj], nq.global_scale(w_amax))
-        if fmt == "modelopt":
-            s2, s_in = q.weight_scale_2, nq.input_scale(in_amax)
-        else:  # reciprocal global scales, computed as llm-compressor does: (6 * 448) / amax
-            a = w_amax.float() if float(w_amax) > 0 else torch.ones((), device=device)
-            s2, s_in = (nq.GLOBAL_DENOM / a).reshape(1), (nq.GLOBAL_DENOM / in_amax.float()).reshape(1)
+        s2, s_in = fmt.global_scales(q, w_amax, in_amax, device)
         out[proj] = [t.cpu() for t in (q.weight, q.weight_scale, s2, s_in)]
     return out
 
 
-def _write_configs(plan: ExportPlan, tmp: Path) -> None:
-    cfg = dict(plan.checkpoint.reader.config)
-    if plan.fmt == "modelopt":
-        (tmp / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant_config(plan.ignore), indent=4) + "\n")
-        cfg["quantization_config"] = modelopt_quantization_config(plan.ignore)
-    else:
-        cfg["quantization_config"] = compressed_tensors_quantization_config(plan.ignore)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+def write_configs(fmt: Nvfp4Format, config: dict, ignore: list[str], out: Path) -> None:
+    """config.json with the format's quantization_config, and the format's other config files."""
+    for name, doc in fmt.config_files(ignore).items():
+        (out / name).write_text(json.dumps(doc, indent=4) + "\n")
+    cfg = {**config, "quantization_config": fmt.quantization_config(ignore)}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def copy_extra_files(reader: CheckpointReader, out: Path) -> None:
+    """Tokenizer, generation config and the like (not the quantization files the output writes itself)."""
+    for f in reader.extra_files():
+        if f.name not in KEPT_FILES:
+            shutil.copy2(f, out / f.name)
 
 
 def export_nvfp4(plan: ExportPlan, out: str | os.PathLike, device: str | torch.device = "cpu", force: bool = False,
@@ -472,124 +319,85 @@ def export_nvfp4(plan: ExportPlan, out: str | os.PathLike, device: str | torch.d
         torch.set_num_threads(prev_threads)
 
 
+class _StepRunner:
+    """Reads the plan's steps one ahead on a background thread and writes each one's output tensors."""
+
+    def __init__(self, plan: ExportPlan, writer: ShardedWriter, device: torch.device):
+        self.plan, self.writer, self.device = plan, writer, device
+        self.reader = plan.checkpoint.reader
+        self.expert_seconds = 0.0
+
+    def load(self, step: Step):
+        if isinstance(step, ExpertStep):
+            return {proj: self.reader.get(name) for proj, name in step.sources.items()}
+        return self.reader.get(step).to(torch.bfloat16) if self.reader.is_fp8(step) else self.reader.get(step)
+
+    def step_bytes(self, step: Step) -> int:
+        names = step.sources.values() if isinstance(step, ExpertStep) else [step]
+        return sum(self.reader.info(n).nbytes for n in names)
+
+    def write(self, step: Step, data) -> None:
+        if not isinstance(step, ExpertStep):
+            self.writer.add(step, data)
+            return
+        ts = time.perf_counter()
+        L, E, fmt = step.layer, step.expert, self.plan.format
+        try:
+            res = quantize_expert(data, self.plan.amax.gate_up[L][E], self.plan.amax.down[L][E], fmt, self.device)
+        except nq.Nvfp4Error as e:
+            raise ExportError(f"layer {L} expert {E}: {e}") from None
+        for proj in PROJS:
+            for suffix, t in zip(fmt.suffixes, res[proj], strict=True):
+                self.writer.add(f"{step.module(proj)}.{suffix}", t)
+        self.expert_seconds += time.perf_counter() - ts
+
+    def run(self, progress: Callable[[int, int], None] | None) -> None:
+        steps, done = self.plan.steps, 0
+        with ThreadPoolExecutor(1, thread_name_prefix="nvfp4-read") as pool:
+            ahead = pool.submit(self.load, steps[0]) if steps else None
+            for i, step in enumerate(steps):
+                ts = time.perf_counter()
+                data = ahead.result()
+                ahead = pool.submit(self.load, steps[i + 1]) if i + 1 < len(steps) else None
+                if isinstance(step, ExpertStep):
+                    self.expert_seconds += time.perf_counter() - ts  # the read wait counts for the experts
+                self.write(step, data)
+                del data
+                done += self.step_bytes(step)
+                if progress is not None:
+                    progress(done, self.plan.bytes_in)
+
+
+def _manifest(plan: ExportPlan, dev: torch.device, bytes_out: int, seconds: float) -> dict:
+    return {
+        "producer": {"name": "glmgguf", "version": __version__},
+        "format": plan.format.name,
+        "source": str(plan.src),
+        "calibration": [str(p) for p in plan.stats_paths],
+        "device": str(dev),
+        "quantized_layers": plan.quantized_layers,
+        "bf16_expert_layers": plan.bf16_expert_layers,
+        "experts_nvfp4": sum(isinstance(s, ExpertStep) for s in plan.steps),
+        "input_scale_fallbacks": {str(L): v for L, v in sorted(plan.amax.fallbacks.items())},
+        "n_input_scale_fallbacks": plan.amax.n_fallback,
+        "bytes_in": plan.bytes_in,
+        "bytes_out": bytes_out,
+        "seconds": round(seconds, 3),
+    }
+
+
 def _export(plan: ExportPlan, out: Path, dev: torch.device, force: bool, max_shard_bytes: int,
             progress: Callable[[int, int], None] | None) -> ExportResult:
     reader = plan.checkpoint.reader
     t0 = time.perf_counter()
-    expert_s = 0.0
-    total = plan.bytes_in
-    done = 0
-
-    def load(step: Step):
-        if isinstance(step, ExpertStep):
-            return {proj: reader.get(name) for proj, name in step.sources.items()}
-        return reader.get(step).to(torch.bfloat16) if reader.is_fp8(step) else reader.get(step)
-
-    def step_bytes(step: Step) -> int:
-        names = step.sources.values() if isinstance(step, ExpertStep) else [step]
-        return sum(reader.info(n).nbytes for n in names)
-
     with atomic_dir(out, force=force, inputs=[plan.src]) as tmp:
-        meta = {"quantization": f"nvfp4-{plan.fmt}"}
-        with ShardedWriter(tmp, plan.entries, max_shard_bytes=max_shard_bytes, metadata=meta) as writer, \
-                ThreadPoolExecutor(1, thread_name_prefix="nvfp4-read") as pool:
-            sfx = TENSOR_SUFFIXES[plan.fmt]
-            ahead = pool.submit(load, plan.steps[0]) if plan.steps else None
-            for i, step in enumerate(plan.steps):
-                ts = time.perf_counter()
-                data = ahead.result()
-                ahead = pool.submit(load, plan.steps[i + 1]) if i + 1 < len(plan.steps) else None
-                if isinstance(step, ExpertStep):
-                    L, E = step.layer, step.expert
-                    try:
-                        res = quantize_expert(data, plan.amax.gate_up[L][E], plan.amax.down[L][E], plan.fmt, dev)
-                    except nq.Nvfp4Error as e:
-                        raise ExportError(f"layer {L} expert {E}: {e}") from None
-                    for proj in PROJS:
-                        for suffix, t in zip(sfx, res[proj], strict=True):
-                            writer.add(f"{step.module(proj)}.{suffix}", t)
-                    expert_s += time.perf_counter() - ts
-                else:
-                    writer.add(step, data)
-                del data
-                done += step_bytes(step)
-                if progress is not None:
-                    progress(done, total)
-        _write_configs(plan, tmp)
-        for f in reader.extra_files():
-            if f.name in (HF_QUANT_CONFIG, MANIFEST_NAME):
-                continue
-            shutil.copy2(f, tmp / f.name)
+        meta = {"quantization": f"nvfp4-{plan.format.name}"}
+        with ShardedWriter(tmp, plan.entries, max_shard_bytes=max_shard_bytes, metadata=meta) as writer:
+            steps = _StepRunner(plan, writer, dev)
+            steps.run(progress)
+        write_configs(plan.format, reader.config, plan.ignore, tmp)
+        copy_extra_files(reader, tmp)
         seconds = time.perf_counter() - t0
-        manifest = {
-            "producer": {"name": "glmgguf", "version": __version__},
-            "format": plan.fmt,
-            "source": str(plan.src),
-            "calibration": [str(p) for p in plan.stats_paths],
-            "device": str(dev),
-            "quantized_layers": plan.quantized_layers,
-            "bf16_expert_layers": plan.bf16_expert_layers,
-            "experts_nvfp4": sum(isinstance(s, ExpertStep) for s in plan.steps),
-            "input_scale_fallbacks": {str(L): v for L, v in sorted(plan.amax.fallbacks.items())},
-            "n_input_scale_fallbacks": plan.amax.n_fallback,
-            "bytes_in": plan.bytes_in,
-            "bytes_out": writer.total_size,
-            "seconds": round(seconds, 3),
-        }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
-    return ExportResult(out, plan, len(plan.entries), writer.total_size, seconds, expert_s)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading an export back
-# ----------------------------------------------------------------------------------------------------------------
-
-def detect_format(path: str | os.PathLike) -> str:
-    cfg = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
-    method = cfg.get("quant_method")
-    if method == "modelopt":
-        return "modelopt"
-    if method == "compressed-tensors" and cfg.get("format") == "nvfp4-pack-quantized":
-        return "compressed-tensors"
-    raise ExportError(f"{path} is not an NVFP4 export (quantization_config quant_method {method!r})")
-
-
-def dequantize_export(src: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                      force: bool = False) -> Path:
-    """Write a plain Hugging Face checkpoint from an NVFP4 export: every quantized projection dequantized to
-    `dtype` (`E2M1 * weight_scale * weight_scale_2`), everything else copied, the quantization config removed."""
-    from glmgguf.io import CheckpointReader
-
-    fmt = detect_format(src)
-    sfx = TENSOR_SUFFIXES[fmt]
-    reader = CheckpointReader(src)
-    modules = sorted({n[: -len(sfx[0]) - 1] for n in reader.names() if n.endswith("." + sfx[0])
-                      and reader.info(n).dtype == "U8"})
-    quant_names = {f"{m}.{s}" for m in modules for s in sfx}
-    plan: list[PlanEntry] = []
-    for name in sorted(reader.names(), key=_natural_key):
-        if name not in quant_names:
-            info = reader.info(name)
-            plan.append((name, info.shape, info.torch_dtype))
-    for m in modules:
-        n, half = reader.info(f"{m}.{sfx[0]}").shape
-        plan.append((f"{m}.weight", (n, half * 2), dtype))
-    deq = {f"{m}.weight": m for m in modules}
-    with atomic_dir(out, force=force, inputs=[src]) as tmp:
-        with ShardedWriter(tmp, plan) as writer:
-            for name, _, _ in plan:
-                m = deq.get(name)
-                if m is None:
-                    writer.add(name, reader.get(name))
-                    continue
-                s2 = reader.get(f"{m}.{sfx[2]}").float()
-                if fmt == "compressed-tensors":
-                    s2 = 1.0 / s2
-                writer.add(name, nq.dequantize(reader.get(f"{m}.{sfx[0]}"), reader.get(f"{m}.{sfx[1]}"), s2, dtype))
-        cfg = dict(reader.config)
-        cfg.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        for f in reader.extra_files():
-            if f.name not in (HF_QUANT_CONFIG, MANIFEST_NAME):
-                shutil.copy2(f, tmp / f.name)
-    return Path(out)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(_manifest(plan, dev, writer.total_size, seconds), indent=1)
+                                         + "\n")
+    return ExportResult(out, plan, len(plan.entries), writer.total_size, seconds, steps.expert_seconds)

@@ -1,0 +1,9 @@
+"""The NVFP4 stage's user error."""
+
+from __future__ import annotations
+
+from glmgguf.errors import GlmggufError
+
+
+class ExportError(GlmggufError, ValueError):
+    """The export cannot be planned or run with these inputs."""
