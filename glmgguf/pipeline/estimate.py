@@ -15,7 +15,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from glmgguf.checkpoint import GlmCheckpoint
 from glmgguf.io.fp8 import Fp8Scheme, quant_method, scheme_from_config
 from glmgguf.layout import GlmLayout, parse_hf_name, released_as_fp8
-from glmgguf.pipeline.plan import Plan
+from glmgguf.pipeline.plan import Plan, ReapSection
 
 DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
 
@@ -104,34 +104,34 @@ def estimate_stages(plan: Plan, layout: GlmLayout, recipes: dict) -> dict[str, E
     src, _, largest = tensor_bytes(layout)
     final = layout
     out: dict[str, Estimate] = {}
-    hidden_act = d["batch_size"] * d["seq_len"] * layout.hidden_size * 4 * 8  # a chunk's activations, generously
+    hidden_act = d.batch_size * d.seq_len * layout.hidden_size * 4 * 8  # a chunk's activations, generously
     if plan.observes:
-        r = plan.reap or {"streaming": False, "dtype": "bf16"}
-        width = DTYPE_BYTES[r["dtype"]]  # the compute dtype the weights are held in
-        tokens = (d["calibration_samples"] or 0) * d["seq_len"]
-        spill = tokens * layout.hidden_size * width if r["streaming"] else 0
-        mem = (layer_bytes(layout, width) + hidden_act + min(spill, 4 * 10**9) if r["streaming"]
+        r = plan.reap or ReapSection()
+        width = DTYPE_BYTES[r.dtype]  # the compute dtype the weights are held in
+        tokens = (d.calibration_samples or 0) * d.seq_len
+        spill = tokens * layout.hidden_size * width if r.streaming else 0
+        mem = (layer_bytes(layout, width) + hidden_act + min(spill, 4 * 10**9) if r.streaming
                else tensor_bytes(layout, width)[0] + hidden_act)
-        out["observe"] = Estimate(spill, mem, "streaming: one layer resident" if r["streaming"]
+        out["observe"] = Estimate(spill, mem, "streaming: one layer resident" if r.streaming
                                   else "in memory: the whole model (across GPUs with device 'auto')")
     fp8 = is_block_fp8(layout)  # a block-FP8 source: pruned and distilled checkpoints stay block-FP8
     if plan.reap is not None:
-        final = pruned_layout(layout, plan.reap["keep"], plan.reap["ratio"])
+        final = pruned_layout(layout, plan.reap.keep, plan.reap.ratio)
         pruned, _, _ = tensor_bytes(final, fp8=fp8)
         out["prune"] = Estimate(pruned, 2 * largest, "one tensor at a time" + (", block-FP8 kept" if fp8 else ""))
     if plan.kd is not None:
         k = plan.kd
         from glmgguf.kd.teacher import bytes_per_sequence
 
-        per_seq = bytes_per_sequence(d["seq_len"], min(k["top_k"], layout.vocab_size))
-        out["teacher"] = Estimate(per_seq * (d["kd_samples"] or 0),
-                                  (layer_bytes(layout) if k["teacher_streaming"] else src) + hidden_act,
-                                  "x number of KD sequences" if not d["kd_samples"] else "")
-        if d["heldout"]:
-            out["teacher-heldout"] = Estimate(per_seq * (d["heldout_samples"] or 0), out["teacher"].memory)
-        student = tensor_bytes(final, DTYPE_BYTES[k["dtype"]])[0]
+        per_seq = bytes_per_sequence(d.seq_len, min(k.top_k, layout.vocab_size))
+        out["teacher"] = Estimate(per_seq * (d.kd_samples or 0),
+                                  (layer_bytes(layout) if k.teacher_streaming else src) + hidden_act,
+                                  "x number of KD sequences" if not d.kd_samples else "")
+        if d.heldout:
+            out["teacher-heldout"] = Estimate(per_seq * (d.heldout_samples or 0), out["teacher"].memory)
+        student = tensor_bytes(final, DTYPE_BYTES[k.dtype])[0]
         routers = sum(layer.n_experts * layout.hidden_size for layer in final.moe_layers) * 4
-        out["kd"] = Estimate(tensor_bytes(final, fp8=fp8)[0] + 3 * routers, student + k["batch_size"] * hidden_act,
+        out["kd"] = Estimate(tensor_bytes(final, fp8=fp8)[0] + 3 * routers, student + k.batch_size * hidden_act,
                              "the frozen student resident (across GPUs with device_map 'auto')")
     for g in plan.gguf:
         size = gguf_bytes(final, recipes[g.name])
@@ -142,8 +142,8 @@ def estimate_stages(plan: Plan, layout: GlmLayout, recipes: dict) -> dict[str, E
         out["nvfp4"] = Estimate(total - experts + int(params * (0.5 + 1 / 16)), 4 * largest_final,
                                 "one expert at a time")
     if plan.eval is not None:
-        size = out[f"gguf-{plan.eval['gguf']}"].disk
-        for p in plan.eval["presets"]:
+        size = out[f"gguf-{plan.eval.gguf}"].disk
+        for p in plan.eval.presets:
             out[f"eval-{p}"] = Estimate(0, size, "llama-server maps the GGUF; plus its KV cache")
         out["eval-report"] = Estimate(0, 0)
     return out

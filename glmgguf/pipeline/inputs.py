@@ -69,7 +69,7 @@ def data_path(plan: Plan, entry: str) -> Path:
 def data_files(plan: Plan, kind: str) -> list[Path]:
     """The [data] `kind` files; builtin splits are written first (same bytes every time)."""
     out = []
-    for entry in plan.data[kind]:
+    for entry in getattr(plan.data, kind):
         path = data_path(plan, entry)
         if entry in BUILTIN_DATA and not path.is_file():
             from glmgguf.testbed import stdlib_corpus
@@ -90,7 +90,7 @@ def recipe_ref(plan: Plan, recipe: str) -> str:
 
 def eval_prompts(plan: Plan) -> str:
     assert plan.eval is not None
-    p = plan.eval["prompts"]
+    p = plan.eval.prompts
     return p if p in EVAL_PROMPT_SETS else str(_relative(plan, p))
 
 
@@ -106,17 +106,17 @@ def check_inputs(plan: Plan, config: dict, check_files: bool = True) -> GlmLayou
         raise PlanError(f"{plan.where('pipeline', 'model')}: model directory {_relative(plan, plan.model)} not found")
     if check_files:
         for kind in ("calibration", "kd", "heldout"):
-            for entry in plan.data[kind]:
+            for entry in getattr(plan.data, kind):
                 if entry not in BUILTIN_DATA and not _relative(plan, entry).is_file():
                     raise PlanError(f"{plan.where('data', kind)}: [data] {kind} file {_relative(plan, entry)} not "
                                     f"found (builtin text: {', '.join(BUILTIN_DATA)})")
-    if plan.reap is not None and plan.reap["keep"] is not None:
+    if plan.reap is not None and plan.reap.keep is not None:
         most = max((layer.n_experts for layer in layout.moe_layers), default=0)
-        if plan.reap["keep"] > most:
-            raise PlanError(f"{plan.where('reap', 'keep')}: [reap] keep = {plan.reap['keep']} is more than the "
+        if plan.reap.keep > most:
+            raise PlanError(f"{plan.where('reap', 'keep')}: [reap] keep = {plan.reap.keep} is more than the "
                             f"model's {most} routed experts per layer")
-        if plan.reap["keep"] < layout.experts_per_tok:
-            raise PlanError(f"{plan.where('reap', 'keep')}: [reap] keep = {plan.reap['keep']} is fewer than the "
+        if plan.reap.keep < layout.experts_per_tok:
+            raise PlanError(f"{plan.where('reap', 'keep')}: [reap] keep = {plan.reap.keep} is fewer than the "
                             f"{layout.experts_per_tok} experts each token is routed to")
     for i, g in enumerate(plan.gguf):
         try:
@@ -125,8 +125,8 @@ def check_inputs(plan: Plan, config: dict, check_files: bool = True) -> GlmLayou
             raise PlanError(f"{plan.where('gguf', 'recipe', i)}: {e}") from None
         if g.imatrix is not None and check_files and not g.imatrix.is_file():
             raise PlanError(f"{plan.where('gguf', 'imatrix', i)}: imatrix file {g.imatrix} not found")
-    if plan.eval is not None and check_files and plan.eval["prompts"] not in EVAL_PROMPT_SETS:
-        if not _relative(plan, plan.eval["prompts"]).is_file():
-            raise PlanError(f"{plan.where('eval', 'prompts')}: prompts file {_relative(plan, plan.eval['prompts'])} "
+    if plan.eval is not None and check_files and plan.eval.prompts not in EVAL_PROMPT_SETS:
+        if not _relative(plan, plan.eval.prompts).is_file():
+            raise PlanError(f"{plan.where('eval', 'prompts')}: prompts file {_relative(plan, plan.eval.prompts)} "
                             f"not found (builtin: {', '.join(EVAL_PROMPT_SETS)})")
     return layout

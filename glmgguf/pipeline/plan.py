@@ -1,52 +1,28 @@
 """A build plan (TOML): what to prune, distill, convert, export and evaluate, checked before any work starts.
 
-Every key is declared in `SCHEMA` with its type and default; unknown sections or keys, wrong types, missing
+Every section is a dataclass (`SECTIONS`) declaring its keys' types, defaults and choices (the tuples of
+`glmgguf.choices`, which the command-line options offer too); unknown sections or keys, wrong types, missing
 files, a keep count above the model's expert count and unknown recipes are refused with the plan's line named.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glmgguf.choices import DTYPES, GGUF_INDEXER, GGUF_MTP, KD_SCHEDULES, NVFP4_FORMATS, REAP_METRICS, REAP_PER_LAYER
 from glmgguf.errors import GlmggufError
 
 BUILTIN_DATA = ("stdlib:train", "stdlib:heldout")  # the testbed's standard-library text splits
 # the trained testbed models (built and cached on demand); `-fp8`: stored as the block-FP8 release is
 BUILTIN_MODELS = ("testbed:tiny", "testbed:small", "testbed:tiny-fp8", "testbed:small-fp8")
-
-# section -> key -> (type(s), default); `...` marks a required key. A list type is a list of that type.
-SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
-    "pipeline": {"workdir": (str, ...), "model": (str, ...), "threads": (int, None)},
-    "data": {"calibration": ([str], []), "kd": ([str], []), "heldout": ([str], []), "seq_len": (int, 2048),
-             "calibration_samples": (int, None), "kd_samples": (int, None), "heldout_samples": (int, None),
-             "text_field": (str, "text"), "batch_size": (int, 4)},
-    "reap": {"keep": (int, None), "ratio": (float, None), "per_layer": (str, "uniform"), "metric": (str, "reap"),
-             "streaming": (bool, False), "device": (str, "cpu"), "dtype": (str, "bf16")},
-    "kd": {"steps": (int, 200), "lr": (float, 5e-5), "top_k": (int, 64), "batch_size": (int, 4),
-           "schedule": (str, "constant"), "warmup": (int, 0), "train_bias": (bool, False),
-           "device_map": (str, "cpu"), "dtype": (str, "f32"), "teacher_streaming": (bool, False),
-           "teacher_device": (str, "cpu"), "save_every": (int, 50)},
-    "gguf": {"name": (str, ...), "recipe": (str, ...), "imatrix": (str, None), "split_max_size": (str, None),
-             "mtp": (str, "keep"), "indexer": (str, "native")},
-    "nvfp4": {"format": (str, "modelopt"), "device": (str, "cpu"), "exclude": ([str], []),
-              "max_shard_size": (str, "5G")},
-    "eval": {"gguf": (str, ...), "prompts": (str, "fuzz"), "presets": ([str], ["raw"]), "ctx": (int, None),
-             "parallel": (int, 2), "safety_cap": (int, 4096), "temperature": (float, None), "seed": (int, 0),
-             "limit": (int, None), "draft_mtp": (bool, False), "draft_max": (int, 3), "draft_p_min": (float, 0.0)},
-}
-LIST_SECTIONS = frozenset({"gguf"})  # [[gguf]]: several outputs
-CHOICES = {
-    ("reap", "per_layer"): ("uniform", "global"), ("reap", "metric"): ("reap", "frequency", "ean", "random"),
-    ("reap", "dtype"): ("bf16", "f16", "f32"), ("kd", "dtype"): ("bf16", "f16", "f32"),
-    ("kd", "schedule"): ("constant", "cosine"), ("gguf", "mtp"): ("keep", "drop", "only"),
-    ("gguf", "indexer"): ("native", "duplicate"), ("nvfp4", "format"): ("modelopt", "compressed-tensors"),
-}
-
 
 class PlanError(GlmggufError, ValueError):
     """The plan is invalid; the message names the file and line."""
@@ -74,14 +50,112 @@ def line_of(text: str, section: str, key: str | None = None, index: int = 0) -> 
     return header_line
 
 
+def _choice(default: str, choices: tuple[str, ...]) -> Any:
+    """A string field whose value must be one of `choices` (the same tuple the command-line option offers)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+DTYPE_CHOICES = tuple(sorted(DTYPES))
+
+
+@dataclass
+class PipelineSection:
+    """[pipeline]: where the stages write and which model they start from."""
+
+    workdir: str
+    model: str  # a directory or one of BUILTIN_MODELS
+    threads: int | None = None
+
+
+@dataclass
+class DataSection:
+    """[data]: the text files of each pass (entries are paths or BUILTIN_DATA names) and how they are packed."""
+
+    calibration: list[str] = field(default_factory=list)
+    kd: list[str] = field(default_factory=list)
+    heldout: list[str] = field(default_factory=list)
+    seq_len: int = 2048
+    calibration_samples: int | None = None
+    kd_samples: int | None = None
+    heldout_samples: int | None = None
+    text_field: str = "text"
+    batch_size: int = 4
+
+
+@dataclass
+class ReapSection:
+    """[reap]: observe the calibration text and prune to `keep` experts (or by `ratio`)."""
+
+    keep: int | None = None
+    ratio: float | None = None
+    per_layer: str = _choice("uniform", REAP_PER_LAYER)
+    metric: str = _choice("reap", REAP_METRICS)
+    streaming: bool = False
+    device: str = "cpu"
+    dtype: str = _choice("bf16", DTYPE_CHOICES)
+
+
+@dataclass
+class KdSection:
+    """[kd]: the teacher caches and router-only distillation of the pruned student."""
+
+    steps: int = 200
+    lr: float = 5e-5
+    top_k: int = 64
+    batch_size: int = 4
+    schedule: str = _choice("constant", KD_SCHEDULES)
+    warmup: int = 0
+    train_bias: bool = False
+    device_map: str = "cpu"
+    dtype: str = _choice("f32", DTYPE_CHOICES)
+    teacher_streaming: bool = False
+    teacher_device: str = "cpu"
+    save_every: int = 50
+
+
 @dataclass
 class GgufOutput:
+    """[[gguf]]: one GGUF output (several tables: several outputs)."""
+
     name: str
     recipe: str
     imatrix: Path | None = None
     split_max_size: str | None = None
-    mtp: str = "keep"
-    indexer: str = "native"
+    mtp: str = _choice("keep", GGUF_MTP)
+    indexer: str = _choice("native", GGUF_INDEXER)
+
+
+@dataclass
+class Nvfp4Section:
+    """[nvfp4]: an NVFP4 checkpoint of the final model for vLLM / SGLang."""
+
+    format: str = _choice("modelopt", NVFP4_FORMATS)
+    device: str = "cpu"
+    exclude: list[str] = field(default_factory=list)
+    max_shard_size: str = "5G"
+
+
+@dataclass
+class EvalSection:
+    """[eval]: loop evaluation of one [[gguf]] output under llama-server, one run per sampler preset."""
+
+    gguf: str
+    prompts: str = "fuzz"
+    presets: list[str] = field(default_factory=lambda: ["raw"])
+    ctx: int | None = None
+    parallel: int = 2
+    safety_cap: int = 4096
+    temperature: float | None = None
+    seed: int = 0
+    limit: int | None = None
+    draft_mtp: bool = False
+    draft_max: int = 3
+    draft_p_min: float = 0.0
+
+
+SECTIONS: dict[str, type] = {"pipeline": PipelineSection, "data": DataSection, "reap": ReapSection,
+                             "kd": KdSection, "gguf": GgufOutput, "nvfp4": Nvfp4Section, "eval": EvalSection}
+LIST_SECTIONS = frozenset({"gguf"})  # [[gguf]]: several outputs
 
 
 @dataclass
@@ -94,12 +168,12 @@ class Plan:
     workdir: Path
     model: str  # a directory or one of BUILTIN_MODELS
     threads: int | None
-    data: dict[str, Any]
-    reap: dict[str, Any] | None
-    kd: dict[str, Any] | None
+    data: DataSection
+    reap: ReapSection | None
+    kd: KdSection | None
     gguf: list[GgufOutput] = field(default_factory=list)
-    nvfp4: dict[str, Any] | None = None
-    eval: dict[str, Any] | None = None
+    nvfp4: Nvfp4Section | None = None
+    eval: EvalSection | None = None
 
     def where(self, section: str, key: str | None = None, index: int = 0) -> str:
         """`plan.toml:12` for messages."""
@@ -110,6 +184,15 @@ class Plan:
     def observes(self) -> bool:
         """Calibration statistics are needed (for pruning or for NVFP4 input scales)."""
         return self.reap is not None or self.nvfp4 is not None
+
+
+def _toml_kind(hint: Any) -> Any:
+    """The TOML value type of a section field: str, int, float, bool or [kind] (a list); paths are strings."""
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return [_toml_kind(typing.get_args(hint)[0])]
+    return str if hint is Path else hint
 
 
 def _type_ok(value: Any, kind: Any) -> bool:
@@ -127,9 +210,11 @@ def _type_name(kind: Any) -> str:
         str: "a string", int: "an integer", float: "a number", bool: "true or false"}[kind]
 
 
-def _section(raw: dict, name: str, text: str, path: Path, index: int = 0) -> dict[str, Any]:
-    """Check one table against SCHEMA and fill defaults."""
-    schema = SCHEMA[name]
+def _section(raw: dict, name: str, text: str, path: Path, index: int = 0) -> Any:
+    """Check one table against its section dataclass (`SECTIONS`): the dataclass, with defaults filled."""
+    cls = SECTIONS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     here = f"[[{name}]] #{index + 1}" if name in LIST_SECTIONS else f"[{name}]"
 
     def fail(msg: str, key: str | None = None) -> PlanError:
@@ -140,21 +225,19 @@ def _section(raw: dict, name: str, text: str, path: Path, index: int = 0) -> dic
         raise fail(f"{here} must be a table")
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        if key not in schema:
-            raise fail(f"unknown key '{key}' in {here} (known: {', '.join(schema)})", key)
-        kind = schema[key][0]
+        if key not in fields:
+            raise fail(f"unknown key '{key}' in {here} (known: {', '.join(fields)})", key)
+        kind = _toml_kind(hints[key])
         if not _type_ok(value, kind):
             raise fail(f"{here} {key} must be {_type_name(kind)}, not {value!r}", key)
-        choices = CHOICES.get((name, key))
+        choices = fields[key].metadata.get("choices")
         if choices and value not in choices:
             raise fail(f"{here} {key} = {value!r} is not one of {', '.join(choices)}", key)
         out[key] = float(value) if kind is float else value
-    for key, (_, default) in schema.items():
-        if key not in out:
-            if default is ...:
-                raise fail(f"{here} needs '{key}'")
-            out[key] = list(default) if isinstance(default, list) else default
-    return out
+    for key, f in fields.items():
+        if key not in out and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise fail(f"{here} needs '{key}'")
+    return cls(**out)
 
 
 def builtin_plans() -> dict[str, Path]:
@@ -180,23 +263,22 @@ def parse_plan(path: str | Path, workdir: str | Path | None = None) -> Plan:
     except tomllib.TOMLDecodeError as e:
         raise PlanError(f"{path}: not valid TOML: {e}") from None
     for name in raw:
-        if name not in SCHEMA:
+        if name not in SECTIONS:
             no = line_of(text, name)
-            raise PlanError(f"{path}:{no or '?'}: unknown section [{name}] (known: {', '.join(SCHEMA)})")
+            raise PlanError(f"{path}:{no or '?'}: unknown section [{name}] (known: {', '.join(SECTIONS)})")
     if "pipeline" not in raw:
         raise PlanError(f"{path}: the plan needs a [pipeline] section with workdir and model")
     gguf_raw = raw.get("gguf", [])
     if isinstance(gguf_raw, dict):
         raise PlanError(f"{path}:{line_of(text, 'gguf') or '?'}: GGUF outputs are [[gguf]] tables (double brackets)")
-    sections = {n: _section(raw[n], n, text, path) for n in SCHEMA if n in raw and n not in LIST_SECTIONS}
+    sections = {n: _section(raw[n], n, text, path) for n in SECTIONS if n in raw and n not in LIST_SECTIONS}
     base = Path.cwd() if builtin else path.parent
-    pipe = sections["pipeline"]
-    gguf = [GgufOutput(**_section(g, "gguf", text, path, i)) for i, g in enumerate(gguf_raw)]
+    pipe: PipelineSection = sections["pipeline"]
+    gguf = [_section(g, "gguf", text, path, i) for i, g in enumerate(gguf_raw)]
     for g in gguf:
         g.imatrix = None if g.imatrix is None else (base / g.imatrix).resolve()
-    plan = Plan(path=path, text=text, base=base, workdir=Path(workdir or base / pipe["workdir"]).resolve(),
-                model=pipe["model"],
-                threads=pipe["threads"], data=sections.get("data") or _section({}, "data", text, path),
+    plan = Plan(path=path, text=text, base=base, workdir=Path(workdir or base / pipe.workdir).resolve(),
+                model=pipe.model, threads=pipe.threads, data=sections.get("data") or DataSection(),
                 reap=sections.get("reap"), kd=sections.get("kd"), gguf=gguf, nvfp4=sections.get("nvfp4"),
                 eval=sections.get("eval"))
     _check_structure(plan)
@@ -214,35 +296,35 @@ def _check_structure(plan: Plan) -> None:
         if names.count(g.name) > 1:
             raise fail("gguf", "name", f"two [[gguf]] outputs are named {g.name!r}", i)
     if plan.reap is not None:
-        if (plan.reap["keep"] is None) == (plan.reap["ratio"] is None):
+        if (plan.reap.keep is None) == (plan.reap.ratio is None):
             raise fail("reap", None, "[reap] needs exactly one of keep or ratio")
-        if plan.reap["keep"] is not None and plan.reap["keep"] < 1:
+        if plan.reap.keep is not None and plan.reap.keep < 1:
             raise fail("reap", "keep", "[reap] keep must be at least 1")
-        if plan.reap["ratio"] is not None and not 0 <= plan.reap["ratio"] < 1:
+        if plan.reap.ratio is not None and not 0 <= plan.reap.ratio < 1:
             raise fail("reap", "ratio", "[reap] ratio is the pruned fraction, 0 <= ratio < 1")
-    if plan.observes and not plan.data["calibration"]:
+    if plan.observes and not plan.data.calibration:
         raise fail("data", None, "[reap] and [nvfp4] need calibration text: set [data] calibration")
     if plan.kd is not None:
         if plan.reap is None:
             raise fail("kd", None, "[kd] distills a pruned student: the plan needs a [reap] section too")
-        if not plan.data["kd"]:
+        if not plan.data.kd:
             raise fail("data", None, "[kd] needs KD text: set [data] kd")
     if plan.eval is not None:
         from glmgguf.eval.run import PRESETS as EVAL_PRESETS
 
         e = plan.eval
-        if e["gguf"] not in names:
-            raise fail("eval", "gguf", f"[eval] gguf = {e['gguf']!r} names no [[gguf]] output "
+        if e.gguf not in names:
+            raise fail("eval", "gguf", f"[eval] gguf = {e.gguf!r} names no [[gguf]] output "
                                        f"(outputs: {', '.join(names) or 'none'})")
-        if plan.gguf[names.index(e["gguf"])].split_max_size:
-            raise fail("eval", "gguf", f"[eval] gguf = {e['gguf']!r} is a split output; evaluate an unsplit one")
+        if plan.gguf[names.index(e.gguf)].split_max_size:
+            raise fail("eval", "gguf", f"[eval] gguf = {e.gguf!r} is a split output; evaluate an unsplit one")
         _check_draft(plan, fail)
-        bad = [p for p in e["presets"] if p not in EVAL_PRESETS]
-        if bad or not e["presets"] or len(set(e["presets"])) != len(e["presets"]):
+        bad = [p for p in e.presets if p not in EVAL_PRESETS]
+        if bad or not e.presets or len(set(e.presets)) != len(e.presets):
             raise fail("eval", "presets", f"[eval] presets must be distinct names from {', '.join(EVAL_PRESETS)}"
                                           + (f" (unknown: {', '.join(bad)})" if bad else ""))
     for key in ("seq_len", "batch_size"):
-        if plan.data[key] < 1:
+        if getattr(plan.data, key) < 1:
             raise fail("data", key, f"[data] {key} must be positive")
 
 
@@ -250,13 +332,13 @@ def _check_draft(plan: Plan, fail: Callable[..., PlanError]) -> None:
     """[eval] MTP drafting: the evaluated GGUF must keep its MTP block; sane draft settings."""
     e = plan.eval
     assert e is not None
-    if not e["draft_mtp"]:
+    if not e.draft_mtp:
         return
-    g = next(g for g in plan.gguf if g.name == e["gguf"])
+    g = next(g for g in plan.gguf if g.name == e.gguf)
     if g.mtp != "keep":
         raise fail("eval", "draft_mtp", f"[eval] draft_mtp needs the MTP block in the evaluated GGUF, but "
                                         f"[[gguf]] {g.name!r} has mtp = {g.mtp!r} (use mtp = \"keep\")")
-    if e["draft_max"] < 1:
+    if e.draft_max < 1:
         raise fail("eval", "draft_max", "[eval] draft_max must be at least 1")
-    if not 0.0 <= e["draft_p_min"] <= 1.0:
+    if not 0.0 <= e.draft_p_min <= 1.0:
         raise fail("eval", "draft_p_min", "[eval] draft_p_min is a probability, 0 <= draft_p_min <= 1")

@@ -46,12 +46,12 @@ def report_lines(plan: Plan) -> list[str]:
 
 def draft_lines(plan: Plan) -> list[str]:
     """MTP draft acceptance of each evaluation run that was served with drafting."""
-    if plan.eval is None or not plan.eval["draft_mtp"]:
+    if plan.eval is None or not plan.eval.draft_mtp:
         return []
     from glmgguf.eval.compare import draft_summary
 
     lines = []
-    for preset in plan.eval["presets"]:
+    for preset in plan.eval.presets:
         doc = read_json(plan.workdir / f"eval-{preset}" / f"{preset}.json")
         if not doc:
             continue

@@ -163,7 +163,7 @@ def run_stage(stage: Stage, workdir: Path, upstream: dict[str, str], quiet: bool
 def plan_stages(plan: Plan, config_override: Path | None = None) -> tuple[GlmLayout, list[Stage]]:
     """Check the plan's inputs, then its stages (without building the testbed or writing data)."""
     layout = check_inputs(plan, model_config(plan, config_override), check_files=config_override is None)
-    data = {k: [data_path(plan, e) for e in plan.data[k]] for k in ("calibration", "kd", "heldout")}
+    data = {k: [data_path(plan, e) for e in getattr(plan.data, k)] for k in ("calibration", "kd", "heldout")}
     recipes = {g.name: recipe_ref(plan, g.recipe) for g in plan.gguf}
     return layout, build_stages(plan, model_path(plan), data, recipes, eval_prompts(plan) if plan.eval else None)
 

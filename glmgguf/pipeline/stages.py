@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from glmgguf.pipeline.inputs import EVAL_PROMPT_SETS
-from glmgguf.pipeline.plan import Plan
+from glmgguf.pipeline.plan import DataSection, EvalSection, GgufOutput, Plan, ReapSection
 
 
 @dataclass
@@ -35,122 +35,180 @@ def _threads(plan: Plan) -> list[str]:
     return ["--threads", str(plan.threads)] if plan.threads else []
 
 
-def _text_args(paths: list[Path], d: dict, samples: int | None) -> list[str]:
+def _text_args(paths: list[Path], d: DataSection, samples: int | None) -> list[str]:
     """--data FILE... and the packing options of a pass over text ([data] settings)."""
-    return [*[a for p in paths for a in ("--data", str(p))], "--seq-len", str(d["seq_len"]),
-            *(["--num-samples", str(samples)] if samples else []), "--batch-size", str(d["batch_size"]),
-            "--text-field", d["text_field"]]
+    return [*[a for p in paths for a in ("--data", str(p))], "--seq-len", str(d.seq_len),
+            *(["--num-samples", str(samples)] if samples else []), "--batch-size", str(d.batch_size),
+            "--text-field", d.text_field]
 
 
 def _texts(paths: list[Path]) -> dict[str, Path]:
     return {f"data:{p.name}": p for p in paths}
 
 
+@dataclass
+class _Chain:
+    """What the stage builders share: the plan, its inputs, and the checkpoint the next stage reads (`final`,
+    written by the stages `after`; the source model until a stage rewrites it)."""
+
+    plan: Plan
+    model: Path
+    data: dict[str, list[Path]]
+    final: Path
+    after: list[str] = field(default_factory=list)
+
+    @property
+    def workdir(self) -> Path:
+        return self.plan.workdir
+
+    @property
+    def stats(self) -> Path:
+        """The observe stage's statistics (pruning and NVFP4 input scales read them)."""
+        return self.workdir / "observe" / "stats.safetensors"
+
+    def final_inputs(self) -> dict[str, Path]:
+        """The source model as a fingerprinted input (a later checkpoint is an earlier stage's output)."""
+        return {} if self.after else {"model": self.final}
+
+    def produced(self, stage: Stage) -> Stage:
+        """`stage` rewrites the checkpoint: later stages read its output."""
+        self.final, self.after = stage.output, [stage.name]
+        return stage
+
+
 def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: dict[str, str],
                  prompts: str | None) -> list[Stage]:
     """The stages of `plan` for the source checkpoint `model`, text files `data` and resolved recipe refs."""
-    w = plan.workdir
-    d = plan.data
-    stages: list[Stage] = []
-    stats = w / "observe" / "stats.safetensors"
-    if plan.observes:
-        r = plan.reap or {}
-        args = ["reap", "observe", str(model), *_text_args(data["calibration"], d, d["calibration_samples"]),
-                "--out", str(stats), "--dtype", r.get("dtype", "bf16"), "--device", r.get("device", "cpu")]
-        if r.get("streaming"):
-            args += ["--streaming", "--work-dir", str(w / "observe" / "work")]
-        stages.append(Stage("observe", w / "observe", args, stats, {"model": model, **_texts(data["calibration"])},
-                            what="REAP statistics on the calibration text"))
-    final = model
-    after: list[str] = []
-    if plan.reap is not None:
-        r = plan.reap
-        out = w / "prune" / "model"
-        count = ["--keep", str(r["keep"])] if r["keep"] is not None else ["--ratio", str(r["ratio"])]
-        stages.append(Stage("prune", w / "prune", ["reap", "prune", str(model), "--stats", str(stats), *count,
-                                                   "--per-layer", r["per_layer"], "--metric", r["metric"],
-                                                   "--out", str(out)],
-                            out, {"model": model}, ["observe"], what="pruned checkpoint"))
-        final, after = out, ["prune"]
-    if plan.kd is not None:
-        k = plan.kd
+    c = _Chain(plan, model, data, model)
+    stages = [*_observe_stages(c), *_prune_stages(c), *_kd_stages(c)]
+    stages += [_gguf_stage(c, g, recipes[g.name]) for g in plan.gguf]
+    stages += _nvfp4_stages(c)
+    return stages + _eval_stages(c, prompts)
 
-        def teacher(name: str, paths: list[Path], samples: int | None, what: str) -> Stage:
-            cache = w / name / "cache"
-            args = ["kd", "teacher", str(model), *_text_args(paths, d, samples), "--out", str(cache),
-                    "--top-k", str(k["top_k"]), "--device", k["teacher_device"], *_threads(plan)]
-            if k["teacher_streaming"]:
-                args += ["--streaming", "--work-dir", str(w / name / "work")]
-            return Stage(name, w / name, args, cache, {"model": model, **_texts(paths)}, what=what)
 
-        stages.append(teacher("teacher", data["kd"], d["kd_samples"], "teacher top-k cache of the KD text"))
-        out = w / "kd" / "model"
-        args = ["kd", "train", str(final), "--teacher-cache", str(stages[-1].output), "--out", str(out),
-                "--lr", str(k["lr"]), "--steps", str(k["steps"]), "--batch-size", str(k["batch_size"]),
-                "--schedule", k["schedule"], "--warmup", str(k["warmup"]), "--dtype", k["dtype"],
-                "--device-map", k["device_map"], "--save-every", str(k["save_every"]), "--resume",
-                "--work-dir", str(w / "kd" / "work"), *[a for p in data["kd"] for a in ("--data", str(p))],
-                *_threads(plan)]
-        if k["train_bias"]:
-            args.append("--train-bias")
-        heldout = data.get("heldout") or []
-        if heldout:
-            stages.append(teacher("teacher-heldout", heldout, d["heldout_samples"],
-                                  "teacher cache of the held-out text (KD is measured on it)"))
-            args += ["--eval-cache", str(stages[-1].output), "--eval-every", str(max(1, k["steps"] // 4))]
-        stages.append(Stage("kd", w / "kd", args, out, _texts(data["kd"]),
-                            [*after, "teacher", *(["teacher-heldout"] if heldout else [])],
-                            what="router-distilled checkpoint"))
-        final, after = out, ["kd"]
-    for g in plan.gguf:
-        # split output: NAME-0000i-of-0000N.gguf files in their own directory, the stage's output
-        out = w / f"gguf-{g.name}" / ("split" if g.split_max_size else "") / f"{g.name}.gguf"
-        args = ["convert", str(final), str(out), "--recipe", recipes[g.name], "--mtp", g.mtp,
-                "--indexer", g.indexer, *(["-t", str(plan.threads)] if plan.threads else [])]
-        inputs: dict[str, Path] = {} if after else {"model": final}
-        if g.imatrix is not None:
-            args += ["--imatrix", str(g.imatrix)]
-            inputs["imatrix"] = g.imatrix
-        if recipes[g.name].endswith(".toml"):  # a recipe file of the user's (shipped ones are named)
-            inputs["recipe"] = Path(recipes[g.name])
-        if g.split_max_size:
-            args += ["--split-max-size", g.split_max_size]
-        stages.append(Stage(f"gguf-{g.name}", w / f"gguf-{g.name}", args, out.parent if g.split_max_size else out,
-                            inputs, list(after), what=f"GGUF, recipe {g.recipe}",
-                            output_dir_first=bool(g.split_max_size)))
-    if plan.nvfp4 is not None:
-        n = plan.nvfp4
-        out = w / "nvfp4" / "model"
-        args = ["nvfp4", "export", str(final), str(out), "--format", n["format"], "--device", n["device"],
-                "--max-shard-size", n["max_shard_size"], *[a for e in n["exclude"] for a in ("--exclude", e)],
-                *_threads(plan)]
-        if plan.reap is None:
-            args += ["--calib", str(stats)]
-        stages.append(Stage("nvfp4", w / "nvfp4", args, out, {} if after else {"model": final},
-                            [*after, "observe"] if plan.reap is None else list(after),
-                            what=f"NVFP4 checkpoint ({n['format']})"))
-    if plan.eval is not None and prompts is not None:
-        e = plan.eval
-        gguf = w / f"gguf-{e['gguf']}" / f"{e['gguf']}.gguf"
-        runs = []
-        for preset in e["presets"]:
-            out = w / f"eval-{preset}" / f"{preset}.json"  # compare labels each run by its file name
-            args = ["eval", "loops", "--gguf", str(gguf), "--prompts", prompts, "--out", str(out),
-                    "--preset", preset, "--parallel", str(e["parallel"]), "--safety-cap", str(e["safety_cap"]),
-                    "--seed", str(e["seed"]), "--quiet", *_threads(plan)]
-            for key in ("ctx", "temperature", "limit"):
-                if e[key] is not None:
-                    args += [f"--{key}", str(e[key])]
-            if e["draft_mtp"]:
-                args += ["--draft-mtp", "--draft-max", str(e["draft_max"]), "--draft-p-min", str(e["draft_p_min"])]
-            inputs = {} if prompts in EVAL_PROMPT_SETS else {"prompts": Path(prompts)}
-            what = f"loop evaluation, sampler preset {preset}" + (", MTP drafting" if e["draft_mtp"] else "")
-            stages.append(Stage(f"eval-{preset}", w / f"eval-{preset}", args, out, inputs,
-                                [f"gguf-{e['gguf']}"], what=what))
-            runs.append(out)
-        report = w / "eval-report" / "report.md"
-        stages.append(Stage("eval-report", w / "eval-report",
-                            ["eval", "compare", *map(str, runs), "--out", str(report),
-                             "--png", str(report.with_suffix(".png"))], report, {},
-                            [f"eval-{p}" for p in e["presets"]], what="comparison of the evaluation runs"))
+def _observe_stages(c: _Chain) -> list[Stage]:
+    """REAP statistics of the calibration text (pruning and NVFP4 input scales need them)."""
+    if not c.plan.observes:
+        return []
+    d, r, w = c.plan.data, c.plan.reap or ReapSection(), c.workdir
+    args = ["reap", "observe", str(c.model), *_text_args(c.data["calibration"], d, d.calibration_samples),
+            "--out", str(c.stats), "--dtype", r.dtype, "--device", r.device]
+    if r.streaming:
+        args += ["--streaming", "--work-dir", str(w / "observe" / "work")]
+    return [Stage("observe", w / "observe", args, c.stats, {"model": c.model, **_texts(c.data["calibration"])},
+                  what="REAP statistics on the calibration text")]
+
+
+def _prune_stages(c: _Chain) -> list[Stage]:
+    r = c.plan.reap
+    if r is None:
+        return []
+    out = c.workdir / "prune" / "model"
+    count = ["--keep", str(r.keep)] if r.keep is not None else ["--ratio", str(r.ratio)]
+    args = ["reap", "prune", str(c.model), "--stats", str(c.stats), *count, "--per-layer", r.per_layer,
+            "--metric", r.metric, "--out", str(out)]
+    return [c.produced(Stage("prune", c.workdir / "prune", args, out, {"model": c.model}, ["observe"],
+                             what="pruned checkpoint"))]
+
+
+def _teacher_stage(c: _Chain, name: str, paths: list[Path], samples: int | None, what: str) -> Stage:
+    """A teacher cache of the unpruned model over `paths`."""
+    k, w = c.plan.kd, c.workdir
+    assert k is not None
+    cache = w / name / "cache"
+    args = ["kd", "teacher", str(c.model), *_text_args(paths, c.plan.data, samples), "--out", str(cache),
+            "--top-k", str(k.top_k), "--device", k.teacher_device, *_threads(c.plan)]
+    if k.teacher_streaming:
+        args += ["--streaming", "--work-dir", str(w / name / "work")]
+    return Stage(name, w / name, args, cache, {"model": c.model, **_texts(paths)}, what=what)
+
+
+def _kd_stages(c: _Chain) -> list[Stage]:
+    """The teacher cache(s) and the router-distilled student."""
+    k, d, w = c.plan.kd, c.plan.data, c.workdir
+    if k is None:
+        return []
+    teacher = _teacher_stage(c, "teacher", c.data["kd"], d.kd_samples, "teacher top-k cache of the KD text")
+    out = w / "kd" / "model"
+    args = ["kd", "train", str(c.final), "--teacher-cache", str(teacher.output), "--out", str(out),
+            "--lr", str(k.lr), "--steps", str(k.steps), "--batch-size", str(k.batch_size),
+            "--schedule", k.schedule, "--warmup", str(k.warmup), "--dtype", k.dtype,
+            "--device-map", k.device_map, "--save-every", str(k.save_every), "--resume",
+            "--work-dir", str(w / "kd" / "work"), *[a for p in c.data["kd"] for a in ("--data", str(p))],
+            *_threads(c.plan)]
+    if k.train_bias:
+        args.append("--train-bias")
+    stages = [teacher]
+    heldout = c.data.get("heldout") or []
+    if heldout:
+        stages.append(_teacher_stage(c, "teacher-heldout", heldout, d.heldout_samples,
+                                     "teacher cache of the held-out text (KD is measured on it)"))
+        args += ["--eval-cache", str(stages[-1].output), "--eval-every", str(max(1, k.steps // 4))]
+    after = [*c.after, *(s.name for s in stages)]
+    stages.append(c.produced(Stage("kd", w / "kd", args, out, _texts(c.data["kd"]), after,
+                                   what="router-distilled checkpoint")))
     return stages
+
+
+def _gguf_stage(c: _Chain, g: GgufOutput, recipe: str) -> Stage:
+    """One [[gguf]] output; a split one writes NAME-0000i-of-0000N.gguf files into its own directory."""
+    w, threads = c.workdir, c.plan.threads
+    out = w / f"gguf-{g.name}" / ("split" if g.split_max_size else "") / f"{g.name}.gguf"
+    args = ["convert", str(c.final), str(out), "--recipe", recipe, "--mtp", g.mtp, "--indexer", g.indexer,
+            *(["-t", str(threads)] if threads else [])]
+    inputs = c.final_inputs()
+    if g.imatrix is not None:
+        args += ["--imatrix", str(g.imatrix)]
+        inputs["imatrix"] = g.imatrix
+    if recipe.endswith(".toml"):  # a recipe file of the user's (shipped ones are named)
+        inputs["recipe"] = Path(recipe)
+    if g.split_max_size:
+        args += ["--split-max-size", g.split_max_size]
+    return Stage(f"gguf-{g.name}", w / f"gguf-{g.name}", args, out.parent if g.split_max_size else out, inputs,
+                 list(c.after), what=f"GGUF, recipe {g.recipe}", output_dir_first=bool(g.split_max_size))
+
+
+def _nvfp4_stages(c: _Chain) -> list[Stage]:
+    n, w = c.plan.nvfp4, c.workdir
+    if n is None:
+        return []
+    out = w / "nvfp4" / "model"
+    args = ["nvfp4", "export", str(c.final), str(out), "--format", n.format, "--device", n.device,
+            "--max-shard-size", n.max_shard_size, *[a for e in n.exclude for a in ("--exclude", e)],
+            *_threads(c.plan)]
+    after = list(c.after)
+    if c.plan.reap is None:  # a pruned checkpoint carries its statistics; the source model reads observe's
+        args += ["--calib", str(c.stats)]
+        after.append("observe")
+    return [Stage("nvfp4", w / "nvfp4", args, out, c.final_inputs(), after, what=f"NVFP4 checkpoint ({n.format})")]
+
+
+def _eval_run_stage(c: _Chain, e: EvalSection, preset: str, prompts: str) -> Stage:
+    """One loop evaluation of the [eval] GGUF under sampler `preset`."""
+    w = c.workdir
+    gguf = w / f"gguf-{e.gguf}" / f"{e.gguf}.gguf"
+    out = w / f"eval-{preset}" / f"{preset}.json"  # compare labels each run by its file name
+    args = ["eval", "loops", "--gguf", str(gguf), "--prompts", prompts, "--out", str(out), "--preset", preset,
+            "--parallel", str(e.parallel), "--safety-cap", str(e.safety_cap), "--seed", str(e.seed), "--quiet",
+            *_threads(c.plan)]
+    for key in ("ctx", "temperature", "limit"):
+        if getattr(e, key) is not None:
+            args += [f"--{key}", str(getattr(e, key))]
+    if e.draft_mtp:
+        args += ["--draft-mtp", "--draft-max", str(e.draft_max), "--draft-p-min", str(e.draft_p_min)]
+    inputs = {} if prompts in EVAL_PROMPT_SETS else {"prompts": Path(prompts)}
+    what = f"loop evaluation, sampler preset {preset}" + (", MTP drafting" if e.draft_mtp else "")
+    return Stage(f"eval-{preset}", w / f"eval-{preset}", args, out, inputs, [f"gguf-{e.gguf}"], what=what)
+
+
+def _eval_stages(c: _Chain, prompts: str | None) -> list[Stage]:
+    """One evaluation per preset, then their comparison."""
+    e = c.plan.eval
+    if e is None or prompts is None:
+        return []
+    runs = [_eval_run_stage(c, e, preset, prompts) for preset in e.presets]
+    report = c.workdir / "eval-report" / "report.md"
+    args = ["eval", "compare", *(str(s.output) for s in runs), "--out", str(report),
+            "--png", str(report.with_suffix(".png"))]
+    return [*runs, Stage("eval-report", c.workdir / "eval-report", args, report, {}, [s.name for s in runs],
+                         what="comparison of the evaluation runs")]
