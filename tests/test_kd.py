@@ -16,9 +16,10 @@ from glmgguf.cli import main
 from glmgguf.kd.errors import CacheError, NanLossError, StudentMismatchError
 from glmgguf.kd.evaluate import evaluate
 from glmgguf.kd.loss import full_kl, sparse_kl, top1_agreement, topk_targets
+from glmgguf.kd.routers import surrogate_bias_forward
 from glmgguf.kd.student import parameter_counts, router_names
 from glmgguf.kd.teacher import TeacherCache, build_teacher_cache, bytes_per_sequence
-from glmgguf.kd.train import TrainOptions, _surrogate_bias_forward, rows_for_step, train_router
+from glmgguf.kd.train import TrainOptions, rows_for_step, train_router
 from glmgguf.kd.write import diff_checkpoints
 from glmgguf.layout import GlmLayout
 from glmgguf.runner import RunInterrupted
@@ -224,7 +225,7 @@ def test_resume_equals_uninterrupted_run(pruned, kd_cache, tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
-def test_surrogate_bias_forward_is_exact_and_gives_bias_a_gradient():
+def testsurrogate_bias_forward_is_exact_and_gives_bias_a_gradient():
     from transformers import GlmMoeDsaConfig
     from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaTopkRouter
 
@@ -241,7 +242,7 @@ def test_surrogate_bias_forward_is_exact_and_gives_bias_a_gradient():
         b = router.e_score_correction_bias.detach().clone()
         del router._buffers["e_score_correction_bias"]
         router.e_score_correction_bias = torch.nn.Parameter(b)
-        got = _surrogate_bias_forward(router, x)
+        got = surrogate_bias_forward(router, x)
         for r, g in zip(ref, got, strict=True):
             assert torch.equal(r, g)
         (got[1] * torch.randn_like(got[1])).sum().backward()

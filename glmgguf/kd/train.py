@@ -32,26 +32,25 @@ import math
 import os
 import shutil
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from glmgguf.choices import KD_SCHEDULES as SCHEDULES
+from glmgguf.kd.checkpoints import latest_checkpoint, plot_curve, save_checkpoint
 from glmgguf.kd.errors import KdError, NanLossError
 from glmgguf.kd.loss import sparse_kl
+from glmgguf.kd.routers import free_routers
 from glmgguf.kd.student import Student, parameter_counts, router_names
 from glmgguf.kd.teacher import TeacherCache
 from glmgguf.kd.write import WriteReport, checkpoint_digest, write_student
 
 LOG_NAME = "kd_train_log.json"
 CURVE_NAME = "kd_loss.png"
-LATEST = "LATEST"
 MIN_LR_FRACTION = 0.1
 
 
@@ -125,43 +124,6 @@ def rows_for_step(step: int, n: int, batch: int, seed: int) -> list[int]:
     return out
 
 
-def _surrogate_bias_forward(self, hidden_states: torch.Tensor):
-    """`GlmMoeDsaTopkRouter.forward` with a straight-through gradient for the correction bias (same values)."""
-    hidden_states = hidden_states.view(-1, self.hidden_dim)
-    router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
-    scores = router_logits.sigmoid()
-    bias = self.e_score_correction_bias
-    choice = scores.detach() + bias.detach()
-    g, e = self.num_group, self.num_experts
-    if g > 1:
-        group_scores = choice.view(-1, g, e // g).topk(2, dim=-1)[0].sum(dim=-1)
-        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, g, e // g).reshape(-1, e)
-        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-    idx = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
-    weights = scores.gather(1, idx) + (bias - bias.detach())[idx]  # + exactly 0: forward unchanged
-    if self.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return router_logits, weights * self.routed_scaling_factor, idx
-
-
-def free_routers(student: Student, train_bias: bool) -> dict[str, nn.Parameter]:
-    """Make the routers trainable (float32 master weights); returns HF name -> parameter."""
-    params: dict[str, nn.Parameter] = {}
-    for L, gate in student.gates().items():
-        w = nn.Parameter(gate.weight.detach().to(torch.float32), requires_grad=True)
-        gate.weight = w
-        params[f"model.layers.{L}.mlp.gate.weight"] = w
-        if train_bias:
-            b = gate.e_score_correction_bias.detach().to(torch.float32).clone()
-            del gate._buffers["e_score_correction_bias"]
-            gate.e_score_correction_bias = nn.Parameter(b, requires_grad=True)
-            params[f"model.layers.{L}.mlp.gate.e_score_correction_bias"] = gate.e_score_correction_bias
-            gate.forward = types.MethodType(_surrogate_bias_forward, gate)
-    return params
-
-
 def batch_losses(student: Student, batch: dict[str, torch.Tensor], mtp_weight: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(total, trunk KL, MTP KL or None) of one batch, means over positions."""
@@ -177,70 +139,235 @@ def batch_losses(student: Student, batch: dict[str, torch.Tensor], mtp_weight: f
     return trunk + mtp_weight * mtp.to(dev), trunk, mtp
 
 
-def plot_curve(log: dict, path: Path) -> None:
-    """The loss curve: per-step trunk (and MTP) KL, a moving average, and held-out KL points when measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = log["steps"]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if recs:
-        xs = [r["step"] for r in recs]
-        ys = [r["kl"] for r in recs]
-        ax.plot(xs, ys, color="tab:blue", alpha=0.3, lw=0.8, label="train KL (batch)")
-        w = max(1, len(ys) // 20)
-        avg = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
-        ax.plot(xs, avg, color="tab:blue", lw=1.6, label=f"train KL ({w}-step mean)")
-        if recs[0].get("mtp_kl") is not None:
-            ax.plot(xs, [r["mtp_kl"] for r in recs], color="tab:orange", alpha=0.5, lw=0.8, label="train MTP KL")
-    evals = log.get("evals") or []
-    if evals:
-        ax.plot([e["step"] for e in evals], [e["kl"] for e in evals], "o-", color="tab:red", label="eval-cache KL")
-    ax.set_xlabel("step")
-    ax.set_ylabel("KL(teacher || student), nats/token")
-    ax.set_title(f"Router-KD: {log.get('student', '')}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints
+# The run
 # ---------------------------------------------------------------------------------------------------------------
-
-def _save_checkpoint(work: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
-                     state: dict) -> None:
-    d = work / f"checkpoint-{step:07d}"
-    tmp = work / f"checkpoint-{step:07d}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({n: p.detach().to("cpu").contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-    shutil.rmtree(d, ignore_errors=True)
-    os.replace(tmp, d)
-    (work / (LATEST + ".partial")).write_text(d.name)
-    os.replace(work / (LATEST + ".partial"), work / LATEST)
-    for old in work.glob("checkpoint-*"):
-        if old.name != d.name:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(work: Path) -> Path | None:
-    p = work / LATEST
-    if not p.is_file():
-        return None
-    d = work / p.read_text().strip()
-    return d if (d / "state.json").is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
+
+def _check_options(opts: TrainOptions) -> None:
+    if opts.schedule not in SCHEDULES:
+        raise KdError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+    if opts.steps < 1 or opts.batch_size < 1:
+        raise KdError("--steps and --batch-size must be at least 1")
+    if not opts.lr > 0 or not math.isfinite(opts.lr):
+        raise KdError(f"--lr must be a positive number, not {opts.lr}")
+
+
+def _open_caches(student_dir: str | os.PathLike, cache_dir: str | os.PathLike,
+                 eval_cache: str | os.PathLike | None, data: list[str | os.PathLike] | None,
+                 say: Callable[[str], None]) -> tuple[TeacherCache, TeacherCache | None, dict[int, list[int]]]:
+    """The training cache (checked against the KD text and the student), the held-out cache, the keep-map."""
+    cache = TeacherCache(cache_dir)
+    if data:
+        cache.check_text(data)
+    keep_map = cache.check_student(student_dir)
+    held = None
+    if eval_cache is not None:
+        held = TeacherCache(eval_cache)
+        held.check_tokenizer(student_dir)
+        if held.manifest["text"]["token_sha256"] == cache.manifest["text"]["token_sha256"]:
+            say("note: the evaluation cache holds the same text as the training cache")
+    return cache, held, keep_map
+
+
+@dataclass
+class _Training:
+    """The student with free routers, its optimizer and the training record (steps, held-out evaluations)."""
+
+    student: Student
+    params: dict[str, nn.Parameter]
+    opt: torch.optim.Optimizer
+    opts: TrainOptions
+    cache: TeacherCache
+    held: TeacherCache | None
+    work: Path
+    run_state: dict
+    say: Callable[[str], None]
+    names: list[str]  # the trained tensors
+    counts: tuple[int, int]  # (trainable, total) parameters
+    records: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    start: int = 0
+    resumed_from: int | None = None
+
+    @classmethod
+    def prepare(cls, student_dir: str | os.PathLike, opts: TrainOptions, cache: TeacherCache,
+                held: TeacherCache | None, work: Path, say: Callable[[str], None]) -> _Training:
+        """Load the student, free its routers and set up AdamW (decay on gate weights only)."""
+        student = Student(student_dir, dtype=getattr(torch, opts.dtype), device_map=opts.device_map, mtp=opts.mtp)
+        layout = student.layout
+        names = router_names(layout, mtp=student.mtp is not None, bias=opts.train_bias)
+        shapes = {n: i.shape for n, i in student.reader.tensors.items()}
+        n_train, n_total = parameter_counts(shapes, layout, mtp=student.mtp is not None, bias=opts.train_bias)
+        say(f"trainable: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.4f}%): "
+            f"{len(names)} router tensors in {len(student.gates())} MoE layers"
+            f"{' (MTP block included)' if student.mtp is not None else ''}")
+        params = free_routers(student, opts.train_bias)
+        if sorted(params) != sorted(names):
+            raise KdError(f"routers found in the model {sorted(params)} differ from the layout's {sorted(names)}")
+        decay = [p for n, p in params.items() if n.endswith(".weight")]
+        no_decay = [p for n, p in params.items() if not n.endswith(".weight")]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.999))
+        if opts.gradient_checkpointing:
+            student.model.config.use_cache = False
+            student.model.activation_checkpointing_enable({"use_reentrant": False})
+        student_id = checkpoint_digest(student_dir, router_names(layout, True, True))
+        run_state = {"cache_id": cache.cache_id, "student": student_id, "options": opts.run_key()}
+        return cls(student, params, opt, opts, cache, held, work, run_state, say, names, (n_train, n_total))
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def begin(self, resume: bool, force: bool) -> None:
+        """Continue the work directory's latest checkpoint (`resume`), or start at step 0 in a clean one."""
+        ckpt = latest_checkpoint(self.work)
+        if ckpt is not None and not resume and not force:
+            raise KdError(f"{self.work} holds a checkpoint of an earlier run (step "
+                          f"{json.loads((ckpt / 'state.json').read_text())['step']}): pass --resume to continue it, "
+                          "or --force to start over")
+        if resume and ckpt is not None:
+            self._restore(ckpt)
+        else:
+            if resume:
+                self.say(f"nothing to resume in {self.work}: starting at step 0")
+            shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        if self.start >= self.opts.steps:
+            self.say(f"checkpoint is at step {self.start} >= --steps {self.opts.steps}: writing it")
+
+    def _restore(self, ckpt: Path) -> None:
+        st = json.loads((ckpt / "state.json").read_text())
+        for key in ("cache_id", "student"):
+            if st.get(key) != self.run_state[key]:
+                what = "teacher cache" if key == "cache_id" else "student"
+                raise KdError(f"checkpoint {ckpt} belongs to another {what}")
+        if st.get("options") != self.run_state["options"]:
+            diff = {k: (st["options"].get(k), v) for k, v in self.run_state["options"].items()
+                    if st["options"].get(k) != v}
+            raise KdError(f"checkpoint {ckpt} was made with other settings: {diff} (checkpoint, now)")
+        saved = load_file(str(ckpt / "trainable.safetensors"))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(saved[n].to(p.device))
+        self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        self.start = self.resumed_from = int(st["step"])
+        self.records = list(st.get("records", []))
+        self.evals = list(st.get("evals", []))
+        self.say(f"resumed from step {self.start} ({ckpt})")
+
+    def save(self, step: int) -> None:
+        save_checkpoint(self.work, step, self.params, self.opt,
+                        {**self.run_state, "records": self.records, "evals": self.evals})
+
+    # -- steps ------------------------------------------------------------------------------------------------
+    def measure(self, step: int) -> None:
+        """KL and top-1 agreement on the held-out cache."""
+        from glmgguf.kd.evaluate import evaluate_student
+
+        assert self.held is not None
+        res = evaluate_student(self.student, self.held, batch_size=self.opts.batch_size)
+        self.evals.append({"step": step, "kl": res.kl, "top1": res.top1, "mtp_kl": res.mtp_kl})
+        self.say(f"step {step}: eval-cache KL {res.kl:.5f}, top-1 agreement {res.top1:.4f}"
+                 + (f", MTP KL {res.mtp_kl:.5f}" if res.mtp_kl is not None else ""))
+
+    def step(self, step: int, last_saved: int | None) -> dict:
+        """One optimizer step of 0-based `step`; a non-finite loss or gradient stops training."""
+        opts = self.opts
+        lr = lr_at(step, opts)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        batch = self.cache.batch(rows_for_step(step, len(self.cache), opts.batch_size, opts.seed))
+        total, trunk, mtp = batch_losses(self.student, batch, opts.mtp_weight)
+        if not torch.isfinite(total):
+            kept = (f"the last good checkpoint (step {last_saved}) is kept in {self.work}; continue with --resume "
+                    "and a lower --lr" if last_saved is not None else "no checkpoint was saved yet (--save-every)")
+            raise NanLossError(f"loss is {total.item()} at step {step + 1}: training stopped; {kept}")
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()),
+                                               opts.grad_clip if opts.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(gnorm):
+            kept = (f"the last good checkpoint (step {last_saved}) is kept in {self.work}" if last_saved is not None
+                    else "no checkpoint was saved yet")
+            raise NanLossError(f"gradient norm is {gnorm.item()} at step {step + 1}: training stopped; {kept}")
+        self.opt.step()
+        return {"step": step + 1, "loss": total.item(), "kl": trunk.item(), "lr": lr, "grad_norm": gnorm.item(),
+                "mtp_kl": None if mtp is None else mtp.item()}
+
+    def run(self, progress: ProgressFn | None) -> float:
+        """Train from `start` to `opts.steps` (evaluating and checkpointing on schedule); seconds spent."""
+        opts = self.opts
+        evaluating = self.held is not None and opts.eval_every > 0
+        if evaluating and not any(e["step"] == self.start for e in self.evals):
+            self.measure(self.start)
+        last_saved = self.start if self.resumed_from is not None else None
+        self.student.train(True)
+        t0 = time.perf_counter()
+        for step in range(self.start, opts.steps):
+            rec = self.step(step, last_saved)
+            self.records.append(rec)
+            if progress:
+                progress(step + 1, opts.steps, rec)
+            done = step + 1
+            if evaluating and (done % opts.eval_every == 0 or done == opts.steps):
+                self.student.train(False)
+                self.measure(done)
+                self.student.train(True)
+            if opts.save_every and (done % opts.save_every == 0 or done == opts.steps):
+                self.save(done)
+                last_saved = done
+            if opts.stop_after_step is not None and done == opts.stop_after_step:
+                from glmgguf.runner import RunInterrupted
+
+                raise RunInterrupted(f"stopped after step {done}")
+        self.student.train(False)
+        return time.perf_counter() - t0
+
+
+def _log_doc(t: _Training, student_dir: str | os.PathLike, cache_dir: str | os.PathLike,
+             eval_cache: str | os.PathLike | None, keep_map: dict[int, list[int]], train_s: float) -> dict:
+    """The training log written beside the output checkpoint."""
+    n_train, n_total = t.counts
+    n_steps_run = t.opts.steps - t.start
+    cache, held, student = t.cache, t.held, t.student
+    return {
+        "student": Path(student_dir).resolve().name,
+        "teacher_cache": {"path": str(Path(cache_dir).resolve().name), "cache_id": cache.cache_id,
+                          "top_k": cache.top_k, "seq_len": cache.seq_len, "sequences": len(cache),
+                          "teacher": cache.teacher["name"]},
+        "eval_cache": None if held is None else {"path": Path(eval_cache).resolve().name, "cache_id": held.cache_id},
+        "options": dataclasses.asdict(t.opts),
+        "trainable_parameters": n_train,
+        "total_parameters": n_total,
+        "trainable_fraction": n_train / n_total,
+        "trained_tensors": t.names,
+        "mtp": "trained with the MTP forward (target: teacher at t+1)" if student.mtp is not None else "not trained",
+        "keep_map_layers": {str(k): len(v) for k, v in keep_map.items()},
+        "resumed_from": t.resumed_from,
+        "seconds_per_step": train_s / n_steps_run if n_steps_run > 0 else None,
+        "threads": torch.get_num_threads(),
+        "steps": t.records,
+        "evals": t.evals,
+    }
+
+
+def _write_output(t: _Training, student_dir: str | os.PathLike, out: Path, log_doc: dict,
+                  force: bool) -> WriteReport:
+    """The student with only the trained tensors replaced (verified), its loss curve and the training log."""
+    trained = {n: p.detach().to("cpu") for n, p in t.params.items()}
+    curve = t.work / CURVE_NAME
+    plot_curve(log_doc, curve)
+    t.say(f"writing {out} (only the {len(trained)} router tensors change) and verifying it")
+    report = write_student(student_dir, out, trained, force=force, extra_files={CURVE_NAME: curve.read_bytes()},
+                           metadata={"kd": json.dumps({"cache_id": t.cache.cache_id, "steps": t.opts.steps,
+                                                       "lr": t.opts.lr}, separators=(",", ":"))})
+    log_doc["write"] = {"tensors": report.n_tensors, "identical": report.identical, "replaced": report.replaced,
+                        "changed": report.changed, "max_abs_change": report.max_abs_change}
+    return report
+
 
 def train_router(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, out: str | os.PathLike,
                  options: TrainOptions | None = None, *, work_dir: str | os.PathLike | None = None,
@@ -253,175 +380,23 @@ def train_router(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, o
     held-out teacher cache measured every `eval_every` steps. `data`: the KD text files, checked against the
     cache's text hashes. `progress(step, steps, record)` after each step; `log(line)` for messages.
     """
+    from glmgguf.io.atomic import check_output
+
     t0 = time.perf_counter()
     opts = options or TrainOptions()
     say = log or (lambda s: None)
-    if opts.schedule not in SCHEDULES:
-        raise KdError(f"--schedule must be one of {', '.join(SCHEDULES)}")
-    if opts.steps < 1 or opts.batch_size < 1:
-        raise KdError("--steps and --batch-size must be at least 1")
-    if not opts.lr > 0 or not math.isfinite(opts.lr):
-        raise KdError(f"--lr must be a positive number, not {opts.lr}")
+    _check_options(opts)
     out = Path(out)
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
-    from glmgguf.io.atomic import check_output
-
     inputs = [student_dir, cache_dir, *([eval_cache] if eval_cache is not None else []), *(data or [])]
     check_output(out, force, inputs)  # before the training, not when writing its result
-    cache = TeacherCache(cache_dir)
-    if data:
-        cache.check_text(data)
-    keep_map = cache.check_student(student_dir)
-    held = None
-    if eval_cache is not None:
-        held = TeacherCache(eval_cache)
-        held.check_tokenizer(student_dir)
-        if held.manifest["text"]["token_sha256"] == cache.manifest["text"]["token_sha256"]:
-            say("note: the evaluation cache holds the same text as the training cache")
-
-    dtype = getattr(torch, opts.dtype)
-    student = Student(student_dir, dtype=dtype, device_map=opts.device_map, mtp=opts.mtp)
-    layout = student.layout
-    names = router_names(layout, mtp=student.mtp is not None, bias=opts.train_bias)
-    shapes = {n: i.shape for n, i in student.reader.tensors.items()}
-    n_train, n_total = parameter_counts(shapes, layout, mtp=student.mtp is not None, bias=opts.train_bias)
-    say(f"trainable: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.4f}%): "
-        f"{len(names)} router tensors in {len(student.gates())} MoE layers"
-        f"{' (MTP block included)' if student.mtp is not None else ''}")
-    params = free_routers(student, opts.train_bias)
-    if sorted(params) != sorted(names):
-        raise KdError(f"routers found in the model {sorted(params)} differ from the layout's {sorted(names)}")
-    decay = [p for n, p in params.items() if n.endswith(".weight")]
-    no_decay = [p for n, p in params.items() if not n.endswith(".weight")]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.999))
-    if opts.gradient_checkpointing:
-        student.model.config.use_cache = False
-        student.model.activation_checkpointing_enable({"use_reentrant": False})
-
-    student_id = checkpoint_digest(student_dir, router_names(layout, True, True))
-    run_state = {"cache_id": cache.cache_id, "student": student_id, "options": opts.run_key()}
-    records: list[dict] = []
-    evals: list[dict] = []
-    start = 0
-    resumed_from = None
-    ckpt = latest_checkpoint(work)
-    if ckpt is not None and not resume and not force:
-        raise KdError(f"{work} holds a checkpoint of an earlier run (step "
-                      f"{json.loads((ckpt / 'state.json').read_text())['step']}): pass --resume to continue it, "
-                      "or --force to start over")
-    if resume and ckpt is not None:
-        st = json.loads((ckpt / "state.json").read_text())
-        for key in ("cache_id", "student"):
-            if st.get(key) != run_state[key]:
-                what = "teacher cache" if key == "cache_id" else "student"
-                raise KdError(f"checkpoint {ckpt} belongs to another {what}")
-        if st.get("options") != run_state["options"]:
-            diff = {k: (st["options"].get(k), v) for k, v in run_state["options"].items()
-                    if st["options"].get(k) != v}
-            raise KdError(f"checkpoint {ckpt} was made with other settings: {diff} (checkpoint, now)")
-        saved = load_file(str(ckpt / "trainable.safetensors"))
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n].to(p.device))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        start = int(st["step"])
-        records = list(st.get("records", []))
-        evals = list(st.get("evals", []))
-        resumed_from = start
-        say(f"resumed from step {start} ({ckpt})")
-    elif not resume or ckpt is None:
-        if resume:
-            say(f"nothing to resume in {work}: starting at step 0")
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    if start >= opts.steps:
-        say(f"checkpoint is at step {start} >= --steps {opts.steps}: writing it")
-
-    def measure(step: int) -> None:
-        if held is None:
-            return
-        from glmgguf.kd.evaluate import evaluate_student
-
-        res = evaluate_student(student, held, batch_size=opts.batch_size)
-        evals.append({"step": step, "kl": res.kl, "top1": res.top1, "mtp_kl": res.mtp_kl})
-        say(f"step {step}: eval-cache KL {res.kl:.5f}, top-1 agreement {res.top1:.4f}"
-            + (f", MTP KL {res.mtp_kl:.5f}" if res.mtp_kl is not None else ""))
-
-    if held is not None and opts.eval_every and not any(e["step"] == start for e in evals):
-        measure(start)
-    last_saved = start if resumed_from is not None else None
-    all_params = list(params.values())
-    student.train(True)
-    t_train = time.perf_counter()
-    for step in range(start, opts.steps):
-        lr = lr_at(step, opts)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = cache.batch(rows_for_step(step, len(cache), opts.batch_size, opts.seed))
-        total, trunk, mtp = batch_losses(student, batch, opts.mtp_weight)
-        if not torch.isfinite(total):
-            kept = (f"the last good checkpoint (step {last_saved}) is kept in {work}; continue with --resume and a "
-                    "lower --lr" if last_saved is not None else "no checkpoint was saved yet (--save-every)")
-            raise NanLossError(f"loss is {total.item()} at step {step + 1}: training stopped; {kept}")
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(all_params, opts.grad_clip if opts.grad_clip > 0 else float("inf"))
-        if not torch.isfinite(gnorm):
-            kept = (f"the last good checkpoint (step {last_saved}) is kept in {work}" if last_saved is not None
-                    else "no checkpoint was saved yet")
-            raise NanLossError(f"gradient norm is {gnorm.item()} at step {step + 1}: training stopped; {kept}")
-        opt.step()
-        rec = {"step": step + 1, "loss": total.item(), "kl": trunk.item(), "lr": lr, "grad_norm": gnorm.item(),
-               "mtp_kl": None if mtp is None else mtp.item()}
-        records.append(rec)
-        if progress:
-            progress(step + 1, opts.steps, rec)
-        if held is not None and opts.eval_every and ((step + 1) % opts.eval_every == 0 or step + 1 == opts.steps):
-            student.train(False)
-            measure(step + 1)
-            student.train(True)
-        if opts.save_every and ((step + 1) % opts.save_every == 0 or step + 1 == opts.steps):
-            _save_checkpoint(work, step + 1, params, opt, {**run_state, "records": records, "evals": evals})
-            last_saved = step + 1
-        if opts.stop_after_step is not None and step + 1 == opts.stop_after_step:
-            from glmgguf.runner import RunInterrupted
-
-            raise RunInterrupted(f"stopped after step {step + 1}")
-    train_s = time.perf_counter() - t_train
-    student.train(False)
-
-    n_steps_run = opts.steps - start
-    log_doc = {
-        "student": Path(student_dir).resolve().name,
-        "teacher_cache": {"path": str(Path(cache_dir).resolve().name), "cache_id": cache.cache_id,
-                          "top_k": cache.top_k, "seq_len": cache.seq_len, "sequences": len(cache),
-                          "teacher": cache.teacher["name"]},
-        "eval_cache": None if held is None else {"path": Path(eval_cache).resolve().name, "cache_id": held.cache_id},
-        "options": dataclasses.asdict(opts),
-        "trainable_parameters": n_train,
-        "total_parameters": n_total,
-        "trainable_fraction": n_train / n_total,
-        "trained_tensors": names,
-        "mtp": "trained with the MTP forward (target: teacher at t+1)" if student.mtp is not None else "not trained",
-        "keep_map_layers": {str(k): len(v) for k, v in keep_map.items()},
-        "resumed_from": resumed_from,
-        "seconds_per_step": train_s / n_steps_run if n_steps_run > 0 else None,
-        "threads": torch.get_num_threads(),
-        "steps": records,
-        "evals": evals,
-    }
-    trained = {n: p.detach().to("cpu") for n, p in params.items()}
-    curve = work / CURVE_NAME
-    plot_curve(log_doc, curve)
-    say(f"writing {out} (only the {len(trained)} router tensors change) and verifying it")
-    report = write_student(student_dir, out, trained, force=force,
-                           extra_files={CURVE_NAME: curve.read_bytes()},
-                           metadata={"kd": json.dumps({"cache_id": cache.cache_id, "steps": opts.steps,
-                                                       "lr": opts.lr}, separators=(",", ":"))})
-    log_doc["write"] = {"tensors": report.n_tensors, "identical": report.identical, "replaced": report.replaced,
-                        "changed": report.changed, "max_abs_change": report.max_abs_change}
+    cache, held, keep_map = _open_caches(student_dir, cache_dir, eval_cache, data, say)
+    t = _Training.prepare(student_dir, opts, cache, held, work, say)
+    t.begin(resume, force)
+    train_s = t.run(progress)
+    log_doc = _log_doc(t, student_dir, cache_dir, eval_cache, keep_map, train_s)
+    report = _write_output(t, student_dir, out, log_doc, force)
     log_doc["seconds"] = round(time.perf_counter() - t0, 2)
     (out / LOG_NAME).write_text(json.dumps(log_doc, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
-    return TrainResult(out, log_doc, report, time.perf_counter() - t0, resumed_from, records)
+    return TrainResult(out, log_doc, report, time.perf_counter() - t0, t.resumed_from, t.records)

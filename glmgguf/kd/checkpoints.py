@@ -1,0 +1,74 @@
+"""Router-KD's training record: periodic checkpoints in the work directory and the loss curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+LATEST = "LATEST"
+
+
+def plot_curve(log: dict, path: Path) -> None:
+    """The loss curve: per-step trunk (and MTP) KL, a moving average, and held-out KL points when measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = log["steps"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if recs:
+        xs = [r["step"] for r in recs]
+        ys = [r["kl"] for r in recs]
+        ax.plot(xs, ys, color="tab:blue", alpha=0.3, lw=0.8, label="train KL (batch)")
+        w = max(1, len(ys) // 20)
+        avg = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+        ax.plot(xs, avg, color="tab:blue", lw=1.6, label=f"train KL ({w}-step mean)")
+        if recs[0].get("mtp_kl") is not None:
+            ax.plot(xs, [r["mtp_kl"] for r in recs], color="tab:orange", alpha=0.5, lw=0.8, label="train MTP KL")
+    evals = log.get("evals") or []
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["kl"] for e in evals], "o-", color="tab:red", label="eval-cache KL")
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL(teacher || student), nats/token")
+    ax.set_title(f"Router-KD: {log.get('student', '')}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_checkpoint(work: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
+                    state: dict) -> None:
+    """Write step `step`'s trainable tensors, optimizer state and run state, then point LATEST at it and drop
+    older checkpoints (each move atomic: an interruption leaves the previous checkpoint usable)."""
+    d = work / f"checkpoint-{step:07d}"
+    tmp = work / f"checkpoint-{step:07d}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().to("cpu").contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
+    (work / (LATEST + ".partial")).write_text(d.name)
+    os.replace(work / (LATEST + ".partial"), work / LATEST)
+    for old in work.glob("checkpoint-*"):
+        if old.name != d.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(work: Path) -> Path | None:
+    """The checkpoint LATEST names, if it is complete."""
+    p = work / LATEST
+    if not p.is_file():
+        return None
+    d = work / p.read_text().strip()
+    return d if (d / "state.json").is_file() else None
