@@ -43,7 +43,8 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
                 dtype: str, work_dir: Path | None, spill_threshold: int, shard_size: int, threads: int | None,
                 force: bool) -> None:
     """Run the unpruned teacher MODEL over the KD text once and cache its top-k next-token distributions."""
-    from glmgguf.kd.teacher import build_teacher_cache, file_hashes
+    from glmgguf.kd.identity import file_hashes
+    from glmgguf.kd.teacher import build_teacher_cache
     from glmgguf.layout import GlmLayout
     from glmgguf.textpass import TextPass
 
