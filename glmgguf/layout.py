@@ -3,6 +3,9 @@
 `GlmLayout` parses a config.json into typed per-layer facts (dense / MoE / MTP, full / shared indexer, expert
 counts, dimensions). `TENSOR_TABLE` names every Hugging Face tensor, its GGUF counterpart and its role, as data;
 every stage (REAP, KD, convert, quantize, NVFP4) finds tensors through these two.
+
+One file on purpose (over 400 lines): it is the one source of truth for the layout, and the tensor table, the
+name parsers and the per-layer facts are read together whenever the layout changes.
 """
 
 from __future__ import annotations

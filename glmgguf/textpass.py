@@ -3,7 +3,7 @@
 Both check their output and their work directory before any work, pack the text with the model's tokenizer,
 run the model over it (in memory, or streaming one decoder layer at a time, resumable through the work
 directory), show the progress, and once the output is written remove what the run left in its work directory.
-A work directory holding anything but a run's own files is refused and never cleared (`glmgguf.runner.WorkDir`).
+A work directory holding anything but a run's own files is refused and never cleared (`glmgguf.workdir.WorkDir`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from glmgguf.choices import DTYPES
-from glmgguf.runner import ProgressFn, WorkDir, chunk_sequences
+from glmgguf.runner import ProgressFn, chunk_sequences
+from glmgguf.workdir import WorkDir
 
 if TYPE_CHECKING:
     import torch

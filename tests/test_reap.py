@@ -313,7 +313,7 @@ def test_streaming_resumes_after_interruption(trained_testbed_dir, chunks, strea
 
 
 def test_work_dir_removes_only_its_own_files(tmp_path):
-    from glmgguf.runner import WorkDir
+    from glmgguf.workdir import WorkDir
 
     ours = WorkDir(tmp_path / "ours")
     ours.clear()
