@@ -28,11 +28,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from glmgguf.cache import cache_root  # noqa: E402
 from glmgguf.gguf.convert import convert, outtype_chooser  # noqa: E402
 from glmgguf.gguf.plan import IndexerMode, MtpMode  # noqa: E402
 from glmgguf.llama import ensure_toolchain  # noqa: E402
 from glmgguf.llama.build import toolchain_from_build_dir  # noqa: E402
-from glmgguf.llama.source import cache_root  # noqa: E402
 from glmgguf.parity import kl_stats, llama_logits_isolated, masked_transformers_logits  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "patches_parity.json"

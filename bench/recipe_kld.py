@@ -54,6 +54,7 @@ def row_markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from glmgguf.cache import cache_root
     from glmgguf.checkpoint import open_checkpoint
     from glmgguf.gguf.convert import convert, outtype_chooser
     from glmgguf.gguf.encode import FLOAT_TYPES
@@ -68,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     from glmgguf.gguf.quantize import open_gguf
     from glmgguf.gguf.recipe import builtin_recipes, load_recipe
-    from glmgguf.llama.source import cache_root
     from glmgguf.testbed import read_report, trained_testbed
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
