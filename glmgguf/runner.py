@@ -39,7 +39,6 @@ from glmgguf.layout import GlmLayout, LayerInfo, LayerKind, mtp_embedding_name
 
 MANIFEST = "manifest.json"
 FP32_SUFFIXES = ("e_score_correction_bias",)  # transformers keeps these in float32 (_keep_in_fp32_modules_strict)
-EXPERT_PARAMS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 # ---------------------------------------------------------------------------------------------------------------
