@@ -135,7 +135,7 @@ def format_summary(s: GgufSummary) -> str:
                      f"{st.bpw:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"{', '.join(map(str, s.paths))}: {s.file_bytes / 2**20:,.2f} MiB on disk, "
-             f"architecture {s.kv.get('general.architecture')!r}"]
+             f"architecture {s.kv.get(Keys.General.ARCHITECTURE)!r}"]
     for j, r in enumerate(rows):
         cells = zip(r, widths, strict=True)
         lines.append("  ".join(c.ljust(w) if i in (0, 2) else c.rjust(w) for i, (c, w) in enumerate(cells)))

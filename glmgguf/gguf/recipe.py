@@ -13,7 +13,7 @@ decides its type, the default covers the rest. A rule matches on any combination
 
 Two things override a recipe, as in llama.cpp: tensors the upstream converter always keeps in F32 (norms, 1-D
 tensors, the router `ffn_gate_inp`, `indexer.proj`; `PlannedTensor.always_f32`) stay F32, and a type whose block
-does not divide the row falls back along llama-quantize's chain (`FALLBACK`, from `tensor_type_fallback` in the
+does not divide the row falls back along llama-quantize's chain (`qtypes.FALLBACK`, `tensor_type_fallback` in the
 pinned `src/llama-quant.cpp`): IQ1_S/IQ1_M/IQ2_*/IQ3_*/IQ4_XS -> IQ4_NL; Q2_K/Q3_K/TQ1_0/TQ2_0 -> Q4_0;
 Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0; and F16 when the fallback's block does not divide the row either
 (a 32-block type with no entry goes straight to F16). A recipe may override entries with a `[fallback]` table.
