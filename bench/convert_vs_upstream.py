@@ -97,9 +97,9 @@ def print_table(res: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from glmgguf.cache import cache_root
     from glmgguf.layout import GlmLayout
     from glmgguf.llama import ensure_toolchain
-    from glmgguf.llama.source import cache_root
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="small", choices=["tiny", "small"])

@@ -109,15 +109,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
 
+    from glmgguf.cache import cache_root
     from glmgguf.layout import GlmLayout
     from glmgguf.nvfp4.export import export_nvfp4, plan_export
-    from glmgguf.testbed.train import _num_threads, cache_root
+    from glmgguf.threads import free_cores
 
     work = cache_root() / "bench"
     src = build_checkpoint(work / f"nvfp4-synthetic-{args.experts}e", args.experts)
     stats = synthetic_stats(GlmLayout.from_dir(src), work / f"nvfp4-synthetic-{args.experts}e.stats.safetensors")
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    auto = _num_threads()
+    auto = free_cores()
     threads = args.threads or sorted({1, auto})
     plan = plan_export(src, [stats])
     print(plan.describe(), flush=True)

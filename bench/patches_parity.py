@@ -28,16 +28,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from glmgguf.cache import cache_root  # noqa: E402
 from glmgguf.gguf.convert import convert, outtype_chooser  # noqa: E402
+from glmgguf.gguf.keys import Arch, arch_key  # noqa: E402
 from glmgguf.gguf.plan import IndexerMode, MtpMode  # noqa: E402
 from glmgguf.llama import ensure_toolchain  # noqa: E402
 from glmgguf.llama.build import toolchain_from_build_dir  # noqa: E402
-from glmgguf.llama.source import cache_root  # noqa: E402
 from glmgguf.parity import kl_stats, llama_logits_isolated, masked_transformers_logits  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "patches_parity.json"
 NON_UNIFORM = {1: 12, 2: 9, 3: 14, 4: 10}  # kept experts per MoE block of the 16-expert tiny testbed (4 = MTP)
-EPS_KEY = "glm-dsa.attention.indexer.layer_norm_epsilon"
+EPS_KEY = arch_key(Arch.INDEXER_LAYERNORM_EPS)
 GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8
 
 

@@ -137,11 +137,12 @@ def print_table(res: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from glmgguf.cache import cache_root
     from glmgguf.gguf.quantize import open_gguf, plan_quantize
-    from glmgguf.gguf.recipe import llama_quantize_args, load_recipe
+    from glmgguf.gguf.quantize_args import llama_quantize_args
+    from glmgguf.gguf.recipe import load_recipe
     from glmgguf.layout import GlmLayout
     from glmgguf.llama import ensure_toolchain
-    from glmgguf.llama.source import cache_root
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="small", choices=["tiny", "small"])

@@ -202,7 +202,7 @@ def extrapolate(n_samples: int = 1024, seq_len: int = 2048) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 def testbed_dir(size: str, seed: int = 0) -> Path:
-    from glmgguf.llama.source import cache_root
+    from glmgguf.cache import cache_root
     from glmgguf.testbed.build import build_testbed
 
     path = cache_root() / "bench" / f"testbed-{size}-seed{seed}"

@@ -54,9 +54,9 @@ def row_markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from glmgguf.cache import cache_root
     from glmgguf.checkpoint import open_checkpoint
     from glmgguf.gguf.convert import convert, outtype_chooser
-    from glmgguf.gguf.encode import FLOAT_TYPES
     from glmgguf.gguf.imatrix import load_imatrix
     from glmgguf.gguf.kld import (
         DEFAULT_CTX,
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         kld_candidate,
         write_heldout_text,
     )
+    from glmgguf.gguf.qtypes import FLOAT_TYPES
     from glmgguf.gguf.quantize import open_gguf
     from glmgguf.gguf.recipe import builtin_recipes, load_recipe
-    from glmgguf.llama.source import cache_root
     from glmgguf.testbed import read_report, trained_testbed
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -33,20 +33,24 @@ def user_errors() -> Iterator[None]:
 
 
 class CliWarnings(logging.Handler):
-    """Print the toolkit's log warnings on the command line as `warning: ...` lines (stderr, written at emit time
-    so progress bars and captured output see them); library code only calls `logging`."""
+    """Print the toolkit's log records on the command line (stderr, written at emit time so progress bars and
+    captured output see them): progress notes (INFO) as they are, warnings as `warning: ...` lines. Library code
+    only calls `logging`."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.INFO)
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
 
-        tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=click.get_text_stream("stderr"))
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        tqdm.write(text, file=click.get_text_stream("stderr"))
 
 
 def install_cli_warnings() -> None:
-    """Route the `glmgguf` loggers' warnings to the command line (once per process)."""
+    """Route the `glmgguf` loggers' progress notes and warnings to the command line (once per process)."""
     logger = logging.getLogger("glmgguf")
     if not any(isinstance(h, CliWarnings) for h in logger.handlers):
         logger.addHandler(CliWarnings())

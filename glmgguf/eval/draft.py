@@ -39,12 +39,13 @@ def gguf_mtp_layers(path: str | os.PathLike[str]) -> int:
     """`<arch>.nextn_predict_layers` of a GGUF (the first file of a split one); 0 when absent."""
     import gguf
 
+    from glmgguf.gguf.keys import Keys, arch_key
+
     r = gguf.GGUFReader(path)
-    arch_field = r.fields.get("general.architecture")
+    arch_field = r.fields.get(Keys.General.ARCHITECTURE)
     if arch_field is None:
         return 0
-    arch = arch_field.contents()
-    n = r.fields.get(f"{arch}.nextn_predict_layers")
+    n = r.fields.get(arch_key(Keys.LLM.NEXTN_PREDICT_LAYERS, arch_field.contents()))
     return int(n.contents()) if n is not None else 0
 
 

@@ -64,23 +64,19 @@ def convert_cmd(src: Path, out: Path, outtype: str | None, recipe: str | None, m
         raise click.UsageError("--outtype and --recipe are mutually exclusive")
     from glmgguf.gguf.convert import convert, outtype_chooser
 
-    settings = {}
     if recipe:
         from glmgguf.checkpoint import open_checkpoint
         from glmgguf.gguf.recipe import load_recipe
 
-        rec = load_recipe(recipe)
-        choose = rec.chooser(open_checkpoint(src).layout.layers)
+        choose = load_recipe(recipe).chooser(open_checkpoint(src).layout.layers)
     else:
-        outtype = outtype or "bf16"
-        choose = outtype_chooser(outtype)
-        settings["outtype"] = outtype
+        choose = outtype_chooser(outtype or "bf16")
     imat = None
     if imatrix is not None:
         from glmgguf.gguf.imatrix import load_imatrix
 
         imat = load_imatrix(imatrix)
-    result = convert(src, out, choose, MtpMode(mtp), IndexerMode(indexer), settings=settings, force=force,
+    result = convert(src, out, choose, MtpMode(mtp), IndexerMode(indexer), force=force,
                      allow_nonfinite=allow_nonfinite, imatrix=imat, threads=threads,
                      split_max_size=split_max_size)
     _echo_written(result.paths or [result.path], result.n_tensors, result.n_bytes, result.seconds, result.peak_rss)
@@ -139,7 +135,8 @@ def inspect_cmd(path: Path, other: Path | None) -> None:
 @click.option("--imatrix", type=click.Path(dir_okay=False, path_type=Path), help="Imatrix for that command.")
 def recipes_cmd(name: str | None, gguf_in: Path | None, gguf_out: str, imatrix: Path | None) -> None:
     """List the shipped recipes; with NAME show it (and, with --llama-quantize-args, its llama-quantize twin)."""
-    from glmgguf.gguf.recipe import builtin_recipes, llama_quantize_args, load_recipe
+    from glmgguf.gguf.quantize_args import llama_quantize_args
+    from glmgguf.gguf.recipe import builtin_recipes, load_recipe
 
     if name is None:
         if gguf_in is not None:

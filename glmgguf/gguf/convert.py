@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +16,13 @@ from gguf import GGMLQuantizationType as Q
 from tqdm import tqdm
 
 from glmgguf.checkpoint import GlmCheckpoint, open_checkpoint
-from glmgguf.gguf.encode import encode_words, nbytes, row_fits
+from glmgguf.gguf.encode import encode_words
 from glmgguf.gguf.imatrix import Imatrix, imatrix_for_plan, write_imatrix_keys
+from glmgguf.gguf.keys import Provenance
 from glmgguf.gguf.metadata import write_hparams, write_provenance
 from glmgguf.gguf.plan import OUTTYPES, IndexerMode, MtpMode, PlannedTensor, plan_tensors
-from glmgguf.gguf.recipe import file_type_of
+from glmgguf.gguf.qtypes import FLOAT_TYPES, file_type_of, nbytes, row_fits
+from glmgguf.gguf.recipe import TypeChooser
 from glmgguf.gguf.vocab import write_vocab
 from glmgguf.gguf.writer import atomic_gguf, write_tensor_chunks
 from glmgguf.io import CheckpointError
@@ -28,20 +30,31 @@ from glmgguf.layout import GGUF_ARCH, Transform
 
 log = logging.getLogger(__name__)
 
-# A chooser may also have `warnings() -> list[str]` (a recipe's unused rules), reported once types are chosen.
-TypeChooser = Callable[[PlannedTensor], Q]
+@dataclass(frozen=True)
+class OutTypeChooser:
+    """Upstream's policy (`convert --outtype`): F32 for norms/1-D/router/indexer.proj, else `outtype` (F16 where
+    its blocks do not divide a row)."""
+
+    outtype: str
+
+    def __call__(self, t: PlannedTensor) -> Q:
+        if t.always_f32:
+            return Q.F32
+        base = OUTTYPES[self.outtype]
+        return base if row_fits(base, t.row_size) else Q.F16
+
+    def provenance(self) -> dict[str, str]:
+        return {Provenance.OUTTYPE: self.outtype}
+
+    def warnings(self) -> list[str]:
+        return []
 
 
 def outtype_chooser(outtype: str) -> TypeChooser:
-    """Upstream's policy: F32 for norms/1-D/router/indexer.proj, else `outtype` (F16 if rows don't fit)."""
-    base = OUTTYPES[outtype]
-
-    def choose(t: PlannedTensor) -> Q:
-        if t.always_f32:
-            return Q.F32
-        return base if row_fits(base, t.row_size) else Q.F16
-
-    return choose
+    """The `--outtype` policy as a `TypeChooser` (`outtype` one of `OUTTYPES`)."""
+    if outtype not in OUTTYPES:
+        raise KeyError(outtype)
+    return OutTypeChooser(outtype)
 
 
 @dataclass
@@ -112,11 +125,6 @@ def tensor_chunks(ckpt: GlmCheckpoint, t: PlannedTensor, allow_nonfinite: bool =
             yield encode_words(np.ascontiguousarray(part), src_type, t.ggml_type, imatrix=imatrix, threads=threads)
 
 
-def file_type(plan: list[PlannedTensor]) -> gguf.LlamaFileType:
-    """The most common non-F32 tensor type, as llama.cpp's general.file_type."""
-    return file_type_of(plan)[1]
-
-
 def convert(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -134,17 +142,15 @@ def convert(
     """Plan from headers, then stream every tensor through `choose`'s type into `out` (atomic).
 
     Quantized types use ggml's kernels with `threads` threads and the `imatrix` entries of each tensor;
-    `split_max_size` (bytes) writes llama.cpp's split GGUF parts.
+    `split_max_size` (bytes) writes llama.cpp's split GGUF parts. `settings` (name -> value) are recorded as
+    `glmgguf.<name>` keys, next to `choose`'s own provenance.
     """
     start = time.perf_counter()
     ckpt = open_checkpoint(src)
     plan = plan_tensors(ckpt, mtp, indexer)
     for t in plan:
         t.ggml_type = choose(t)
-    warnings = list(getattr(choose, "warnings", list)())
-    recipe = getattr(choose, "recipe", None)  # a RecipeChooser: record which recipe made the file
-    if recipe is not None:
-        settings = {**(settings or {}), "recipe": recipe.name, "recipe_sha256": recipe.sha256}
+    warnings = choose.warnings()
     imatrix_data, imatrix_warnings = imatrix_for_plan(plan, imatrix)
     warnings += imatrix_warnings
     for w in warnings:
@@ -161,14 +167,16 @@ def convert(
     peak = proc.memory_info().rss
     with atomic_gguf(out, GGUF_ARCH, plan, split_max_size, force=force, inputs=[src]) as w:
         w.add_name(Path(src).resolve().name)
-        w.add_file_type(file_type(plan))
-        if any(t.ggml_type not in (Q.F32, Q.F16, Q.BF16) for t in plan):
+        w.add_file_type(file_type_of(plan)[1])
+        if any(t.ggml_type not in FLOAT_TYPES for t in plan):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         needs = write_hparams(w, ckpt.layout, block_count, with_mtp)
         write_vocab(w, ckpt.reader.root, ckpt.layout.vocab_size)
         if imatrix is not None:
             write_imatrix_keys(w, imatrix)
-        write_provenance(w, ckpt.layout, {"mtp": mtp.value, "indexer": indexer.value, **(settings or {})})
+        extra = {Provenance.PREFIX + k: v for k, v in (settings or {}).items()}
+        write_provenance(w, ckpt.layout, {Provenance.MTP: mtp.value, Provenance.INDEXER: indexer.value, **extra,
+                                          **choose.provenance()})
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()

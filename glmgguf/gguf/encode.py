@@ -12,14 +12,15 @@ from functools import cache
 from typing import TYPE_CHECKING
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from glmgguf.gguf.ggml import GgmlKernels, kernels
+from glmgguf.gguf.qtypes import FLOAT_TYPES
 
 if TYPE_CHECKING:
     import torch
 
-FLOAT_TYPES = {  # ggml float type -> torch dtype name
+_TORCH_FLOATS = {  # ggml float type -> torch dtype name
     GGMLQuantizationType.F32: "float32",
     GGMLQuantizationType.F16: "float16",
     GGMLQuantizationType.BF16: "bfloat16",
@@ -31,20 +32,6 @@ _WIDENED_BY_GGML = {"bfloat16": GGMLQuantizationType.BF16, "float16": GGMLQuanti
 def _is_torch(t: object) -> bool:
     torch_mod = sys.modules.get("torch")  # a torch tensor implies torch is loaded
     return torch_mod is not None and isinstance(t, torch_mod.Tensor)
-
-
-def block_size(qtype: GGMLQuantizationType) -> int:
-    return GGML_QUANT_SIZES[qtype][0]
-
-
-def row_fits(qtype: GGMLQuantizationType, row: int) -> bool:
-    """True when rows of `row` elements can be stored as `qtype` (whole blocks only)."""
-    return row % block_size(qtype) == 0
-
-
-def nbytes(qtype: GGMLQuantizationType, n_elements: int) -> int:
-    bs, ts = GGML_QUANT_SIZES[qtype]
-    return n_elements // bs * ts
 
 
 @cache
@@ -69,7 +56,7 @@ def encode(t: torch.Tensor | np.ndarray, qtype: GGMLQuantizationType, imatrix: n
         import torch
 
         x = t if _is_torch(t) else torch.from_numpy(t if t.flags.writeable else t.copy())
-        return x.to(getattr(torch, FLOAT_TYPES[qtype])).contiguous().reshape(-1).view(torch.uint8).numpy()
+        return x.to(getattr(torch, _TORCH_FLOATS[qtype])).contiguous().reshape(-1).view(torch.uint8).numpy()
     src_type = GGMLQuantizationType.F32
     if _is_torch(t):
         import torch

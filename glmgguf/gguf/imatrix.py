@@ -19,6 +19,8 @@ import gguf
 import numpy as np
 
 from glmgguf.errors import GlmggufError
+from glmgguf.gguf.keys import Keys, QuantizeImatrix
+from glmgguf.gguf.qtypes import FLOAT_TYPES, needs_imatrix
 
 SUM_SUFFIX = ".in_sum2"
 COUNT_SUFFIX = ".counts"
@@ -133,9 +135,9 @@ class Imatrix:
         w = gguf.GGUFWriter(path, arch="")
         w.kv_data[0].clear()  # llama-imatrix writes general.type, not general.architecture
         w.add_type("imatrix")
-        w.add_array("imatrix.datasets", self.datasets or [""])
-        w.add_uint32("imatrix.chunk_count", self.chunk_count)
-        w.add_uint32("imatrix.chunk_size", self.chunk_size)
+        w.add_array(Keys.IMatrix.DATASETS, self.datasets or [""])
+        w.add_uint32(Keys.IMatrix.CHUNK_COUNT, self.chunk_count)
+        w.add_uint32(Keys.IMatrix.CHUNK_SIZE, self.chunk_size)
         for name, e in sorted(self.entries.items()):
             n = e.counts.size
             w.add_tensor(name + SUM_SUFFIX, e.sums.astype(np.float32).reshape(n, -1))
@@ -170,17 +172,17 @@ def _load_gguf(path: Path) -> Imatrix:
     if sums.keys() != counts.keys():
         bad = sorted(sums.keys() ^ counts.keys())[0]
         raise ImatrixError(f"{path}: mismatched sums and counts for {bad}")
-    if "imatrix.datasets" not in r.fields or "imatrix.chunk_count" not in r.fields:
-        raise ImatrixError(f"{path}: missing imatrix metadata (imatrix.datasets, imatrix.chunk_count)")
+    if Keys.IMatrix.DATASETS not in r.fields or Keys.IMatrix.CHUNK_COUNT not in r.fields:
+        raise ImatrixError(f"{path}: missing imatrix metadata ({Keys.IMatrix.DATASETS}, {Keys.IMatrix.CHUNK_COUNT})")
     entries = {}
     for name, s in sums.items():
         c = np.rint(counts[name]).astype(np.int64)  # llama.cpp: std::lround
         if c.size == 0 or s.size % c.size:
             raise ImatrixError(f"{path}: {name} has {s.size} sums for {c.size} counts")
         entries[name] = ImatrixEntry(s, c)
-    datasets = field_value("imatrix.datasets", [])
+    datasets = field_value(Keys.IMatrix.DATASETS, [])
     return Imatrix(entries, list(datasets) if isinstance(datasets, list) else [datasets],
-                   int(field_value("imatrix.chunk_count", 0)), int(field_value("imatrix.chunk_size", 0)), path)
+                   int(field_value(Keys.IMatrix.CHUNK_COUNT, 0)), int(field_value(Keys.IMatrix.CHUNK_SIZE, 0)), path)
 
 
 def _load_legacy(path: Path) -> Imatrix:
@@ -238,9 +240,6 @@ def slice_experts(imatrix: Imatrix, keep_map: dict[int, Sequence[int]]) -> Imatr
     return imatrix.slice_experts(keep_map)
 
 
-FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
-
-
 def imatrix_for_plan(tensors: Iterable, imatrix: Imatrix | None) -> tuple[dict[str, np.ndarray | None], list[str]]:
     """Per tensor (PlannedTensor with `ggml_type` set) the importance data its quantization uses.
 
@@ -248,8 +247,6 @@ def imatrix_for_plan(tensors: Iterable, imatrix: Imatrix | None) -> tuple[dict[s
     that tensor), an imatrix whose sizes do not fit the model, an imatrix that names none of its tensors.
     Returns the data by name (None: quantized without) and warnings.
     """
-    from glmgguf.gguf.recipe import needs_imatrix
-
     tensors = list(tensors)
     quantized = [t for t in tensors if t.ggml_type not in FLOAT_TYPES]
     warnings: list[str] = []
@@ -269,9 +266,9 @@ def imatrix_for_plan(tensors: Iterable, imatrix: Imatrix | None) -> tuple[dict[s
 
 def write_imatrix_keys(w: gguf.GGUFWriter, imatrix: Imatrix) -> None:
     """The `quantize.imatrix.*` keys llama-quantize writes for the imatrix it used."""
-    w.add_string("quantize.imatrix.file", str(imatrix.path or "")[:127])
+    w.add_string(QuantizeImatrix.FILE, str(imatrix.path or "")[:127])
     if imatrix.datasets:
-        w.add_string("quantize.imatrix.dataset", imatrix.datasets[0][:127])
-    w.add_uint32("quantize.imatrix.entries_count", len(imatrix.entries))
+        w.add_string(QuantizeImatrix.DATASET, imatrix.datasets[0][:127])
+    w.add_uint32(QuantizeImatrix.N_ENTRIES, len(imatrix.entries))
     if imatrix.chunk_count > 0:
-        w.add_uint32("quantize.imatrix.chunks_count", imatrix.chunk_count)
+        w.add_uint32(QuantizeImatrix.N_CHUNKS, imatrix.chunk_count)

@@ -11,12 +11,12 @@ from pathlib import Path
 import gguf
 from gguf import GGMLQuantizationType as Q
 
-from glmgguf.gguf.metadata import PROVENANCE_PREFIX
+from glmgguf.gguf.keys import READER_PREFIX, SPLIT_PREFIX, Keys, Provenance, QuantizeImatrix
 from glmgguf.gguf.writer import split_paths
 from glmgguf.layout import Role, parse_gguf_name
 
-PROVENANCE_KEYS = ("general.name", "general.file_type", "general.quantization_version")
-PROVENANCE_PREFIXES = (PROVENANCE_PREFIX, "quantize.imatrix.", "split.")
+PROVENANCE_KEYS = (Keys.General.NAME, Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION)
+PROVENANCE_PREFIXES = (Provenance.PREFIX, QuantizeImatrix.PREFIX, SPLIT_PREFIX)
 OTHER_ROLE = "other"
 ROLE_ORDER = [r.value for r in Role] + [OTHER_ROLE]
 
@@ -98,7 +98,7 @@ def read_summary(path: str | os.PathLike) -> GgufSummary:
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"{p}: not a readable GGUF file ({e})") from None
         for key, f in r.fields.items():
-            if key.startswith("GGUF."):
+            if key.startswith(READER_PREFIX):
                 continue
             if i == 0:
                 kv[key] = _field_value(f)
@@ -135,7 +135,7 @@ def format_summary(s: GgufSummary) -> str:
                      f"{st.bpw:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"{', '.join(map(str, s.paths))}: {s.file_bytes / 2**20:,.2f} MiB on disk, "
-             f"architecture {s.kv.get('general.architecture')!r}"]
+             f"architecture {s.kv.get(Keys.General.ARCHITECTURE)!r}"]
     for j, r in enumerate(rows):
         cells = zip(r, widths, strict=True)
         lines.append("  ".join(c.ljust(w) if i in (0, 2) else c.rjust(w) for i, (c, w) in enumerate(cells)))
@@ -147,7 +147,7 @@ def format_summary(s: GgufSummary) -> str:
         lines.append("provenance:")
         for k in sorted(prov):
             v = prov[k]
-            if k == "general.file_type" and isinstance(v, int):
+            if k == Keys.General.FILE_TYPE and isinstance(v, int):
                 try:
                     v = f"{v} ({gguf.LlamaFileType(v).name})"
                 except ValueError:
@@ -175,7 +175,7 @@ def diff_summaries(a: GgufSummary, b: GgufSummary) -> GgufDiff:
     common = [n for n in ta if n in tb]
     kv_changes = []
     for k in sorted(a.kv.keys() | b.kv.keys()):
-        if k.startswith("split."):
+        if k.startswith(SPLIT_PREFIX):
             continue
         va, vb = a.kv.get(k, _ABSENT), b.kv.get(k, _ABSENT)
         if va != vb:

@@ -8,13 +8,12 @@ import json
 import gguf
 
 from glmgguf import __version__
-from glmgguf.layout import GGUF_ARCH, GlmLayout, LayoutError
+from glmgguf.gguf.keys import Arch, Keys, Provenance, arch_key
+from glmgguf.layout import GlmLayout, LayoutError
 from glmgguf.llama import patches
 
-PROVENANCE_PREFIX = "glmgguf."
 # transformers' GlmMoeDsaIndexer normalizes keys with nn.LayerNorm(index_head_dim, eps=1e-6) (no config key)
 INDEXER_NORM_EPS = 1e-6
-INDEXER_NORM_EPS_KEY = f"{GGUF_ARCH}.attention.indexer.layer_norm_epsilon"
 
 
 def _rope_theta(cfg: dict) -> float:
@@ -34,7 +33,7 @@ def expert_counts(layout: GlmLayout, block_count: int) -> list[int] | None:
 def write_hparams(w: gguf.GGUFWriter, layout: GlmLayout, block_count: int, with_mtp: bool) -> list[str]:
     """Hyperparameters exactly as llama.cpp's loader for glm-dsa reads them.
 
-    Returns the llama.cpp patches the file needs (also written as `glmgguf.requires_patches`): per-layer expert
+    Returns the llama.cpp patches the file needs (also written as `Provenance.REQUIRES_PATCHES`): per-layer expert
     counts are an array-typed `expert_count`, which the unpatched loader refuses ("key glm-dsa.expert_count has
     wrong type arr but expected type u32") instead of misreading.
     """
@@ -52,7 +51,7 @@ def write_hparams(w: gguf.GGUFWriter, layout: GlmLayout, block_count: int, with_
     if per_layer is None:
         w.add_expert_count(max(layer.n_experts for layer in layout.layers[:block_count]))
     else:
-        w.add_key_value(gguf.Keys.LLM.EXPERT_COUNT.format(arch=GGUF_ARCH), per_layer, gguf.GGUFValueType.ARRAY,
+        w.add_key_value(arch_key(Keys.LLM.EXPERT_COUNT), per_layer, gguf.GGUFValueType.ARRAY,
                         sub_type=gguf.GGUFValueType.UINT32)
     w.add_expert_used_count(layout.experts_per_tok)
     w.add_expert_group_count(layout.n_group)
@@ -79,11 +78,11 @@ def write_hparams(w: gguf.GGUFWriter, layout: GlmLayout, block_count: int, with_
     w.add_indexer_top_k(layout.index_topk)
     # gguf 0.19.0 has no add_indexer_types; without the key llama.cpp guesses the pattern from n_ctx_train.
     types = [layer.indexer == "full" for layer in layout.layers if not layer.is_mtp]
-    w.add_array(f"{GGUF_ARCH}.attention.indexer.types", types)
+    w.add_array(arch_key(Arch.INDEXER_TYPES), types)
     # read by the patched runtime (glmgguf.llama.patches.INDEXER_NORM_EPS); an unpatched one ignores it (eps 0)
-    w.add_float32(INDEXER_NORM_EPS_KEY, INDEXER_NORM_EPS)
+    w.add_float32(arch_key(Arch.INDEXER_LAYERNORM_EPS), INDEXER_NORM_EPS)
     if needs:
-        w.add_array(PROVENANCE_PREFIX + "requires_patches", needs)
+        w.add_array(Provenance.REQUIRES_PATCHES, needs)
     return needs
 
 
@@ -92,8 +91,8 @@ def config_digest(cfg: dict) -> str:
 
 
 def write_provenance(w: gguf.GGUFWriter, layout: GlmLayout, settings: dict[str, str]) -> None:
-    """Our own keys: tool version, source config digest and the conversion settings."""
-    w.add_string(PROVENANCE_PREFIX + "version", __version__)
-    w.add_string(PROVENANCE_PREFIX + "source_config_sha256", config_digest(layout.config))
+    """Our own keys: tool version, source config digest and the conversion settings (`Provenance` keys)."""
+    w.add_string(Provenance.VERSION, __version__)
+    w.add_string(Provenance.SOURCE_CONFIG_SHA256, config_digest(layout.config))
     for key, value in settings.items():
-        w.add_string(PROVENANCE_PREFIX + key, value)
+        w.add_string(key, value)

@@ -25,20 +25,21 @@ from tqdm import tqdm
 
 from glmgguf import __version__
 from glmgguf.errors import GlmggufError
-from glmgguf.gguf.encode import FLOAT_TYPES, bf16_words_to_f32, default_kernels, encode, nbytes
+from glmgguf.gguf.encode import bf16_words_to_f32, default_kernels, encode
 from glmgguf.gguf.imatrix import Imatrix, imatrix_for_plan, write_imatrix_keys
-from glmgguf.gguf.metadata import PROVENANCE_PREFIX
+from glmgguf.gguf.keys import READER_PREFIX, SPLIT_PREFIX, Arch, Keys, Provenance, QuantizeImatrix, arch_key
 from glmgguf.gguf.plan import PlannedTensor
-from glmgguf.gguf.recipe import Recipe, Resolution, file_type_of
+from glmgguf.gguf.qtypes import FLOAT_TYPES, file_type_of, nbytes
+from glmgguf.gguf.recipe import Recipe, Resolution
 from glmgguf.gguf.writer import atomic_gguf, split_paths, write_tensor_chunks
 from glmgguf.layout import GGUF_ARCH, LayerInfo, LayerKind, Transform, parse_gguf_name
 
 log = logging.getLogger(__name__)
 
 SLAB_ELEMENTS = 1 << 24  # rows dequantized and quantized at once (64 MiB of F32)
-OUR_KEYS = tuple(PROVENANCE_PREFIX + k for k in ("version", "recipe", "recipe_sha256"))
-SKIPPED_KEYS = ("GGUF.", "split.", "general.architecture", "general.file_type", "general.quantization_version",
-                "quantize.imatrix.", *OUR_KEYS)
+OUR_KEYS = (Provenance.VERSION, Provenance.RECIPE, Provenance.RECIPE_SHA256)
+SKIPPED_KEYS = (READER_PREFIX, SPLIT_PREFIX, Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE,
+                Keys.General.QUANTIZATION_VERSION, QuantizeImatrix.PREFIX, *OUR_KEYS)
 
 
 class GgufInputError(GlmggufError, ValueError):
@@ -75,20 +76,21 @@ class GgufModel:
 
 
 def _layers_from_kv(fields: dict[str, gguf.ReaderField], path: Path) -> tuple[LayerInfo, ...]:
-    def val(key: str, default=None):
-        f = fields.get(f"{GGUF_ARCH}.{key}")
+    def val(template: str, default=None):
+        f = fields.get(arch_key(template))
         return default if f is None else f.contents()
 
-    n_blocks = val("block_count")
+    n_blocks = val(Keys.LLM.BLOCK_COUNT)
     if n_blocks is None:
-        raise GgufInputError(f"{path}: no {GGUF_ARCH}.block_count")
-    n_mtp = int(val("nextn_predict_layers", 0) or 0)
-    n_dense = int(val("leading_dense_block_count", 0) or 0)
-    n_expert = val("expert_count", 0) or 0  # one count, or one per block (per-layer expert counts)
+        raise GgufInputError(f"{path}: no {arch_key(Keys.LLM.BLOCK_COUNT)}")
+    n_mtp = int(val(Keys.LLM.NEXTN_PREDICT_LAYERS, 0) or 0)
+    n_dense = int(val(Keys.LLM.LEADING_DENSE_BLOCK_COUNT, 0) or 0)
+    n_expert = val(Keys.LLM.EXPERT_COUNT, 0) or 0  # one count, or one per block (per-layer expert counts)
     counts = [int(c) for c in n_expert] if isinstance(n_expert, list) else [int(n_expert)] * n_blocks
     if len(counts) != n_blocks:
-        raise GgufInputError(f"{path}: {GGUF_ARCH}.expert_count has {len(counts)} entries for {n_blocks} blocks")
-    types = val("attention.indexer.types") or []
+        raise GgufInputError(f"{path}: {arch_key(Keys.LLM.EXPERT_COUNT)} has {len(counts)} entries for "
+                             f"{n_blocks} blocks")
+    types = val(Arch.INDEXER_TYPES) or []
     n_trunk = n_blocks - n_mtp
     layers = []
     last_full = 0
@@ -119,7 +121,7 @@ def open_gguf(path: str | os.PathLike) -> GgufModel:
         except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError/struct.error/IndexError on bad files
             raise GgufInputError(f"{p}: not a readable GGUF file ({e})") from None
     fields = readers[0].fields
-    arch_field = fields.get("general.architecture")
+    arch_field = fields.get(Keys.General.ARCHITECTURE)
     arch = arch_field.contents() if arch_field is not None else None
     if arch != GGUF_ARCH:
         raise GgufInputError(f"{path}: architecture {arch!r} is not {GGUF_ARCH} (GLM-5.x); refusing to quantize it")
@@ -260,9 +262,9 @@ def quantize_gguf(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if imatrix is not None:
             write_imatrix_keys(w, imatrix)
-        w.add_string(PROVENANCE_PREFIX + "version", __version__)
-        w.add_string(PROVENANCE_PREFIX + "recipe", recipe.name)
-        w.add_string(PROVENANCE_PREFIX + "recipe_sha256", recipe.sha256)
+        w.add_string(Provenance.VERSION, __version__)
+        for key, value in recipe.provenance().items():
+            w.add_string(key, value)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()

@@ -13,7 +13,7 @@ decides its type, the default covers the rest. A rule matches on any combination
 
 Two things override a recipe, as in llama.cpp: tensors the upstream converter always keeps in F32 (norms, 1-D
 tensors, the router `ffn_gate_inp`, `indexer.proj`; `PlannedTensor.always_f32`) stay F32, and a type whose block
-does not divide the row falls back along llama-quantize's chain (`FALLBACK`, from `tensor_type_fallback` in the
+does not divide the row falls back along llama-quantize's chain (`qtypes.FALLBACK`, `tensor_type_fallback` in the
 pinned `src/llama-quant.cpp`): IQ1_S/IQ1_M/IQ2_*/IQ3_*/IQ4_XS -> IQ4_NL; Q2_K/Q3_K/TQ1_0/TQ2_0 -> Q4_0;
 Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0; and F16 when the fallback's block does not divide the row either
 (a 32-block type with no entry goes straight to F16). A recipe may override entries with a `[fallback]` table.
@@ -30,81 +30,29 @@ File format::
 
 Use: `recipe = load_recipe("q4_protected")` (a shipped name or a path), then
 `recipe.resolve(tensors, layers)` -> `Resolution` (per-tensor `Choice`, warnings), or `recipe.chooser(layers)`
-for `convert`; `llama_quantize_args` gives the equivalent llama-quantize command line for a resolution.
+for `convert` (a `TypeChooser`); `glmgguf.gguf.quantize_args` gives the equivalent llama-quantize command line.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-import gguf
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from glmgguf.errors import GlmggufError
+from glmgguf.gguf.keys import Provenance
 from glmgguf.gguf.plan import PlannedTensor
+from glmgguf.gguf.qtypes import FALLBACK, WRITABLE_TYPES, block_size
 from glmgguf.layout import LayerInfo, LayerKind, Role
 from glmgguf.resources import package_path
 
 RECIPE_DIR = package_path("quant_recipes")  # top-level quant_recipes/ in a checkout links here
-
-FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
-QUANT_TYPES = (
-    Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ1_S, Q.IQ1_M,
-    Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_NL, Q.IQ4_XS, Q.TQ1_0, Q.TQ2_0, Q.MXFP4,
-    Q.NVFP4,  # routed experts only, ModelOpt-exact with a per-expert `.scale` tensor (glmgguf.nvfp4.gguf)
-)
-RECIPE_TYPES = FLOAT_TYPES + QUANT_TYPES
-
-# llama-quantize's tensor_type_fallback (pinned src/llama-quant.cpp)
-FALLBACK: dict[Q, Q] = {
-    **{t: Q.IQ4_NL for t in (Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS)},
-    **{t: Q.Q4_0 for t in (Q.Q2_K, Q.Q3_K, Q.TQ1_0, Q.TQ2_0)},
-    Q.Q4_K: Q.Q5_0,
-    Q.Q5_K: Q.Q5_1,
-    Q.Q6_K: Q.Q8_0,
-}
-
-# Types llama-quantize refuses to write without an imatrix (tensor_requires_imatrix, except token_embd/output
-# there), plus the ones ggml's own quantizer asserts on (ggml_quantize_requires_imatrix: those everywhere).
-LLAMA_IMATRIX_TYPES = frozenset({Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_M, Q.IQ1_S})
-GGML_IMATRIX_TYPES = frozenset({Q.IQ2_XXS, Q.IQ2_XS, Q.IQ1_S})
-
-# (llama-quantize ftype argument, general.file_type) for a file whose main type is the key
-FILE_TYPES: dict[Q, tuple[str, gguf.LlamaFileType]] = {
-    Q.F32: ("F32", gguf.LlamaFileType.ALL_F32),
-    Q.F16: ("F16", gguf.LlamaFileType.MOSTLY_F16),
-    Q.BF16: ("BF16", gguf.LlamaFileType.MOSTLY_BF16),
-    Q.Q4_0: ("Q4_0", gguf.LlamaFileType.MOSTLY_Q4_0),
-    Q.Q4_1: ("Q4_1", gguf.LlamaFileType.MOSTLY_Q4_1),
-    Q.Q5_0: ("Q5_0", gguf.LlamaFileType.MOSTLY_Q5_0),
-    Q.Q5_1: ("Q5_1", gguf.LlamaFileType.MOSTLY_Q5_1),
-    Q.Q8_0: ("Q8_0", gguf.LlamaFileType.MOSTLY_Q8_0),
-    Q.Q2_K: ("Q2_K", gguf.LlamaFileType.MOSTLY_Q2_K),
-    Q.Q3_K: ("Q3_K", gguf.LlamaFileType.MOSTLY_Q3_K_M),
-    Q.Q4_K: ("Q4_K", gguf.LlamaFileType.MOSTLY_Q4_K_M),
-    Q.Q5_K: ("Q5_K", gguf.LlamaFileType.MOSTLY_Q5_K_M),
-    Q.Q6_K: ("Q6_K", gguf.LlamaFileType.MOSTLY_Q6_K),
-    Q.IQ2_XXS: ("IQ2_XXS", gguf.LlamaFileType.MOSTLY_IQ2_XXS),
-    Q.IQ2_XS: ("IQ2_XS", gguf.LlamaFileType.MOSTLY_IQ2_XS),
-    Q.IQ2_S: ("IQ2_M", gguf.LlamaFileType.MOSTLY_IQ2_M),
-    Q.IQ3_XXS: ("IQ3_XXS", gguf.LlamaFileType.MOSTLY_IQ3_XXS),
-    Q.IQ3_S: ("IQ3_S", gguf.LlamaFileType.MOSTLY_IQ3_S),
-    Q.IQ1_S: ("IQ1_S", gguf.LlamaFileType.MOSTLY_IQ1_S),
-    Q.IQ1_M: ("IQ1_M", gguf.LlamaFileType.MOSTLY_IQ1_M),
-    Q.IQ4_NL: ("IQ4_NL", gguf.LlamaFileType.MOSTLY_IQ4_NL),
-    Q.IQ4_XS: ("IQ4_XS", gguf.LlamaFileType.MOSTLY_IQ4_XS),
-    Q.TQ1_0: ("TQ1_0", gguf.LlamaFileType.MOSTLY_TQ1_0),
-    Q.TQ2_0: ("TQ2_0", gguf.LlamaFileType.MOSTLY_TQ2_0),
-    Q.MXFP4: ("MXFP4_MOE", gguf.LlamaFileType.MOSTLY_MXFP4_MOE),
-    Q.NVFP4: ("NVFP4", gguf.LlamaFileType.MOSTLY_NVFP4),
-}
 
 _RULE_KEYS = {"role", "name", "layers", "type", "note"}
 _TOP_KEYS = {"description", "default", "rule", "fallback"}
@@ -116,8 +64,15 @@ class RecipeError(GlmggufError, ValueError):
     """A recipe file is invalid, or cannot be applied to this model."""
 
 
-def block_size(qtype: Q) -> int:
-    return GGML_QUANT_SIZES[qtype][0]
+class TypeChooser(Protocol):
+    """What `convert` asks of a type policy (`--outtype` or a recipe): each planned tensor's type, the KV pairs
+    that record the policy in the file, and warnings about it once every tensor has been asked."""
+
+    def __call__(self, t: PlannedTensor) -> Q: ...
+
+    def provenance(self) -> dict[str, str]: ...
+
+    def warnings(self) -> list[str]: ...
 
 
 def parse_type(name: str, where: str = "") -> Q:
@@ -126,8 +81,8 @@ def parse_type(name: str, where: str = "") -> Q:
         qtype = Q[str(name).upper()]
     except KeyError:
         qtype = None
-    if qtype not in RECIPE_TYPES:
-        raise RecipeError(f"{where}unknown type {name!r}; use one of {', '.join(t.name for t in RECIPE_TYPES)}")
+    if qtype not in WRITABLE_TYPES:
+        raise RecipeError(f"{where}unknown type {name!r}; use one of {', '.join(t.name for t in WRITABLE_TYPES)}")
     return qtype
 
 
@@ -142,13 +97,6 @@ def fallback_type(qtype: Q, row: int, table: dict[Q, Q] = FALLBACK) -> Q:
     else:
         raise RecipeError(f"no fallback is defined for {qtype.name} (row of {row} elements)")
     return alt if row % block_size(alt) == 0 else Q.F16
-
-
-def needs_imatrix(name: str, qtype: Q) -> bool:
-    """True when writing `name` as `qtype` needs importance data (as llama-quantize / ggml decide)."""
-    if qtype in GGML_IMATRIX_TYPES:
-        return True
-    return qtype in LLAMA_IMATRIX_TYPES and name not in ("token_embd.weight", "output.weight")
 
 
 @dataclass(frozen=True)
@@ -369,11 +317,17 @@ class Recipe:
     def resolve(self, tensors: Sequence[PlannedTensor], layers: Sequence[LayerInfo]) -> Resolution:
         """The type of every tensor, plus warnings (rules that match nothing)."""
         blocks = self._rule_blocks(layers)
-        choices = {t.name: self._choose(t, blocks) for t in tensors}
+        return self._resolution({t.name: self._choose(t, blocks) for t in tensors})
+
+    def _resolution(self, choices: dict[str, Choice]) -> Resolution:
         used = {c.rule for c in choices.values()}
         warnings = [f"recipe {self.name}: {r.describe()} matches no tensor of this model"
                     for r in self.rules if r.index not in used]
         return Resolution(self, choices, warnings)
+
+    def provenance(self) -> dict[str, str]:
+        """The KV pairs that name this recipe in a file it made."""
+        return {Provenance.RECIPE: self.name, Provenance.RECIPE_SHA256: self.sha256}
 
     def chooser(self, layers: Sequence[LayerInfo]) -> RecipeChooser:
         """A per-tensor type chooser for `convert` (records which rules were used)."""
@@ -381,7 +335,7 @@ class Recipe:
 
 
 class RecipeChooser:
-    """`choose(t) -> type` for convert; `warnings()` lists the recipe's rules that matched nothing."""
+    """A recipe as convert's `TypeChooser`; `warnings()` lists the recipe's rules that matched nothing."""
 
     def __init__(self, recipe: Recipe, blocks: list[frozenset[int] | None]):
         self.recipe = recipe
@@ -394,10 +348,10 @@ class RecipeChooser:
         return choice.qtype
 
     def resolution(self) -> Resolution:
-        used = {c.rule for c in self.choices.values()}
-        warnings = [f"recipe {self.recipe.name}: {r.describe()} matches no tensor of this model"
-                    for r in self.recipe.rules if r.index not in used]
-        return Resolution(self.recipe, dict(self.choices), warnings)
+        return self.recipe._resolution(dict(self.choices))
+
+    def provenance(self) -> dict[str, str]:
+        return self.recipe.provenance()
 
     def warnings(self) -> list[str]:
         return self.resolution().warnings
@@ -423,75 +377,3 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         return Recipe.load(path)
     raise RecipeError(f"unknown recipe {str(name_or_path)!r}; shipped recipes: {', '.join(shipped)} "
                       "(or give a path to a .toml file)")
-
-
-# ---- sizes and the equivalent llama-quantize command -------------------------------------------------------
-
-
-def tensor_nbytes(qtype: Q, shape: Sequence[int]) -> int:
-    bs, ts = GGML_QUANT_SIZES[qtype]
-    return math.prod(shape) // bs * ts
-
-
-def main_type(types: dict[Q, int]) -> Q:
-    """The non-F32 type holding the most elements (F32 if none): the file's nominal type."""
-    counts = {q: n for q, n in types.items() if q is not Q.F32}
-    return max(counts, key=counts.__getitem__) if counts else Q.F32
-
-
-def file_type_of(tensors: Sequence[PlannedTensor]) -> tuple[str, gguf.LlamaFileType]:
-    """(llama-quantize ftype name, general.file_type) for tensors with their ggml_type set."""
-    counts: dict[Q, int] = {}
-    for t in tensors:
-        counts[t.ggml_type] = counts.get(t.ggml_type, 0) + t.n_elements
-    return FILE_TYPES.get(main_type(counts), ("Q8_0", gguf.LlamaFileType.GUESSED))
-
-
-def _group_pattern(names: list[str]) -> str:
-    """One anchored regex for names that differ only in their block number (blk.N.)."""
-    m = re.match(r"^blk\.\d+\.(.*)$", names[0])
-    if m is None or len(names) == 1:
-        return "|".join(f"^{re.escape(n)}$" for n in names)
-    blocks = sorted({int(n.split(".")[1]) for n in names})
-    return rf"^blk\.({'|'.join(map(str, blocks))})\.{re.escape(m.group(1))}$"
-
-
-def llama_quantize_args(tensors: Sequence[PlannedTensor], src: str | Path, out: str | Path,
-                        imatrix: str | Path | None = None, threads: int | None = None,
-                        src_types: dict[str, Q] | None = None, binary: str = "llama-quantize") -> list[str]:
-    """The llama-quantize command line that writes the same tensor types as `tensors[i].ggml_type`.
-
-    Every quantizable tensor gets an exact, anchored `--tensor-type` pattern (grouped by block), so the
-    overrides are disjoint and the order does not matter; token_embd/output go through
-    `--token-embedding-type` / `--output-tensor-type`. Tensors llama-quantize never touches (norms, 1-D,
-    ffn_gate_inp) need nothing. `src_types` (input GGUF types) lets F32-kept tensors that llama-quantize would
-    quantize (indexer.proj) be pinned with `=f32`.
-    """
-    nominal, _ = file_type_of(tensors)
-    if nominal in ("F32", "F16", "BF16"):
-        nominal = "Q8_0"  # overrides only apply on top of a quantized file type
-    args = [binary]
-    if imatrix is not None:
-        args += ["--imatrix", str(imatrix)]
-    groups: dict[tuple[str, Q], list[str]] = {}
-    for t in tensors:
-        skipped_by_llama = len(t.shape) < 2 or "_norm.weight" in t.name or "ffn_gate_inp.weight" in t.name \
-            or not t.name.endswith("weight")
-        if skipped_by_llama:
-            if src_types is not None and src_types.get(t.name, t.ggml_type) is not t.ggml_type:
-                raise RecipeError(f"{t.name}: llama-quantize keeps it as it is, cannot express {t.ggml_type.name}")
-            continue
-        if t.name == "token_embd.weight":
-            args += ["--token-embedding-type", t.ggml_type.name.lower()]
-            continue
-        if t.name == "output.weight":
-            args += ["--output-tensor-type", t.ggml_type.name.lower()]
-            continue
-        key = re.sub(r"^blk\.\d+\.", "blk.N.", t.name)
-        groups.setdefault((key, t.ggml_type), []).append(t.name)
-    for (_, qtype), names in groups.items():
-        args += ["--tensor-type", f"{_group_pattern(names)}={qtype.name.lower()}"]
-    args += [str(src), str(out), nominal]
-    if threads:
-        args.append(str(threads))
-    return args

@@ -12,8 +12,8 @@ import gguf
 import numpy as np
 from gguf.gguf_writer import WriterState
 
-from glmgguf.gguf.encode import nbytes
 from glmgguf.gguf.plan import PlannedTensor
+from glmgguf.gguf.qtypes import nbytes
 from glmgguf.io.atomic import check_output, output_lock
 
 

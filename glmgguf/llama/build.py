@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -15,11 +16,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from glmgguf.cache import cache_root
 from glmgguf.errors import GlmggufError
 from glmgguf.llama.patches import PATCH_DIR, SERIES, apply_module
-from glmgguf.llama.source import cache_root, pinned_identity, resolve_source, user_source
+from glmgguf.llama.source import pinned_identity, resolve_source, user_source
 from glmgguf.locks import file_lock
 from glmgguf.threads import usable_cores
+
+log = logging.getLogger(__name__)
 
 TOOLS = (
     "llama-server", "llama-quantize", "llama-perplexity", "llama-imatrix", "llama-cli", "llama-gguf-split",
@@ -179,7 +183,7 @@ def _build(src_dir: Path, pkg_dir: Path | None, patches: list[Path], backend: st
     build = partial / "build"
     t0 = time.monotonic()
     if progress:
-        print(f"configuring llama.cpp ({backend}); log: {entry / 'build.log'}", file=sys.stderr)
+        log.info("configuring llama.cpp (%s); log: %s", backend, entry / "build.log")
     _run_logged(["cmake", "-S", str(source), "-B", str(build), *cmake_flags(backend)], log, "configure")
     targets_help = _run_logged(["cmake", "--build", str(build), "--target", "help"], log, "target listing")
     targets = [t for t in TOOLS if re.search(rf"(^|\s){re.escape(t)}(:|\s|$)", targets_help, re.M)]

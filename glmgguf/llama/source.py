@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -11,7 +12,10 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from glmgguf.cache import cache_root
 from glmgguf.errors import GlmggufError
+
+log = logging.getLogger(__name__)
 
 PINNED_LLAMA_CPP_PYTHON = "0.3.36"
 PINNED_LLAMA_CPP_COMMIT = "0c1e5709"
@@ -30,12 +34,6 @@ class LlamaSource:
     llama_cpp_dir: Path
     python_package_dir: Path | None  # directory holding the `llama_cpp` binding (sdist only)
     identity: str
-
-
-def cache_root() -> Path:
-    """Root of the toolkit's cache: `$GLMGGUF_CACHE`, else `~/.cache/glmgguf`."""
-    env = os.environ.get("GLMGGUF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "glmgguf"
 
 
 def pinned_identity() -> str:
@@ -95,7 +93,7 @@ def _download_sdist(src_dir: Path) -> Path:
     src_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
            f"llama-cpp-python=={PINNED_LLAMA_CPP_PYTHON}", "-d", str(src_dir)]
-    print(f"downloading llama-cpp-python {PINNED_LLAMA_CPP_PYTHON} sdist to {src_dir}", file=sys.stderr)
+    log.info("downloading llama-cpp-python %s sdist to %s", PINNED_LLAMA_CPP_PYTHON, src_dir)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not sdist.is_file():
         raise LlamaSourceError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n"
@@ -111,7 +109,7 @@ def fetch_pinned_source() -> LlamaSource:
         sdist = _download_sdist(src_dir)
         partial = src_dir / f"{SDIST_NAME}.partial.{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
-        print(f"extracting {sdist.name}", file=sys.stderr)
+        log.info("extracting %s", sdist.name)
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         with tarfile.open(sdist) as tar:
             tar.extractall(partial, **safe)

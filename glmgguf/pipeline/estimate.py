@@ -10,8 +10,6 @@ import copy
 import math
 from dataclasses import dataclass
 
-from gguf.constants import GGML_QUANT_SIZES
-
 from glmgguf.checkpoint import GlmCheckpoint
 from glmgguf.io.fp8 import Fp8Scheme, quant_method, scheme_from_config
 from glmgguf.layout import GlmLayout, parse_hf_name, released_as_fp8
@@ -88,13 +86,13 @@ def layer_bytes(layout: GlmLayout, dtype_bytes: int = 2) -> int:
 def gguf_bytes(layout: GlmLayout, recipe) -> int:
     """Tensor bytes of the GGUF that `recipe` makes of a checkpoint with this layout."""
     from glmgguf.gguf.plan import plan_tensors
+    from glmgguf.gguf.qtypes import nbytes
 
     ckpt = GlmCheckpoint(_HeaderNames(set(layout.expected_hf_tensors(mtp_indexer=True))), layout, True)  # type: ignore[arg-type]
     choose = recipe.chooser(layout.layers)
     total = 0
     for t in plan_tensors(ckpt):
-        block, size = GGML_QUANT_SIZES[choose(t)]
-        total += t.n_elements // block * size
+        total += nbytes(choose(t), t.n_elements)
     return total
 
 

@@ -40,7 +40,8 @@ def model_config(plan: Plan, override: Path | None = None) -> dict:
 def model_path(plan: Plan) -> Path:
     """Where the source checkpoint is (a builtin testbed: its cache entry, which may not be trained yet)."""
     if plan.model in BUILTIN_MODELS:
-        from glmgguf.testbed.train import DEFAULT_STEPS, cache_key, cache_root
+        from glmgguf.cache import cache_root
+        from glmgguf.testbed.train import DEFAULT_STEPS, cache_key
 
         size, fp8 = _builtin(plan.model)
         path = cache_root() / "testbed" / f"{size}-trained-{cache_key(size, 0, DEFAULT_STEPS.get(size, 200))}"

