@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from glmgguf.cache import cache_root
+from glmgguf.locks import file_lock
 from glmgguf.testbed.build import new_testbed_model, save_testbed
 from glmgguf.testbed.configs import testbed_config_kwargs
 from glmgguf.testbed.tokenizer import (
@@ -28,6 +30,7 @@ from glmgguf.testbed.tokenizer import (
     special_token_ids,
     stdlib_corpus,
 )
+from glmgguf.threads import free_cores
 
 # Part of the cache key (with a digest of this package's source files): bump to force retraining.
 TRAIN_CODE_VERSION = 1
@@ -46,14 +49,8 @@ ROUTER_LR_MULT = 30.0
 EVAL_SEQS = 32
 REPORT_NAME = "train_report.json"
 
-__all__ = ["DEFAULT_STEPS", "REPORT_NAME", "cache_root", "evaluate", "stdlib_corpus", "train_testbed",
+__all__ = ["DEFAULT_STEPS", "REPORT_NAME", "evaluate", "stdlib_corpus", "train_testbed",
            "trained_testbed"]
-
-
-def cache_root() -> Path:
-    """Root of the toolkit's cache: `$GLMGGUF_CACHE`, else `~/.cache/glmgguf`."""
-    env = os.environ.get("GLMGGUF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "glmgguf"
 
 
 def _hyperparams(size: str, seed: int, steps: int) -> dict:
@@ -207,26 +204,6 @@ def evaluate(model, mtp, seqs: torch.Tensor, batch: int = 8) -> dict:
 # Training
 # ---------------------------------------------------------------------------------------------------------------
 
-def _num_threads() -> int:
-    """`$GLMGGUF_THREADS`, else the cores this process may use minus those other processes keep busy.
-
-    CPU training with more threads than free cores is several times slower than with fewer (the threads wait on
-    each other at every op), so cores that the 1-minute load average shows busy are left alone.
-    """
-    env = os.environ.get("GLMGGUF_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        cores = len(os.sched_getaffinity(0)) or 1
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except (AttributeError, OSError):
-        busy = 0
-    return max(1, min(cores, cores - busy))
-
-
 def _lr_at(step: int, steps: int) -> float:
     if step < WARMUP_STEPS:
         return LR * (step + 1) / WARMUP_STEPS
@@ -236,7 +213,7 @@ def _lr_at(step: int, steps: int) -> float:
 
 def train_model(model, mtp, steps: int, seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
     """Train `model` (+ `mtp`) in place on the standard-library train split; returns the report dict."""
-    threads = _num_threads()
+    threads = free_cores()
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     stream = token_stream("train")
@@ -314,22 +291,6 @@ def train_testbed(
     return save_testbed(model, mtp, out_dir, size, force=force, extra_files={REPORT_NAME: text})
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks on this platform: callers must not race
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def trained_testbed(
     size: str = "tiny",
     seed: int = 0,
@@ -346,7 +307,7 @@ def trained_testbed(
     out = cache_root() / "testbed" / f"{size}-trained-{cache_key(size, seed, steps)}"
     if cache and (out / REPORT_NAME).is_file():
         return out
-    with _file_lock(out.with_name(out.name + ".lock")):
+    with file_lock(out.with_name(out.name + ".lock")):
         if cache and (out / REPORT_NAME).is_file():  # trained by another process meanwhile
             return out
         return train_testbed(out, size=size, seed=seed, steps=steps, force=True, log=log)
