@@ -29,6 +29,7 @@ from glmgguf.gguf.encode import FLOAT_TYPES, bf16_words_to_f32, default_kernels,
 from glmgguf.gguf.imatrix import Imatrix, imatrix_for_plan, write_imatrix_keys
 from glmgguf.gguf.metadata import PROVENANCE_PREFIX
 from glmgguf.gguf.plan import PlannedTensor
+from glmgguf.gguf.reader import read_gguf
 from glmgguf.gguf.recipe import Recipe, Resolution, file_type_of
 from glmgguf.gguf.writer import atomic_gguf, split_paths, write_tensor_chunks
 from glmgguf.layout import GGUF_ARCH, LayerInfo, LayerKind, Transform, parse_gguf_name
@@ -114,10 +115,7 @@ def open_gguf(path: str | os.PathLike) -> GgufModel:
     for p in paths:
         if not p.is_file():
             raise GgufInputError(f"{p}: missing part of a split GGUF")
-        try:
-            readers.append(GGUFReader(p))
-        except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError/struct.error/IndexError on bad files
-            raise GgufInputError(f"{p}: not a readable GGUF file ({e})") from None
+        readers.append(read_gguf(p))
     fields = readers[0].fields
     arch_field = fields.get("general.architecture")
     arch = arch_field.contents() if arch_field is not None else None
