@@ -182,10 +182,10 @@ def _file_size_limit_here(limit: int) -> Iterator[None]:
 
 
 def test_failing_close_of_one_split_part_still_removes_them_all(inputs, tmp_path):
-    """Part 2's file is swapped for one already past the size limit: its buffered header fails again when the
-    cleanup closes it (as on a full disk), and every part must still be removed."""
+    """Part 2's file is swapped for one already past the size limit before the headers are written: flushing its
+    header fails, and fails again when the cleanup closes it (as on a full disk); every part must still go."""
     from glmgguf.gguf.convert import convert, outtype_chooser
-    from glmgguf.gguf.writer import write_tensor_chunks
+    from glmgguf.gguf.metadata import write_provenance
 
     limit = 64 << 20  # above every real part
     full = tmp_path / "full"
@@ -193,26 +193,24 @@ def test_failing_close_of_one_split_part_still_removes_them_all(inputs, tmp_path
     os.truncate(full, limit + 1)
     out = tmp_path / "out"
     out.mkdir()
-    calls = 0
+    parts = []
 
-    def fill_part_two(w, chunks):
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            fd = os.open(full, os.O_WRONLY | os.O_APPEND)
-            os.dup2(fd, w.fout[1].fileno())
-            os.close(fd)
-        return write_tensor_chunks(w, chunks)
+    def fill_part_two(w, *args, **kwargs):
+        parts.extend(w.fout)
+        fd = os.open(full, os.O_WRONLY | os.O_APPEND)
+        os.dup2(fd, w.fout[1].fileno())
+        os.close(fd)
+        return write_provenance(w, *args, **kwargs)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr("glmgguf.gguf.convert.write_tensor_chunks", fill_part_two)
+    mp.setattr("glmgguf.gguf.convert.write_provenance", fill_part_two)
     try:
         with pytest.raises(StorageError, match="file too large"), _file_size_limit_here(limit):
             convert(inputs["model"], out / "m.gguf", outtype_chooser("f32"), progress=False,
                     split_max_size=15 << 20)
     finally:
         mp.undo()
-    assert calls > 1 and list(out.iterdir()) == []
+    assert len(parts) == 5 and all(f.closed for f in parts) and list(out.iterdir()) == []
 
 
 def _stop_mid_write(proc: subprocess.Popen, partial: Path) -> None:
