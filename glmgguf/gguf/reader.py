@@ -15,8 +15,11 @@ class GgufFileError(GlmggufError, ValueError):
     """A file is not a complete, readable GGUF."""
 
 
-class _Truncated(Exception):
+class _Truncated(GgufFileError):
+    """A read past the end of the file; `read_gguf` turns it into the message."""
+
     def __init__(self, needed: int):
+        super().__init__(f"a read needs {needed} bytes")
         self.needed = needed
 
 
