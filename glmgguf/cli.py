@@ -11,7 +11,7 @@ import importlib
 import click
 
 from glmgguf import __version__
-from glmgguf.errors import install_cli_warnings, user_errors
+from glmgguf.errors import install_cli_warnings, sigterm_exits, user_errors
 
 COMMANDS = {  # name -> "module:attribute"
     "convert": "glmgguf.gguf.cli:convert_cmd",
@@ -47,9 +47,9 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         """Run the command; any `GlmggufError` it raises becomes one `Error:` line (exit status 1), and the
-        library's log warnings are printed as `warning:` lines."""
+        library's log warnings are printed as `warning:` lines; SIGTERM cleans up like Ctrl-C."""
         install_cli_warnings()
-        with user_errors():
+        with sigterm_exits(), user_errors():
             return super().invoke(ctx)
 
 

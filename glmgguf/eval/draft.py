@@ -37,11 +37,10 @@ def draft_args(draft: dict[str, Any]) -> list[str]:
 
 def gguf_mtp_layers(path: str | os.PathLike[str]) -> int:
     """`<arch>.nextn_predict_layers` of a GGUF (the first file of a split one); 0 when absent."""
-    import gguf
-
     from glmgguf.gguf.keys import Keys, arch_key
+    from glmgguf.gguf.reader import read_gguf
 
-    r = gguf.GGUFReader(path)
+    r = read_gguf(path)
     arch_field = r.fields.get(Keys.General.ARCHITECTURE)
     if arch_field is None:
         return 0

@@ -21,6 +21,7 @@ import numpy as np
 from glmgguf.errors import GlmggufError
 from glmgguf.gguf.keys import Keys, QuantizeImatrix
 from glmgguf.gguf.qtypes import FLOAT_TYPES, needs_imatrix
+from glmgguf.gguf.reader import read_gguf
 
 SUM_SUFFIX = ".in_sum2"
 COUNT_SUFFIX = ".counts"
@@ -149,10 +150,7 @@ class Imatrix:
 
 
 def _load_gguf(path: Path) -> Imatrix:
-    try:
-        r = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - gguf-py raises bare ValueErrors/struct errors
-        raise ImatrixError(f"{path}: not a readable imatrix GGUF ({e})") from None
+    r = read_gguf(path, "imatrix GGUF")
 
     def field_value(key: str, default):
         f = r.fields.get(key)

@@ -12,6 +12,7 @@ import gguf
 from gguf import GGMLQuantizationType as Q
 
 from glmgguf.gguf.keys import READER_PREFIX, SPLIT_PREFIX, Keys, Provenance, QuantizeImatrix
+from glmgguf.gguf.reader import read_gguf
 from glmgguf.gguf.writer import split_paths
 from glmgguf.layout import Role, parse_gguf_name
 
@@ -93,10 +94,7 @@ def read_summary(path: str | os.PathLike) -> GgufSummary:
     for i, p in enumerate(paths):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found")
-        try:
-            r = gguf.GGUFReader(p)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"{p}: not a readable GGUF file ({e})") from None
+        r = read_gguf(p)
         for key, f in r.fields.items():
             if key.startswith(READER_PREFIX):
                 continue

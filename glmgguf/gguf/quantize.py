@@ -30,6 +30,7 @@ from glmgguf.gguf.imatrix import Imatrix, imatrix_for_plan, write_imatrix_keys
 from glmgguf.gguf.keys import READER_PREFIX, SPLIT_PREFIX, Arch, Keys, Provenance, QuantizeImatrix, arch_key
 from glmgguf.gguf.plan import PlannedTensor
 from glmgguf.gguf.qtypes import FLOAT_TYPES, file_type_of, nbytes
+from glmgguf.gguf.reader import read_gguf
 from glmgguf.gguf.recipe import Recipe, Resolution
 from glmgguf.gguf.writer import atomic_gguf, split_paths, write_tensor_chunks
 from glmgguf.layout import GGUF_ARCH, LayerInfo, LayerKind, Transform, parse_gguf_name
@@ -116,10 +117,7 @@ def open_gguf(path: str | os.PathLike) -> GgufModel:
     for p in paths:
         if not p.is_file():
             raise GgufInputError(f"{p}: missing part of a split GGUF")
-        try:
-            readers.append(GGUFReader(p))
-        except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError/struct.error/IndexError on bad files
-            raise GgufInputError(f"{p}: not a readable GGUF file ({e})") from None
+        readers.append(read_gguf(p))
     fields = readers[0].fields
     arch_field = fields.get(Keys.General.ARCHITECTURE)
     arch = arch_field.contents() if arch_field is not None else None

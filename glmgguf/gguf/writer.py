@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import gguf
 import numpy as np
 from gguf.gguf_writer import WriterState
 
+from glmgguf.errors import storage_errors
 from glmgguf.gguf.plan import PlannedTensor
 from glmgguf.gguf.qtypes import nbytes
 from glmgguf.io.atomic import check_output, output_lock
@@ -53,7 +54,8 @@ def atomic_gguf(path: str | os.PathLike, arch: str, plan: list[PlannedTensor], s
 
     With `split_max_size` the output is llama.cpp's split layout (`OUT-00001-of-0000N.gguf`, `split.*` keys in
     every part, written by gguf-py); a model that fits stays one file named `path`. The caller writes the
-    header, KV, tensor info and data; on any error every partial file is removed.
+    header, KV, tensor info and data; on any error every partial file is removed (a full disk, a size limit or a
+    read-only place becomes one `StorageError`).
     """
     target = Path(path)
     w = open_writer(target, arch, plan, split_max_size)
@@ -63,9 +65,11 @@ def atomic_gguf(path: str | os.PathLike, arch: str, plan: list[PlannedTensor], s
         check_output(f, force, inputs)
     partials = [f.with_name(f.name + ".partial") for f in finals]
     w.final_paths = finals  # type: ignore[attr-defined]
-    with output_lock(target):
+    with storage_errors(target), output_lock(target):
         try:
-            w.fout = [open(p, "wb") for p in partials]
+            w.fout = []
+            for p in partials:
+                w.fout.append(open(p, "wb"))
             w.path = target
             w.state = WriterState.EMPTY
             yield w
@@ -73,10 +77,18 @@ def atomic_gguf(path: str | os.PathLike, arch: str, plan: list[PlannedTensor], s
             for p, f in zip(partials, finals, strict=True):
                 os.replace(p, f)
         except BaseException:
-            w.close()
-            for p in partials:
-                p.unlink(missing_ok=True)
+            _discard(w, partials)
             raise
+
+
+def _discard(w: gguf.GGUFWriter, partials: list[Path]) -> None:
+    """Close every part without raising (closing flushes, which fails again on a full disk), then remove them."""
+    for fout in w.fout or []:
+        with suppress(OSError):
+            fout.close()
+    w.fout = None
+    for p in partials:
+        p.unlink(missing_ok=True)
 
 
 def split_paths(path: str | os.PathLike) -> list[Path]:

@@ -2,7 +2,8 @@
 
 Before anything is written the output is checked against the stage's inputs (an output that is, contains or lies
 inside an input is refused: `--force` must never delete the model it reads), and `X.lock` is held for the whole
-write, so a second run writing the same output fails at once instead of sharing `X.partial`.
+write, so a second run writing the same output fails at once instead of sharing `X.partial`. A full disk, a
+file-size limit or a read-only place while writing removes `X.partial` and becomes one `StorageError` naming `X`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from glmgguf.errors import GlmggufError
+from glmgguf.errors import GlmggufError, storage_errors
 
 
 class OutputExistsError(GlmggufError, FileExistsError):
@@ -75,7 +76,7 @@ def atomic_file(path: PathLike, force: bool = False, inputs: Iterable[PathLike] 
     target = Path(path)
     check_output(target, force, inputs)
     partial = target.with_name(target.name + ".partial")
-    with output_lock(target):
+    with storage_errors(target), output_lock(target):
         partial.unlink(missing_ok=True)
         try:
             yield partial
@@ -91,7 +92,7 @@ def atomic_dir(path: PathLike, force: bool = False, inputs: Iterable[PathLike] =
     target = Path(path)
     check_output(target, force, inputs)
     partial = target.with_name(target.name + ".partial")
-    with output_lock(target):
+    with storage_errors(target), output_lock(target):
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         try:

@@ -11,6 +11,7 @@ import math
 import os
 import struct
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -96,8 +97,8 @@ class ShardedWriter:
 
     def close_shard(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            file.close()
 
     def close(self) -> None:
         """Finish the last shard and write the index; fails if planned tensors were never written."""
@@ -119,4 +120,5 @@ class ShardedWriter:
         if exc_type is None:
             self.close()
         else:
-            self.close_shard()
+            with suppress(OSError):  # closing flushes, which fails again on a full disk: keep the first error
+                self.close_shard()

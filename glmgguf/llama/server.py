@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -32,11 +33,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# a llama.cpp log line of level E: "0.00.007.930 E llama_model_load: error loading model: ..."
+_ERROR_LINE = re.compile(r"^\S+ E (?:\w+ +)?(.*)$")
+
+
 def _tail(path: Path, n: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return "(no log)"
+
+
+def startup_error(path: Path) -> str:
+    """The first error llama-server logged (the most specific: later lines only repeat that loading failed),
+    else the log's last line."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    errors = [m.group(1) for line in lines if (m := _ERROR_LINE.match(line))]
+    return errors[0] if errors else next((s for s in reversed(lines) if s.strip()), "(empty log)")
 
 
 class LlamaServer:
@@ -91,8 +107,9 @@ class LlamaServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise LlamaServerError(f"llama-server exited (code {self.proc.returncode}) during startup; "
-                                       f"log {self.log_path}:\n{_tail(self.log_path)}")
+                raise LlamaServerError(f"llama-server exited (code {self.proc.returncode}) during startup: "
+                                       f"{startup_error(self.log_path)} (log {self.log_path})\n"
+                                       f"{_tail(self.log_path)}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
                     if resp.status == 200:

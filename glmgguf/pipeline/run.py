@@ -87,6 +87,9 @@ def _run_command(stage: Stage, quiet: bool) -> None:
                 if not quiet:
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.flush()
+        except BaseException:  # stopped (Ctrl-C, SIGTERM): the stage removes its partial output on SIGTERM too
+            proc.terminate()
+            raise
         finally:
             rc = proc.wait()
     if rc != 0:

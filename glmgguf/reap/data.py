@@ -144,7 +144,10 @@ def load_calibration(paths: Sequence[str | os.PathLike], tokenizer, seq_len: int
     """Read every file, then `pack`."""
     docs: list[str | list[dict]] = []
     for p in paths:
-        docs.extend(read_records(p, text_field))
+        records = read_records(p, text_field)
+        if all(isinstance(r, str) and not r.strip() for r in records):
+            raise DataError(f"calibration file {p} is empty (no text)")
+        docs.extend(records)
     if not docs:
         raise DataError("no calibration documents found")
     return pack(docs, tokenizer, seq_len, max_tokens=max_tokens, num_samples=num_samples, seed=seed)
