@@ -26,11 +26,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
              "calibration_samples": (int, None), "kd_samples": (int, None), "heldout_samples": (int, None),
              "text_field": (str, "text"), "batch_size": (int, 4)},
     "reap": {"keep": (int, None), "ratio": (float, None), "per_layer": (str, "uniform"), "metric": (str, "reap"),
-             "streaming": (bool, False), "device": (str, "cpu"), "dtype": (str, "bf16")},
+             "streaming": (bool, False), "device": (str, "cpu"), "dtype": (str, "bf16"),
+             "spill_threshold": (str, "4G")},
     "kd": {"steps": (int, 200), "lr": (float, 5e-5), "top_k": (int, 64), "batch_size": (int, 4),
            "schedule": (str, "constant"), "warmup": (int, 0), "train_bias": (bool, False),
            "device_map": (str, "cpu"), "dtype": (str, "f32"), "teacher_streaming": (bool, False),
-           "teacher_device": (str, "cpu"), "save_every": (int, 50)},
+           "teacher_device": (str, "cpu"), "save_every": (int, 50), "teacher_spill_threshold": (str, "4G")},
     "gguf": {"name": (str, ...), "recipe": (str, ...), "imatrix": (str, None), "split_max_size": (str, None),
              "mtp": (str, "keep"), "indexer": (str, "native")},
     "nvfp4": {"format": (str, "modelopt"), "device": (str, "cpu"), "exclude": ([str], []),
@@ -244,6 +245,20 @@ def _check_structure(plan: Plan) -> None:
     for key in ("seq_len", "batch_size"):
         if plan.data[key] < 1:
             raise fail("data", key, f"[data] {key} must be positive")
+    _check_sizes(plan, fail)
+
+
+def _check_sizes(plan: Plan, fail: Callable[..., PlanError]) -> None:
+    """Size strings (spill thresholds) parse, before any work."""
+    from glmgguf.units import parse_size
+
+    for section, key in (("reap", "spill_threshold"), ("kd", "teacher_spill_threshold")):
+        values = getattr(plan, section)
+        try:
+            if values is not None:
+                parse_size(values[key])
+        except ValueError as e:
+            raise fail(section, key, f"[{section}] {key}: {e}") from None
 
 
 def _check_draft(plan: Plan, fail: Callable[..., PlanError]) -> None:

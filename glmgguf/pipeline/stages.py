@@ -58,7 +58,8 @@ def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: 
         args = ["reap", "observe", str(model), *_text_args(data["calibration"], d, d["calibration_samples"]),
                 "--out", str(stats), "--dtype", r.get("dtype", "bf16"), "--device", r.get("device", "cpu")]
         if r.get("streaming"):
-            args += ["--streaming", "--work-dir", str(w / "observe" / "work")]
+            args += ["--streaming", "--work-dir", str(w / "observe" / "work"), "--spill-threshold",
+                     r["spill_threshold"]]
         stages.append(Stage("observe", w / "observe", args, stats, {"model": model, **_texts(data["calibration"])},
                             what="REAP statistics on the calibration text"))
     final = model
@@ -80,7 +81,8 @@ def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: 
             args = ["kd", "teacher", str(model), *_text_args(paths, d, samples), "--out", str(cache),
                     "--top-k", str(k["top_k"]), "--device", k["teacher_device"], *_threads(plan)]
             if k["teacher_streaming"]:
-                args += ["--streaming", "--work-dir", str(w / name / "work")]
+                args += ["--streaming", "--work-dir", str(w / name / "work"), "--spill-threshold",
+                         k["teacher_spill_threshold"]]
             return Stage(name, w / name, args, cache, {"model": model, **_texts(paths)}, what=what)
 
         stages.append(teacher("teacher", data["kd"], d["kd_samples"], "teacher top-k cache of the KD text"))
