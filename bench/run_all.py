@@ -43,6 +43,7 @@ SCRIPTS: dict[str, str] = {
     "kd_recovery": "Router-KD: held-out KL of REAP-pruned students before and after KD",
     "kd_cost": "Router-KD step time and peak memory on the `small` testbed; GLM-5.2 extrapolation",
     "mtp_acceptance": "MTP draft acceptance in llama-server: unpruned, REAP-pruned, after Router-KD",
+    "glm52_sizes": "GGUF size and bits per weight of every shipped recipe at GLM-5.2's size (from its config)",
 }
 
 
@@ -318,6 +319,20 @@ def sec_kd(d: dict) -> list[str]:
     return out
 
 
+def sec_glm52_sizes(d: dict) -> list[str]:
+    models = d["models"]
+    names = list(next(iter(models.values()))["recipes"])
+    rows = [[f"`{n}`", *(f"{m['recipes'][n]['tensor_bytes'] / 1e9:.1f} GB / {m['recipes'][n]['bpw']:.2f}"
+                          for m in models.values())] for n in names]
+    counts = ", ".join(f"{k} {m['parameters'] / 1e9:.1f} B parameters" for k, m in models.items())
+    return [f"Tensor bytes from `examples/glm52_config.json` alone ({counts}); bits per weight over all tensors.", "",
+            *table(["recipe", *(f"{k}: size / bpw" for k in models)], rows)]
+
+
+def _hours(v: float | None) -> str:
+    return "- (needs CPU offload)" if v is None else f"{v:.1f} h"
+
+
 def sec_kd_cost(d: dict) -> list[str]:
     out = []
     small = d.get("small_testbed")
@@ -330,7 +345,7 @@ def sec_kd_cost(d: dict) -> list[str]:
         out += ["Small-testbed measurement not in the JSON (run without `--no-run`).", ""]
     g, a = d["glm52"], d["assume"]
     rows = [[f"8 x {gpu}", f"{v['memory_8_gpus_gb']} GB", "yes" if v["fits_8_gpus"] else "no",
-             f"{v['hours_device_map_auto']:.1f} h", f"{v['hours_if_pipelined']:.1f} h"] for gpu, v in g["gpus"].items()]
+             _hours(v["hours_device_map_auto"]), _hours(v["hours_if_pipelined"])] for gpu, v in g["gpus"].items()]
     return out + [f"GLM-5.2 pruned to {a['keep']} experts, {a['steps']} steps x {a['batch']} x {a['seq_len']} tokens "
                   f"({g['flops']:.2e} FLOPs at {a['mfu']:.0%} MFU); frozen student {g['student_bf16_gb']:.0f} GB BF16, "
                   f"{g['trainable_params']:,} trainable parameters:", "",
@@ -357,6 +372,7 @@ SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "convert_vs_upstream": sec_convert, "quantize_vs_upstream": sec_quantize, "recipe_kld": sec_recipe_kld,
     "reap_quality": sec_reap_quality, "reap_memory": sec_reap_memory, "nvfp4_export": sec_nvfp4,
     "patches_parity": sec_patches, "eval_loops": sec_eval_loops, "kd_recovery": sec_kd, "kd_cost": sec_kd_cost,
+    "glm52_sizes": sec_glm52_sizes,
     "mtp_acceptance": sec_mtp,
 }
 
