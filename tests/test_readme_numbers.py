@@ -86,7 +86,8 @@ def _kd_cost(d: dict) -> dict:
     g, s = d["glm52"], d["small_testbed"]
     ck, nock = s["gradient checkpointing"], s["no checkpointing"]
     return {"ck": ck["seconds_per_step"], "ckm": ck["peak_rss_mib"], "no": nock["seconds_per_step"],
-            "nom": nock["peak_rss_mib"], "flops": f"{g['flops']:.1e}".replace("e+", "e"), "trainable": g["trainable_params"] / 1e6,
+            "nom": nock["peak_rss_mib"], "flops": f"{g['flops']:.1e}".replace("e+", "e"),
+            "trainable": g["trainable_params"] / 1e6,
             "h200": g["gpus"]["H200"]["hours_device_map_auto"], "b200": g["gpus"]["B200"]["hours_device_map_auto"]}
 
 
@@ -235,3 +236,33 @@ def test_every_table_number_is_in_its_json(heading):
     known = header_words | set(CONSTANTS.get(heading, {}))
     missing = sorted({n for n in _table_numbers(heading) if n not in known and not _matches(n, values)})
     assert not missing, f"{heading}: numbers in its tables that no JSON of {TABLE_SECTIONS[heading]} holds: {missing}"
+
+
+def _recipe_table(ctx: int) -> dict[str, list[str]]:
+    """README's recipe rows (recipe -> cells) under the `ctx N` paragraph of the quality section."""
+    rows, current = {}, None
+    for line in _section("### Quality per recipe (`bench/recipe_kld.py`)"):
+        if line.startswith("ctx "):
+            current = int(line.split()[1])
+        elif current == ctx and line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+@pytest.mark.parametrize("ctx", [32, 128])
+def test_recipe_quality_rows_are_the_json_values(ctx):
+    """Each KLD, its error, the same-top share and the imatrix KLD: the JSON's value at the README's precision."""
+    run = next(r for r in _json("recipe_kld")["runs"] if r["ctx"] == ctx)
+    table = _recipe_table(ctx)
+    assert len(table) >= 6, table
+    for recipe, cells in table.items():
+        plain = next(r for r in run["rows"] if r["recipe"] == recipe and not r["imatrix"])
+        with_im = next((r for r in run["rows"] if r["recipe"] == recipe and r["imatrix"]), None)
+        kld, same, im = cells[-3:]
+        want = [plain["kld"]["mean_kld"], plain["kld"]["mean_kld_err"]]
+        for text, value in zip(NUMBER.findall(kld), want, strict=False):
+            assert _matches(text, [value]), (recipe, ctx, kld, value)
+        assert _matches(same, [plain["kld"]["same_top_pct"]]), (recipe, ctx, same)
+        if NUMBER.fullmatch(im):
+            assert with_im is not None and _matches(im, [with_im["kld"]["mean_kld"]]), (recipe, ctx, im)
