@@ -34,6 +34,12 @@ def _get(doc: object, path: str) -> object:
     return doc
 
 
+def _sci(v: float) -> str:
+    """3.8e-3 / 4.0e18: the README's way of writing `f"{v:.1e}"`."""
+    mantissa, exp = f"{v:.1e}".split("e")
+    return f"{mantissa}e{int(exp)}"
+
+
 def _runs(n: int) -> str:
     return "one run each" if n == 1 else f"best of {n}"
 
@@ -86,7 +92,7 @@ def _kd_cost(d: dict) -> dict:
     g, s = d["glm52"], d["small_testbed"]
     ck, nock = s["gradient checkpointing"], s["no checkpointing"]
     return {"ck": ck["seconds_per_step"], "ckm": ck["peak_rss_mib"], "no": nock["seconds_per_step"],
-            "nom": nock["peak_rss_mib"], "flops": f"{g['flops']:.1e}".replace("e+", "e"),
+            "nom": nock["peak_rss_mib"], "flops": _sci(g["flops"]),
             "trainable": g["trainable_params"] / 1e6,
             "h200": g["gpus"]["H200"]["hours_device_map_auto"], "b200": g["gpus"]["B200"]["hours_device_map_auto"]}
 
@@ -101,6 +107,11 @@ def _nvfp4(d: dict) -> dict:
     r = d["runs"][0]
     return {"gbs": r["expert_gb_per_s"], "cpu": r["total_gb_per_cpu_s"], "core_h": r["glm52_cpu_core_hours"],
             "h": r["glm52_expert_export_hours"], "tb": d["glm52_expert_bytes"] / 1e12}
+
+
+def _nvfp4_kl(d: dict) -> dict:
+    return {k: _sci(v["mean_kl"]) for k, v in d.items() if isinstance(v, dict) and "mean_kl" in v} | {
+        f"{k}_top1": 100 * v["top1_agreement"] for k, v in d.items() if isinstance(v, dict) and "mean_kl" in v}
 
 
 def _convert(d: dict) -> dict:
@@ -153,6 +164,12 @@ CLAIMS: list[tuple[str, str, Callable[[dict], dict]]] = [
      _memory),
     ("streaming ran at {ram:.2f}x the in-memory speed with its activations in RAM and {spill:.2f}x spilled to disk",
      "reap_memory", _speeds),
+    ("mean KL of {dequantized_modelopt} (top-1 agreement {dequantized_modelopt_top1:.1f}%, both layouts)",
+     "nvfp4_quality", _nvfp4_kl),
+    ("the KL is {w4a4_emulated_modelopt} (top-1 {w4a4_emulated_modelopt_top1:.1f}%)", "nvfp4_quality", _nvfp4_kl),
+    ("within KL {gguf_nvfp4_experts_vs_f32_gguf} of its F32 GGUF (top-1 {gguf_nvfp4_experts_vs_f32_gguf_top1:.1f}%;"
+     " `q4_protected` on the same 160 held-out tokens: {gguf_q4_protected_vs_f32_gguf}, top-1 "
+     "{gguf_q4_protected_vs_f32_gguf_top1:.1f}%)", "nvfp4_quality", _nvfp4_kl),
     ("{gbs:.3f} GB/s of experts end to end, {cpu:.3f} GB per CPU second, i.e. GLM-5.2's {tb:.2f} TB of expert "
      "weights in ~{core_h:.1f} core-hours of CPU ({h:.1f} h on this contended machine)", "nvfp4_export", _nvfp4),
 ]
@@ -266,3 +283,20 @@ def test_recipe_quality_rows_are_the_json_values(ctx):
         assert _matches(same, [plain["kld"]["same_top_pct"]]), (recipe, ctx, same)
         if NUMBER.fullmatch(im):
             assert with_im is not None and _matches(im, [with_im["kld"]["mean_kld"]]), (recipe, ctx, im)
+
+
+def test_results_md_is_generated_from_the_jsons():
+    """bench/RESULTS.md is what `bench/run_all.py --report-only` writes from the committed JSONs (its provenance
+    lines, which name commit or file dates, aside)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "bench" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+
+    def body(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.startswith("[`results/")]
+
+    report = (ROOT / "bench" / "RESULTS.md").read_text()
+    want = run_all.report_text(chart="results/summary.png" in report)
+    assert body(report) == body(want), "bench/RESULTS.md is stale: run `python bench/run_all.py --report-only`"
