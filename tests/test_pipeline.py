@@ -82,6 +82,7 @@ def _error(tmp_path: Path, text: str) -> str:
     (("kd = [\"stdlib:train\"]", "kd = [\"missing.jsonl\"]"), 8, "missing.jsonl not found"),
     (("dtype = \"f32\"", "dtype = \"fp8\""), 16, "is not one of bf16, f16, f32"),
     (("[reap]\nkeep = 12", "[reap]\nkeep = 12\nratio = 0.5"), 14, "exactly one of keep or ratio"),
+    (("dtype = \"f32\"", "dtype = \"f32\"\nspill_threshold = \"lots\""), 17, "invalid size 'lots'"),
 ])
 def test_bad_plans_name_the_line(tmp_path, edit, where, words):
     msg = _error(tmp_path, SMALL_PLAN.replace(*edit))
@@ -234,3 +235,143 @@ def test_demo_plan_on_the_fp8_release_layout(trained_testbed_dir, tmp_path):
         assert reader.fp8 is not None and reader.scales, model
     assert (work / "gguf-q4_protected" / "q4_protected.gguf").stat().st_size > 0
     assert (work / "eval-report" / "report.md").read_text().count("|") > 10
+
+
+STREAM_PLAN = """\
+[pipeline]
+workdir = "work"
+model = "testbed:tiny"
+threads = 1
+
+[data]
+calibration = ["calib.jsonl"]
+kd = ["stdlib:train"]
+seq_len = 64
+calibration_samples = 8
+kd_samples = 8
+batch_size = 4
+
+[reap]
+keep = 12
+dtype = "f32"
+streaming = true
+spill_threshold = "0"
+
+[kd]
+steps = 2
+top_k = 32
+batch_size = 4
+save_every = 2
+teacher_streaming = true
+teacher_spill_threshold = "0"
+"""
+
+# Loaded by every Python process of a pipeline whose PYTHONPATH starts with its folder: the streaming runner whose
+# work directory is $STALL_WORK_DIR sleeps right after its resume manifest records a finished layer, so the test
+# can kill the run at a known point (mid-stage, some layers done) instead of racing a fast tiny model.
+STALL = """\
+import os
+
+if os.environ.get("STALL_WORK_DIR"):
+    import time
+
+    from glmgguf import runner
+
+    _write = runner.StreamingRunner._write_manifest
+
+    def _stalled(self, m):
+        _write(self, m)
+        if m["done"] and str(self.options.work_dir) == os.environ["STALL_WORK_DIR"]:
+            time.sleep(600)
+
+    runner.StreamingRunner._write_manifest = _stalled
+"""
+
+
+def _calibration(path: Path, split: str) -> Path:
+    from glmgguf.testbed import stdlib_corpus
+
+    path.write_text("".join(json.dumps({"text": t[:4000]}) + "\n" for t in stdlib_corpus(split)[:16]))
+    return path
+
+
+def _run_until_stalled(plan: Path, env: dict, work_dir: Path) -> tuple[subprocess.Popen, list[int]]:
+    """Start the pipeline and wait until the streaming pass writing into `work_dir` has finished a layer."""
+    proc = _pipeline(plan, {**env, "STALL_WORK_DIR": str(work_dir)})
+    manifest, deadline = work_dir / "manifest.json", time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        done = json.loads(manifest.read_text())["done"] if manifest.is_file() else []
+        if done:
+            return proc, done
+        time.sleep(0.2)
+    raise AssertionError("the streaming pass never stalled:\n" + proc.communicate()[0].decode()[-3000:])
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _finish(plan: Path, env: dict) -> str:
+    res = subprocess.run([sys.executable, "-m", "glmgguf", "pipeline", str(plan), "--quiet"], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    return res.stdout
+
+
+def _stage_outputs(work: Path) -> dict[str, object]:
+    """Statistics, pruned model, teacher cache tensors and KD student (records of how they were run aside)."""
+    return {k: v for k, v in _outputs(work).items() if not k.endswith(("manifest.json", "stats.json"))}
+
+
+@pytest.mark.slow
+def test_streaming_stages_resume_from_their_last_finished_layer(trained_testbed_dir, tmp_path):
+    """observe and teacher killed (SIGKILL, whole process group) after some layers: the re-run skips those layers
+    (recorded in their outputs and log) and ends with the uninterrupted run's outputs; a second pipeline on a
+    workdir in use is refused; a new calibration file redoes observe and everything downstream of it."""
+    stall = tmp_path / "stall"
+    stall.mkdir()
+    (stall / "sitecustomize.py").write_text(STALL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(stall), os.environ.get("PYTHONPATH")]))}
+    _calibration(tmp_path / "calib.jsonl", "train")
+    clean = _write(tmp_path, STREAM_PLAN.replace('workdir = "work"', 'workdir = "clean"'), "clean.toml")
+    _finish(clean, env)
+    reference = _stage_outputs(tmp_path / "clean")
+    assert "observe/stats.safetensors" in reference and any(k.startswith("teacher/cache/") for k in reference)
+
+    plan, work = _write(tmp_path, STREAM_PLAN), tmp_path / "work"
+    proc, observed = _run_until_stalled(plan, env, work / "observe" / "work")
+    second = subprocess.run([sys.executable, "-m", "glmgguf", "pipeline", str(plan), "--quiet"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 1 and f"another pipeline run is using {work}" in second.stdout + second.stderr
+    _kill(proc)
+    proc, taught = _run_until_stalled(plan, env, work / "teacher" / "work")  # observe resumes, then teacher stalls
+    _kill(proc)
+    assert (work / "observe" / "manifest.json").exists()  # observe finished in the second run
+    assert not (work / "teacher" / "manifest.json").exists()
+    log = _finish(plan, env)
+    assert "[teacher] interrupted earlier" in log, log
+
+    stats_meta = json.loads(_safetensors_meta(work / "observe" / "stats.safetensors")["meta"])
+    assert stats_meta["layers_resumed"] == observed, stats_meta
+    assert f"resumed after layers {observed}" in (work / "observe" / "log.txt").read_text()
+    cache = json.loads((work / "teacher" / "cache" / "manifest.json").read_text())
+    assert cache["layers_resumed"] == taught, cache
+    assert f"resumed after layers {taught}" in (work / "teacher" / "log.txt").read_text()
+    assert _stage_outputs(work) == reference
+
+    # the same path with new content: observe and everything downstream of it run again, the teacher does not
+    _calibration(tmp_path / "calib.jsonl", "heldout")
+    log = _finish(plan, env)
+    assert "3 stage(s) ran" in log and "[teacher] done earlier" in log, log
+    for stage in ("observe", "prune", "kd"):
+        assert f"[{stage}] settings or inputs changed" in log, log
+    assert _outputs(work)["observe/stats.safetensors"] != reference["observe/stats.safetensors"]
+
+
+def _safetensors_meta(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}

@@ -298,7 +298,7 @@ type = "Q5_1"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["q2_protected", "fallback"])
+@pytest.mark.parametrize("recipe", ["q3_protected", "q2_protected", "fallback"])
 def test_other_recipes_match_llama_quantize(tmp_path, llama_toolchain, bf16_gguf, imatrix_file, recipe):
     if recipe == "fallback":
         path = tmp_path / "fallback.toml"
@@ -313,6 +313,88 @@ def test_other_recipes_match_llama_quantize(tmp_path, llama_toolchain, bf16_gguf
         fb = {c.name: c.qtype for c in res.resolution.fallbacks}
         assert fb["blk.0.attn_q_b.weight"] is Q.Q8_0  # Q6_K on a row of 128
         assert fb["blk.0.attn_k_b.weight"] is Q.Q8_0  # row 32
+
+
+@pytest.fixture(scope="module")
+def legacy_imatrix(imatrix_file, llama_toolchain, f32_gguf) -> Path:
+    """The same imatrix in the legacy .dat format, converted by the pinned llama-imatrix itself (it wants a model
+    argument but loads none when given no text)."""
+    out = imatrix_file.with_name("imatrix.dat")
+    subprocess.run([str(llama_toolchain.imatrix), "-m", str(f32_gguf), "--in-file", str(imatrix_file), "-o", str(out),
+                    "--output-format", "dat"], check=True, capture_output=True)
+    assert out.read_bytes()[:4] != b"GGUF"
+    return out
+
+
+@pytest.mark.slow
+def test_legacy_dat_imatrix_matches_llama_quantize(tmp_path, llama_toolchain, bf16_gguf, imatrix_file,
+                                                   legacy_imatrix):
+    """A .dat imatrix written by llama-imatrix gives llama-quantize's bytes, and the values of its GGUF twin."""
+    dat, im = load_imatrix(legacy_imatrix), load_imatrix(imatrix_file)
+    assert dat.legacy and dat.entries.keys() <= im.entries.keys() and len(dat.entries) > 20
+    for name in dat.entries:  # .dat stores (sum / count) * ncall in float32; reading divides by ncall again
+        np.testing.assert_allclose(dat.values(name), im.values(name), rtol=1e-6)
+    ref, ours = tmp_path / "llama.gguf", tmp_path / "ours.gguf"
+    _llama_quantize(llama_toolchain, "q3_protected", bf16_gguf, ref, legacy_imatrix)
+    result = _cli("quantize", bf16_gguf, ours, "--recipe", "q3_protected", "--imatrix", legacy_imatrix,
+                  "--threads", "2")
+    assert result.exit_code == 0, result.output
+    _assert_same_tensors(ours, ref)
+
+
+@pytest.fixture(scope="module")
+def pruned_bf16(tmp_path_factory, tiny_testbed_dir) -> tuple[Path, Path]:
+    """The tiny testbed pruned to 12 of 16 experts per MoE layer (a fixed keep-map) and its BF16 GGUF."""
+    from glmgguf.reap.prune import PrunePlan, prune_checkpoint
+
+    d = tmp_path_factory.mktemp("pruned")
+    layers = [x.index for x in open_checkpoint(tiny_testbed_dir).layout.layers if x.n_experts]
+    keep = {L: sorted(np.random.default_rng(L).choice(16, 12, replace=False).tolist()) for L in layers}
+    prune_checkpoint(tiny_testbed_dir, PrunePlan(keep, {L: 16 for L in layers}, "random", "uniform"), d / "model")
+    convert(d / "model", d / "pruned-bf16.gguf", outtype_chooser("bf16"), progress=False)
+    return d / "model", d / "pruned-bf16.gguf"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["gguf", "dat"])
+def test_imatrix_slice_command(tmp_path, llama_toolchain, pruned_bf16, imatrix_file, legacy_imatrix, fmt):
+    """`glmgguf imatrix slice` turns the unpruned model's imatrix into the pruned model's: kept experts' rows in
+    keep-map order; the pruned GGUF then quantizes to llama-quantize's bytes with it, and refuses the unsliced one."""
+    from glmgguf.reap.prune import load_keep_map
+
+    model, src = pruned_bf16
+    full = imatrix_file if fmt == "gguf" else legacy_imatrix
+    sliced = tmp_path / "sliced.gguf"
+    result = _cli("imatrix", "slice", full, model, sliced)
+    assert result.exit_code == 0 and "expert tensors sliced" in result.output, result.output
+    keep, before, after = load_keep_map(model), load_imatrix(full), load_imatrix(sliced)
+    expert = "blk.2.ffn_down_exps.weight"
+    np.testing.assert_array_equal(after.values(expert).reshape(12, -1),
+                                  before.values(expert).reshape(16, -1)[keep[2]])
+    assert np.array_equal(after.values("blk.0.attn_q_a.weight"), before.values("blk.0.attn_q_a.weight"))
+    refused = _cli("quantize", src, tmp_path / "x.gguf", "--recipe", "q4_protected", "--imatrix", full)
+    assert refused.exit_code == 1 and "slice it with the prune keep-map" in refused.output, refused.output
+    ref, ours = tmp_path / "llama.gguf", tmp_path / "ours.gguf"
+    _llama_quantize(llama_toolchain, "q4_protected", src, ref, sliced)
+    result = _cli("quantize", src, ours, "--recipe", "q4_protected", "--imatrix", sliced, "--threads", "2")
+    assert result.exit_code == 0, result.output
+    _assert_same_tensors(ours, ref)
+
+
+def test_imatrix_slice_refusals(tmp_path):
+    im = tmp_path / "im.gguf"
+    Imatrix({"blk.1.ffn_up_exps.weight": ImatrixEntry(np.ones(6 * 8, np.float32), np.arange(1, 7))},
+            ["calib.txt"], 4, 128).save(im)
+    bad = tmp_path / "keep.json"
+    bad.write_text('{"keep_map": {"1": [0, 7]}, "source_experts": {"1": 6}}')
+    result = _cli("imatrix", "slice", im, bad, tmp_path / "out.gguf")
+    assert result.exit_code == 1 and "keep-map names expert 7 of 6" in result.output, result.output
+    result = _cli("imatrix", "slice", im, tmp_path, tmp_path / "out.gguf")
+    assert result.exit_code == 1 and "has no reap_keep_map.json" in result.output, result.output
+    bad.write_text('{"keep_map": {"1": [5, 0]}, "source_experts": {"1": 6}}')
+    result = _cli("imatrix", "slice", im, bad, im)
+    assert result.exit_code == 1 and "is the input" in result.output, result.output
+    assert not (tmp_path / "out.gguf").exists() and not list(tmp_path.glob("*.partial"))
 
 
 # --- one-pass convert == convert f32 + quantize ---------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Click commands of the GGUF stage: `convert`, `quantize`, `inspect`, `recipes`."""
+"""Click commands of the GGUF stage: `convert`, `quantize`, `inspect`, `recipes`, `imatrix slice`."""
 
 from __future__ import annotations
 
@@ -159,3 +159,24 @@ def recipes_cmd(name: str | None, gguf_in: Path | None, gguf_out: str, imatrix: 
         click.echo(f"# warning: {w}", err=True)
     src_types = {t.name: t.ggml_type for t in model.plan}
     click.echo(shlex.join(llama_quantize_args(plan, gguf_in, gguf_out, imatrix=imatrix, src_types=src_types)))
+
+
+@click.group("imatrix")
+def imatrix_group() -> None:
+    """Importance matrices written by llama-imatrix (GGUF or legacy .dat)."""
+
+
+@imatrix_group.command("slice")
+@click.argument("imatrix", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("keep_map", metavar="KEEPMAP", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@_force_opt
+def imatrix_slice_cmd(imatrix: Path, keep_map: Path, out: Path, force: bool) -> None:
+    """Slice IMATRIX of the unpruned model to the experts a REAP-pruned model kept: KEEPMAP is the pruned
+    checkpoint (or its reap_keep_map.json); OUT (GGUF format) is what `quantize`/`convert --imatrix` of the
+    pruned model take."""
+    from glmgguf.gguf.imatrix import EXPERT_TENSORS, slice_file
+
+    sliced = slice_file(imatrix, keep_map, out, force=force)
+    n = sum(name.endswith(EXPERT_TENSORS) for name in sliced.entries)
+    click.echo(f"wrote {out}: {len(sliced.entries)} entries, {n} expert tensors sliced by the keep-map")

@@ -111,25 +111,30 @@ class Imatrix:
                     f"(e.g. {unknown[0]})"]
         return []
 
-    def slice_experts(self, keep_map: dict[int, Sequence[int]]) -> Imatrix:
-        """The imatrix of a pruned model: expert tensors of layer L keep experts `keep_map[L]`, in that order."""
+    def slice_experts(self, keep_map: dict[int, Sequence[int]],
+                      source_experts: dict[int, int] | None = None) -> Imatrix:
+        """The imatrix of a pruned model: expert tensors of layer L keep experts `keep_map[L]`, in that order.
+
+        A legacy .dat entry has one count for all experts; its rows are split by `source_experts[L]` (the
+        layer's expert count before pruning, recorded in the keep-map)."""
         entries = dict(self.entries)
         for layer, keep in keep_map.items():
-            keep = list(keep)
             for suffix in EXPERT_TENSORS:
                 name = f"blk.{layer}.{suffix}"
-                entry = entries.get(name)
-                if entry is None:
-                    continue
-                n = entry.counts.size
-                if n == 1:
-                    raise ImatrixError(f"{self._where()}{name} has one count for all experts; cannot slice it")
-                if keep and (min(keep) < 0 or max(keep) >= n):
-                    raise ImatrixError(f"{self._where()}{name}: keep-map for layer {layer} names expert "
-                                       f"{max(keep)} of {n}")
-                sums = entry.sums.reshape(n, -1)[keep].reshape(-1)
-                entries[name] = ImatrixEntry(np.ascontiguousarray(sums), entry.counts[keep].copy(), entry.legacy)
+                if name in entries:
+                    entries[name] = self._slice_entry(name, entries[name], list(keep),
+                                                      (source_experts or {}).get(layer))
         return Imatrix(entries, list(self.datasets), self.chunk_count, self.chunk_size, self.path, self.legacy)
+
+    def _slice_entry(self, name: str, entry: ImatrixEntry, keep: list[int], n_source: int | None) -> ImatrixEntry:
+        n = entry.counts.size
+        rows = n_source if n == 1 and entry.legacy and n_source else n
+        if rows == 1 or entry.sums.size % rows:
+            raise ImatrixError(f"{self._where()}{name} has one count for all experts; cannot slice it")
+        if keep and (min(keep) < 0 or max(keep) >= rows):
+            raise ImatrixError(f"{self._where()}{name}: keep-map names expert {max(keep)} of {rows}")
+        sums = np.ascontiguousarray(entry.sums.reshape(rows, -1)[keep].reshape(-1))
+        return ImatrixEntry(sums, entry.counts[keep].copy() if n == rows else entry.counts.copy(), entry.legacy)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write in the pinned llama-imatrix's GGUF format (readable by llama-quantize)."""
@@ -140,9 +145,9 @@ class Imatrix:
         w.add_uint32(Keys.IMatrix.CHUNK_COUNT, self.chunk_count)
         w.add_uint32(Keys.IMatrix.CHUNK_SIZE, self.chunk_size)
         for name, e in sorted(self.entries.items()):
-            n = e.counts.size
-            w.add_tensor(name + SUM_SUFFIX, e.sums.astype(np.float32).reshape(n, -1))
-            w.add_tensor(name + COUNT_SUFFIX, e.counts.astype(np.float32).reshape(n, 1))
+            sums, counts = (e.values(), np.ones(1)) if e.legacy else (e.sums, e.counts)  # legacy: values / 1
+            w.add_tensor(name + SUM_SUFFIX, sums.astype(np.float32).reshape(counts.size, -1))
+            w.add_tensor(name + COUNT_SUFFIX, counts.astype(np.float32).reshape(counts.size, 1))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -233,9 +238,24 @@ def load_imatrix(path: str | os.PathLike) -> Imatrix:
     return _load_gguf(path) if magic == b"GGUF" else _load_legacy(path)
 
 
-def slice_experts(imatrix: Imatrix, keep_map: dict[int, Sequence[int]]) -> Imatrix:
-    """`imatrix.slice_experts(keep_map)`: expert axis of layer L restricted to `keep_map[L]` (a prune's keep-map)."""
-    return imatrix.slice_experts(keep_map)
+def slice_experts(imatrix: Imatrix, keep_map: dict[int, Sequence[int]],
+                  source_experts: dict[int, int] | None = None) -> Imatrix:
+    """`imatrix.slice_experts(...)`: expert axis of layer L restricted to `keep_map[L]` (a prune's keep-map)."""
+    return imatrix.slice_experts(keep_map, source_experts)
+
+
+def slice_file(imatrix: str | os.PathLike, keep_map: str | os.PathLike, out: str | os.PathLike,
+               force: bool = False) -> Imatrix:
+    """`glmgguf imatrix slice`: the imatrix of the unpruned model (GGUF or .dat) sliced by the keep-map of a
+    pruned checkpoint (its directory or `reap_keep_map.json`), written in the GGUF format, atomically."""
+    from glmgguf.io.atomic import atomic_file
+    from glmgguf.reap.keepmap import read_keep_map
+
+    km = read_keep_map(keep_map)
+    sliced = load_imatrix(imatrix).slice_experts(km.keep, km.source_experts)
+    with atomic_file(out, force=force, inputs=[imatrix, keep_map]) as tmp:
+        sliced.save(tmp)
+    return sliced
 
 
 def imatrix_for_plan(tensors: Iterable, imatrix: Imatrix | None) -> tuple[dict[str, np.ndarray | None], list[str]]:

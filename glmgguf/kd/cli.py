@@ -65,7 +65,8 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
     tp.finish()
     m = res.manifest
     click.echo(f"wrote {out}: {m['positions']} positions in {len(m['shards'])} shard(s), top-{m['top_k']}, "
-               f"mean mass outside the top-k {m['mean_rest_mass']:.4f}, {res.seconds:.1f} s")
+               f"mean mass outside the top-k {m['mean_rest_mass']:.4f}, {res.seconds:.1f} s"
+               + (f"; resumed after layers {m['layers_resumed']}" if m.get("layers_resumed") else ""))
 
 
 @kd.command("train")

@@ -93,6 +93,7 @@ class ReapSection:
     streaming: bool = False
     device: str = "cpu"
     dtype: str = _choice("bf16", DTYPE_CHOICES)
+    spill_threshold: str = "4G"  # streaming: activations above this spill to disk and the pass can resume
 
 
 @dataclass
@@ -111,6 +112,7 @@ class KdSection:
     teacher_streaming: bool = False
     teacher_device: str = "cpu"
     save_every: int = 50
+    teacher_spill_threshold: str = "4G"
 
 
 @dataclass
@@ -326,6 +328,20 @@ def _check_structure(plan: Plan) -> None:
     for key in ("seq_len", "batch_size"):
         if getattr(plan.data, key) < 1:
             raise fail("data", key, f"[data] {key} must be positive")
+    _check_sizes(plan, fail)
+
+
+def _check_sizes(plan: Plan, fail: Callable[..., PlanError]) -> None:
+    """Size strings (spill thresholds) parse, before any work."""
+    from glmgguf.units import parse_size
+
+    for section, key in (("reap", "spill_threshold"), ("kd", "teacher_spill_threshold")):
+        values = getattr(plan, section)
+        try:
+            if values is not None:
+                parse_size(getattr(values, key))
+        except ValueError as e:
+            raise fail(section, key, f"[{section}] {key}: {e}") from None
 
 
 def _check_draft(plan: Plan, fail: Callable[..., PlanError]) -> None:

@@ -94,7 +94,7 @@ def _observe_stages(c: _Chain) -> list[Stage]:
     args = ["reap", "observe", str(c.model), *_text_args(c.data["calibration"], d, d.calibration_samples),
             "--out", str(c.stats), "--dtype", r.dtype, "--device", r.device]
     if r.streaming:
-        args += ["--streaming", "--work-dir", str(w / "observe" / "work")]
+        args += ["--streaming", "--work-dir", str(w / "observe" / "work"), "--spill-threshold", r.spill_threshold]
     return [Stage("observe", w / "observe", args, c.stats, {"model": c.model, **_texts(c.data["calibration"])},
                   what="REAP statistics on the calibration text")]
 
@@ -119,7 +119,8 @@ def _teacher_stage(c: _Chain, name: str, paths: list[Path], samples: int | None,
     args = ["kd", "teacher", str(c.model), *_text_args(paths, c.plan.data, samples), "--out", str(cache),
             "--top-k", str(k.top_k), "--device", k.teacher_device, *_threads(c.plan)]
     if k.teacher_streaming:
-        args += ["--streaming", "--work-dir", str(w / name / "work")]
+        args += ["--streaming", "--work-dir", str(w / name / "work"), "--spill-threshold",
+                 k.teacher_spill_threshold]
     return Stage(name, w / name, args, cache, {"model": c.model, **_texts(paths)}, what=what)
 
 

@@ -34,10 +34,10 @@ from glmgguf.io import ShardedWriter, atomic_dir
 from glmgguf.io.fp8 import SCALE_SUFFIX
 from glmgguf.layout import GlmLayout, Role, parse_hf_name
 from glmgguf.reap.errors import PruneError, RoutingError
+from glmgguf.reap.keepmap import KEEP_MAP_NAME, read_keep_map
 from glmgguf.reap.routing import RouterSpec
 from glmgguf.reap.stats import METRICS, ReapStats
 
-KEEP_MAP_NAME = "reap_keep_map.json"
 STATS_NAME = "reap_stats.safetensors"
 
 
@@ -249,11 +249,10 @@ def pruned_config(cfg: dict, layout: GlmLayout, plan: PrunePlan, dequantized: bo
 
 def load_keep_map(model_dir: str | os.PathLike) -> dict[int, list[int]]:
     """The keep-map of a pruned checkpoint (MoE layer -> original expert ids, position = new id), e.g. to slice
-    an imatrix of the unpruned model (`glmgguf.gguf.imatrix.slice_experts`)."""
-    path = Path(model_dir) / KEEP_MAP_NAME
-    if not path.is_file():
-        raise PruneError(f"{model_dir} has no {KEEP_MAP_NAME} (not a pruned checkpoint)")
-    return {int(k): list(v) for k, v in json.loads(path.read_text())["keep_map"].items()}
+    an imatrix of the unpruned model (`glmgguf imatrix slice`)."""
+    if not Path(model_dir).is_dir():
+        raise PruneError(f"{model_dir} is not a pruned checkpoint directory")
+    return read_keep_map(model_dir).keep
 
 
 @dataclass
