@@ -22,3 +22,9 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cache_entry_lock(entry: Path) -> contextlib.AbstractContextManager[None]:
+    """Wait for, then hold, the right to fill cache entry `entry`: `entry.fill-lock`. (`entry.lock` is the
+    non-blocking lock an atomic output holds while it is written; one process taking both must not collide.)"""
+    return file_lock(entry.with_name(entry.name + ".fill-lock"))

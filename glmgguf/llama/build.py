@@ -20,7 +20,7 @@ from glmgguf.cache import cache_root
 from glmgguf.errors import GlmggufError
 from glmgguf.llama.patches import PATCH_DIR, SERIES, apply_module
 from glmgguf.llama.source import pinned_identity, resolve_source, user_source
-from glmgguf.locks import file_lock
+from glmgguf.locks import cache_entry_lock
 from glmgguf.threads import usable_cores
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def ensure_toolchain(source: str | os.PathLike[str] | None = None, patches: bool
     src = resolve_source(source)
     series = series_patches() if patches else []
     entry = _cache_dir() / build_key(src.identity, series, backend)
-    with file_lock(entry.with_name(entry.name + ".lock")):
+    with cache_entry_lock(entry):
         if not (entry / META).is_file():
             _build(src.llama_cpp_dir, src.python_package_dir, series, backend, entry, progress)
     return _load_entry(entry)

@@ -21,7 +21,7 @@ from glmgguf.io import CheckpointReader, ShardedWriter, atomic_dir
 from glmgguf.io.fp8 import DEFAULT_BLOCK, SCALE_SUFFIX, Fp8Scheme
 from glmgguf.io.fp8 import quantize as fp8_quantize
 from glmgguf.layout import GlmLayout
-from glmgguf.locks import file_lock
+from glmgguf.locks import cache_entry_lock
 from glmgguf.testbed.build import fp8_quantization_config, is_fp8_in_release
 
 
@@ -91,7 +91,7 @@ def trained_fp8_testbed(size: str = "tiny", seed: int = 0, steps: int | None = N
     out = bf16.with_name(bf16.name + "-fp8")
     if (out / "config.json").is_file():
         return out
-    with file_lock(out.with_name(out.name + ".lock")):
+    with cache_entry_lock(out):
         if not (out / "config.json").is_file():
             write_fp8_copy(bf16, out, force=True)
     return out

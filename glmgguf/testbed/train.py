@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from glmgguf.cache import cache_root
-from glmgguf.locks import file_lock
+from glmgguf.locks import cache_entry_lock
 from glmgguf.testbed.build import new_testbed_model, save_testbed
 from glmgguf.testbed.configs import testbed_config_kwargs
 from glmgguf.testbed.tokenizer import (
@@ -307,7 +307,7 @@ def trained_testbed(
     out = cache_root() / "testbed" / f"{size}-trained-{cache_key(size, seed, steps)}"
     if cache and (out / REPORT_NAME).is_file():
         return out
-    with file_lock(out.with_name(out.name + ".lock")):
+    with cache_entry_lock(out):
         if cache and (out / REPORT_NAME).is_file():  # trained by another process meanwhile
             return out
         return train_testbed(out, size=size, seed=seed, steps=steps, force=True, log=log)
