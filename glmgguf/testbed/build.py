@@ -111,29 +111,33 @@ def build_mtp_layer(config, own_head: bool = False):
 # Initialization
 # ---------------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def init_testbed_weights(module: nn.Module, generator: torch.Generator, hidden_size: int) -> None:
-    """Re-initialize every parameter / persistent buffer so that all tensors are non-trivial and routing matters.
+def init_value(name: str, noise: torch.Tensor, hidden_size: int, ndim: int) -> torch.Tensor:
+    """A tensor's initial value from standard-normal `noise` (elementwise, so it may be drawn in row chunks).
 
     Linear / embedding / expert weights N(0, 0.02); RMSNorm and LayerNorm weights 1 + N(0, 0.05); the indexer
     k_norm bias N(0, 0.02); router weights scaled for logits of std ~2; correction bias N(0, 0.03).
-    Depends only on the module's state-dict names and shapes, not on transformers' own init.
+    `ndim`: the whole tensor's rank (1 for norms and biases).
     """
+    if name.endswith("e_score_correction_bias"):
+        return noise * BIAS_STD
+    if name.endswith("mlp.gate.weight"):
+        return noise * (ROUTER_LOGIT_STD / math.sqrt(hidden_size))
+    if name.endswith("k_norm.bias"):
+        return noise * KNORM_BIAS_STD
+    if ndim == 1 and ("norm" in name.rsplit(".", 2)[-2] or name.endswith("norm.weight")):
+        return 1.0 + noise * NORM_NOISE
+    return noise * WEIGHT_STD
+
+
+@torch.no_grad()
+def init_testbed_weights(module: nn.Module, generator: torch.Generator, hidden_size: int) -> None:
+    """Re-initialize every parameter / persistent buffer (see `init_value`) so that all tensors are non-trivial
+    and routing matters. Depends only on the module's state-dict names and shapes, not on transformers' init."""
     for name, t in module.state_dict(keep_vars=True).items():
         if not t.is_floating_point():
             continue
         noise = torch.randn(t.shape, generator=generator, dtype=torch.float32)
-        if name.endswith("e_score_correction_bias"):
-            val = noise * BIAS_STD
-        elif name.endswith("mlp.gate.weight"):
-            val = noise * (ROUTER_LOGIT_STD / math.sqrt(hidden_size))
-        elif name.endswith("k_norm.bias"):
-            val = noise * KNORM_BIAS_STD
-        elif t.dim() == 1 and ("norm" in name.rsplit(".", 2)[-2] or name.endswith("norm.weight")):
-            val = 1.0 + noise * NORM_NOISE
-        else:
-            val = noise * WEIGHT_STD
-        t.copy_(val.to(t.dtype))
+        t.copy_(init_value(name, noise, hidden_size, t.dim()).to(t.dtype))
 
 
 def new_testbed_model(size: str = "tiny", seed: int = 0, overrides: dict | None = None):

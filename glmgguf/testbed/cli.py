@@ -9,6 +9,7 @@ import click
 
 from glmgguf.testbed.configs import TESTBED_SIZES
 from glmgguf.testbed.glm_tokenizer import GLM_VERSIONS
+from glmgguf.testbed.slice import SLICE_SIZE
 
 
 def _check_tokenizer_dir(tokenizer_dir: Path) -> None:
@@ -77,9 +78,25 @@ def _report_lines(report: dict) -> list[str]:
     return lines
 
 
+def _build_slice(out: Path, layers: int, dense: int, experts: int, index_topk: int | None, fp8: bool, seed: int,
+                 tokenizer_dir: Path | None, force: bool) -> None:
+    """`build_slice` with a progress bar over the bytes written."""
+    from tqdm import tqdm
+
+    from glmgguf.testbed.slice import build_slice
+
+    if not 0 <= dense <= layers:
+        raise click.BadParameter(f"{dense} dense layers of {layers}", param_hint="--dense-layers")
+    with tqdm(unit="B", unit_scale=True, desc=out.name, disable=None) as bar:
+        build_slice(out, layers=layers, dense=dense, experts=experts, fp8=fp8, seed=seed, index_topk=index_topk,
+                    tokenizer_dir=tokenizer_dir, force=force, progress=lambda _name, n: bar.update(n))
+
+
 @click.command("testbed")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--size", type=click.Choice(sorted(TESTBED_SIZES)), default="tiny", show_default=True)
+@click.option("--size", type=click.Choice([*sorted(TESTBED_SIZES), SLICE_SIZE]), default="tiny", show_default=True,
+              help=f"{SLICE_SIZE}: GLM-5.2's exact widths (hidden 6144, 256 experts of 2048, vocabulary 154,880) "
+              "for --layers trunk layers plus the MTP layer, random weights written tensor by tensor.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--train", "do_train", is_flag=True, help="Train it on standard-library source (cached).")
 @click.option("--steps", type=int, default=None, help="Training steps (default depends on --size).")
@@ -94,13 +111,33 @@ def _report_lines(report: dict) -> list[str]:
               "float32 weight_scale_inv per 128x128 block) and the release's quantization_config.")
 @click.option("--mtp-head-copies", is_flag=True, help="Also store the MTP layer's shared_head.head and embed_tokens "
               "(copies of lm_head and the embeddings), as some re-packaged checkpoints do; not with --train.")
+@click.option("--layers", type=click.IntRange(1), default=2, show_default=True,
+              help=f"{SLICE_SIZE}: trunk layers (the MTP layer comes after them).")
+@click.option("--dense-layers", type=click.IntRange(0), default=1, show_default=True,
+              help=f"{SLICE_SIZE}: how many of the trunk layers are dense (GLM-5.2: the first 3 of 78).")
+@click.option("--experts", type=click.IntRange(1), default=256, show_default=True,
+              help=f"{SLICE_SIZE}: routed experts per MoE layer (fewer for a real-width model small enough for CI; "
+              "each token is routed to min(8, experts) of them).")
+@click.option("--index-topk", type=click.IntRange(1), default=None,
+              help=f"{SLICE_SIZE}: the indexer's top-k (default GLM-5.2's 2048; lower makes sparse attention "
+              "active on short sequences).")
 def testbed(out: Path, size: str, seed: int, do_train: bool, steps: int | None, force: bool,
-            tokenizer_dir: Path | None, real_version: str | None, fp8: bool, mtp_head_copies: bool) -> None:
+            tokenizer_dir: Path | None, real_version: str | None, fp8: bool, mtp_head_copies: bool,
+            layers: int, dense_layers: int, experts: int, index_topk: int | None) -> None:
     """Build a GLM-5.2-layout testbed checkpoint into OUT (random init, or trained with --train)."""
     from glmgguf.io.atomic import atomic_dir
 
     if out.exists() and not force:
         raise click.ClickException(f"{out} already exists (use --force to overwrite)")
+    if size == SLICE_SIZE:
+        if do_train or mtp_head_copies:
+            raise click.UsageError(f"--size {SLICE_SIZE} is random-init and as released: no --train, "
+                                   "no --mtp-head-copies")
+        tokenizer_dir = _tokenizer_choice(tokenizer_dir, real_version, False)
+        _build_slice(out, layers, dense_layers, experts, index_topk, fp8, seed, tokenizer_dir, force)
+        for line in _summary(out):
+            click.echo(line)
+        return
     if do_train and mtp_head_copies:
         raise click.UsageError("--mtp-head-copies builds a random-init model; the trained testbed is as released")
     tokenizer_dir = _tokenizer_choice(tokenizer_dir, real_version, do_train)
