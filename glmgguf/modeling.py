@@ -16,6 +16,7 @@ from torch import nn
 from glmgguf.errors import GlmggufError
 from glmgguf.io import CheckpointReader
 from glmgguf.layout import GlmLayout, LayerInfo, LayerKind
+from glmgguf.streamed_experts import StreamedExperts
 
 FP32_SUFFIXES = ("e_score_correction_bias",)  # transformers keeps these in float32 (_keep_in_fp32_modules_strict)
 
@@ -66,14 +67,15 @@ def fused_expert_weights(reader: CheckpointReader, prefix: str, n_experts: int, 
 
 def load_decoder_layer(reader: CheckpointReader, layout: GlmLayout, config, index: int,
                        dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                       load_head: bool = True) -> nn.Module:
+                       load_head: bool = True, experts_on_disk: bool = False) -> nn.Module:
     """Build decoder block `index` (trunk layer, or the MTP block for index >= n_layers) from its tensors only.
 
     The module is created on the meta device and its parameters are assigned from the checkpoint, so memory holds
     this one layer. MTP blocks are built with the testbed's `build_mtp_layer` (GLM's on-disk parameter names);
     indexer tensors an MTP block lacks on disk are zero (its indexer selects every token anyway). A stored
     `shared_head.head` copy is loaded when `load_head`; without one the block's logits come from the trunk's
-    `lm_head` (`head_logits(x, lm_head)`), as in the released checkpoints.
+    `lm_head` (`head_logits(x, lm_head)`), as in the released checkpoints. With `experts_on_disk` the routed
+    experts stay in the shards (`StreamedExperts`: read one at a time when their tokens come).
     """
     from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaDecoderLayer
 
@@ -86,7 +88,9 @@ def load_decoder_layer(reader: CheckpointReader, layout: GlmLayout, config, inde
     with torch.device("meta"):
         module = build_mtp_layer(cfg, own_head) if info.is_mtp else GlmMoeDsaDecoderLayer(cfg, index)
     state: dict[str, torch.Tensor] = {}
-    if info.kind is LayerKind.MOE:
+    if info.kind is LayerKind.MOE and experts_on_disk:
+        module.mlp.experts = StreamedExperts(reader, prefix, info.n_experts, module.mlp.experts.act_fn, dtype, device)
+    elif info.kind is LayerKind.MOE:
         state["mlp.experts.gate_up_proj"], state["mlp.experts.down_proj"] = fused_expert_weights(
             reader, prefix, info.n_experts, dtype, device)
     for key, meta in module.state_dict().items():

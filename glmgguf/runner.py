@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from glmgguf.io import CheckpointReader
-from glmgguf.layout import GlmLayout, LayerInfo, mtp_embedding_name
+from glmgguf.layout import GlmLayout, LayerInfo, LayerKind, mtp_embedding_name
 from glmgguf.modeling import (
     load_decoder_layer,
     load_vector_module,
@@ -42,6 +42,7 @@ from glmgguf.modeling import (
     mtp_block_forward,
     positions_and_mask,
 )
+from glmgguf.streamed_experts import moe_in_groups
 from glmgguf.workdir import RunnerError, RunRecord, WorkDir
 
 ProgressFn = Callable[[int, int], None]  # (block index, tokens) after each chunk passes a block
@@ -116,6 +117,10 @@ class RunOptions:
     spill_bytes: int = 4 * 1024**3  # activations larger than this go to work_dir (and the run becomes resumable)
     mtp: bool = True  # also run the MTP block(s)
     stop_after_layer: int | None = None  # testing aid: stop (as if interrupted) after finishing this layer
+    # routed experts read one at a time from the shards (None: when a layer's experts exceed expert_bytes)
+    stream_experts: bool | None = None
+    expert_bytes: int = 2 * 1024**3
+    moe_group_bytes: int = 1024**3  # streamed experts are read once per group of chunks of this many input bytes
 
 
 @dataclass
@@ -213,6 +218,30 @@ class StreamingRunner:
         self._final(p, cur)
         return RunReport(p.ran, skipped, p.record is not None, act_bytes)
 
+    def streams_experts(self, info: LayerInfo) -> bool:
+        """Whether this block's routed experts are read one at a time (`RunOptions.stream_experts`)."""
+        if info.kind is not LayerKind.MOE:
+            return False
+        if self.options.stream_experts is not None:
+            return self.options.stream_experts
+        el = torch.empty((), dtype=self.options.dtype).element_size()
+        per_expert = 3 * self.layout.moe_intermediate_size * self.layout.hidden_size * el
+        return info.n_experts * per_expert > self.options.expert_bytes
+
+    def _through_block(self, p: _Pass, block: nn.Module, streamed: bool, run_chunk: Callable[[int], torch.Tensor],
+                       indices: list[int] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(chunk index, block output) of each chunk; with streamed experts, the MoE runs per group of chunks."""
+        indices = list(range(len(p.chunks))) if indices is None else indices
+        if not streamed:
+            for i in indices:
+                yield i, run_chunk(i)
+            return
+        el = torch.empty((), dtype=self.options.dtype).element_size()
+        max_tokens = max(1, self.options.moe_group_bytes // (self.layout.hidden_size * el))
+        sizes = [p.chunks[i].numel() for i in indices]
+        for j, h in moe_in_groups(block, sizes, lambda j: run_chunk(indices[j]), max_tokens):
+            yield indices[j], h
+
     # -- the steps of a run -----------------------------------------------------------------------------------
     def _begin(self, chunks: Sequence[torch.Tensor], visitor: LayerVisitor, progress: ProgressFn | None,
                act_bytes: int) -> _Pass:
@@ -254,21 +283,27 @@ class StreamingRunner:
     def _trunk_layer(self, p: _Pass, info: LayerInfo, cur: ActivationStore, topk: ActivationStore | None
                      ) -> tuple[ActivationStore, ActivationStore | None]:
         """Load one trunk layer, push every chunk through it, record it, drop the stores it consumed."""
-        layer = load_decoder_layer(self.reader, self.layout, self.config, info.index, self.options.dtype, p.device)
+        streamed = self.streams_experts(info)
+        layer = load_decoder_layer(self.reader, self.layout, self.config, info.index, self.options.dtype, p.device,
+                                   experts_on_disk=streamed)
         p.visitor.begin_layer(info, layer)
         nxt = p.store(f"acts-{info.index}")
         new_topk = p.store(f"topk-{info.index}") if info.indexer == "full" else None
-        for i in range(len(p.chunks)):
+
+        def run_chunk(i: int) -> torch.Tensor:
             h = cur.get(i, p.device)["hidden"]
             prev_topk = None if new_topk is not None or topk is None else topk.get(i, p.device)["topk"]
             pos_emb, pos, mask = positions_and_mask(self.config, h, p.rotary)
             h, chunk_topk = layer(h, attention_mask=mask, position_embeddings=pos_emb, position_ids=pos,
                                   prev_topk_indices=prev_topk, use_cache=False)
-            nxt.put(i, {"hidden": h})
             if new_topk is not None:
                 new_topk.put(i, {"topk": chunk_topk})
             p.advance(info.index, p.chunks[i].numel())
-        del layer
+            return h
+
+        for i, h in self._through_block(p, layer, streamed, run_chunk):
+            nxt.put(i, {"hidden": h})
+        layer = None  # freed before the next layer loads (run_chunk holds the name, not the module)
         p.finish(info, nxt, new_topk)  # the record names the new stores before the old ones go
         cur.drop()
         if new_topk is not None:
@@ -283,24 +318,32 @@ class StreamingRunner:
         opts = self.options
         pending = [x for x in self.layout.layers if x.is_mtp and x.index not in p.done] if opts.mtp else []
         norm = load_vector_module(self.reader, "model.norm.weight", self.config.rms_norm_eps, opts.dtype, p.device)
-        mtp = self._open_mtp(p, pending[0]) if pending else None
         for i, c in enumerate(p.chunks):
-            hn = norm(cur.get(i, p.device)["hidden"])
-            ids = c.to(p.device)
-            p.visitor.final_hidden(i, ids, hn)
-            if mtp is not None and ids.shape[1] > 1:
-                module, emb = mtp
-                mtp_block_forward(module, hn[:, :-1], nn.functional.embedding(ids[:, 1:], emb), self.config,
-                                  p.rotary)
-                p.advance(pending[0].index, ids[:, 1:].numel())
-        if mtp is not None:
-            del mtp
-            p.finish(pending[0], None, None)
+            p.visitor.final_hidden(i, c.to(p.device), norm(cur.get(i, p.device)["hidden"]))
+        if not pending:
+            return
+        info = pending[0]
+        streamed = self.streams_experts(info)
+        module, emb = self._open_mtp(p, info, streamed)
 
-    def _open_mtp(self, p: _Pass, info: LayerInfo) -> tuple[nn.Module, torch.Tensor]:
+        def run_chunk(i: int) -> torch.Tensor:
+            ids = p.chunks[i].to(p.device)
+            hn = norm(cur.get(i, p.device)["hidden"])
+            out = mtp_block_forward(module, hn[:, :-1], nn.functional.embedding(ids[:, 1:], emb), self.config,
+                                    p.rotary)
+            p.advance(info.index, ids[:, 1:].numel())
+            return out
+
+        with_next = [i for i, c in enumerate(p.chunks) if c.shape[1] > 1]
+        for _ in self._through_block(p, module, streamed, run_chunk, with_next):
+            pass
+        module = emb = None  # freed (run_chunk holds the names, not the tensors)
+        p.finish(info, None, None)
+
+    def _open_mtp(self, p: _Pass, info: LayerInfo, streamed: bool) -> tuple[nn.Module, torch.Tensor]:
         """The MTP block (without its head) and the embedding table its next-token input reads."""
         module = load_decoder_layer(self.reader, self.layout, self.config, info.index, self.options.dtype,
-                                    p.device, load_head=False)
+                                    p.device, load_head=False, experts_on_disk=streamed)
         emb = self.reader.get(mtp_embedding_name(self.reader, info.index)).to(device=p.device,
                                                                                 dtype=self.options.dtype)
         p.visitor.begin_layer(info, module)

@@ -19,7 +19,13 @@ from glmgguf.layout import GlmLayout
 from glmgguf.modeling import load_decoder_layer, model_config
 from glmgguf.reap.data import load_calibration, pack, read_records
 from glmgguf.reap.errors import DataError, PruneError, ReapError, StatsError
-from glmgguf.reap.observe import LayerAccumulator, instrument_moe, load_in_memory_model, observe
+from glmgguf.reap.observe import (
+    LayerAccumulator,
+    instrument_moe,
+    load_in_memory_model,
+    observe,
+    observe_streaming,
+)
 from glmgguf.reap.prune import KEEP_MAP_NAME, STATS_NAME, load_keep_map, plan_prune, prune_checkpoint
 from glmgguf.reap.routing import RouterSpec, route
 from glmgguf.reap.stats import FIELDS, ReapStats
@@ -27,6 +33,7 @@ from glmgguf.runner import (
     LayerVisitor,
     RunInterrupted,
     RunnerError,
+    RunOptions,
     StreamingRunner,
     chunk_sequences,
 )
@@ -176,6 +183,46 @@ def test_streaming_forward_equals_model(trained_testbed_dir, chunks):
         for i, c in enumerate(chunks):
             ref = model.model(input_ids=c).last_hidden_state
             torch.testing.assert_close(cap.hidden[i], ref, rtol=1e-5, atol=1e-5)
+
+
+class _CountingReader:
+    """Counts the reads of routed-expert tensors through a reader's `get`."""
+
+    def __init__(self, reader):
+        self.reads: dict[str, int] = {}
+        self._get = reader.get
+        reader.get = self.get
+
+    def get(self, name, *args, **kwargs):
+        if ".mlp.experts." in name:
+            self.reads[name] = self.reads.get(name, 0) + 1
+        return self._get(name, *args, **kwargs)
+
+
+def test_streamed_experts_forward_equals_model(trained_testbed_dir, chunks):
+    """Experts read one at a time, the MoE run once per group of chunks: the same hidden states as the model,
+    each routed expert read at most once per group (groups of 3, 3 and 2 one-sequence chunks)."""
+    model = load_in_memory_model(trained_testbed_dir, torch.float32, None)
+    single = chunk_sequences(torch.cat(chunks), 1)
+    cap = _FinalCapture()
+    runner = StreamingRunner(trained_testbed_dir, RunOptions(dtype=torch.float32, stream_experts=True))
+    runner.options.moe_group_bytes = 3 * single[0].numel() * runner.layout.hidden_size * 4
+    counter = _CountingReader(runner.reader)
+    runner.run(single, cap)
+    assert len(single) == 8
+    assert max(counter.reads.values()) == 3
+    layers_read = {name.split(".")[2] for name in counter.reads}
+    assert layers_read == {str(x.index) for x in runner.layout.moe_layers}  # the MTP block's too
+    with torch.no_grad():
+        for i, c in enumerate(single):
+            ref = model.model(input_ids=c).last_hidden_state
+            torch.testing.assert_close(cap.hidden[i], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_experts_observe_equals_streaming(stream_stats, trained_testbed_dir, chunks):
+    streamed = observe_streaming(trained_testbed_dir, chunks, dtype=torch.float32, stream_experts=True,
+                                 moe_group_bytes=1)  # one chunk per group
+    _assert_stats_close(streamed, stream_stats, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -94,8 +94,10 @@ def test_slice_memory_is_one_tensor(slice_build):
 
 @pytest.mark.slow
 def test_real_width_logit_parity(slice_dir, llama_toolchain, tmp_path):
-    """Our BF16 GGUF in llama.cpp against transformers (float32) at GLM-5.2's widths, sparse DSA active, from
-    the block-FP8 source (both sides dequantize it the same way)."""
+    """Our F32 GGUF in llama.cpp against transformers (float32) at GLM-5.2's widths, sparse DSA active, from the
+    block-FP8 source (both sides dequantize it the same way). F32, not BF16: with random weights the indexer's
+    scores have near-ties, and BF16 rounding flips which keys a query attends at a few positions (a BF16 GGUF
+    of this slice measured KL 6e-3 on average, 0.3 at 2 of 48 positions), which says nothing about the layout."""
     from transformers import AutoTokenizer
 
     from glmgguf.gguf.convert import convert, outtype_chooser
@@ -104,11 +106,11 @@ def test_real_width_logit_parity(slice_dir, llama_toolchain, tmp_path):
     text = "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n" * 3
     ids = tok(text)["input_ids"][:N_TOKENS]
     assert len(ids) == N_TOKENS > INDEX_TOPK
-    out = tmp_path / "slice-bf16.gguf"
-    convert(slice_dir, out, outtype_chooser("bf16"), progress=False)
+    out = tmp_path / "slice-f32.gguf"
+    convert(slice_dir, out, outtype_chooser("f32"), progress=False)
     candidate = llama_logits(llama_toolchain, out, ids)
     out.unlink()
     stats = kl_stats(transformers_logits(slice_dir, ids), candidate)
-    print(f"real-width bf16: {stats}")
-    assert stats.mean < 5e-3, stats  # the tiny testbed's bound for a BF16 GGUF
-    assert stats.top1_agreement > 0.9, stats
+    print(f"real-width f32: {stats}")
+    assert stats.mean < 1e-5, stats  # the tiny testbed's bound for an F32 GGUF
+    assert stats.top1_agreement == 1.0, stats

@@ -162,11 +162,15 @@ class ExpertObserver(LayerVisitor):
 def observe_streaming(model_dir: str | os.PathLike, chunks: Sequence[torch.Tensor], *,
                       dtype: torch.dtype = torch.bfloat16, device: str = "cpu", work_dir: Path | None = None,
                       spill_bytes: int = 4 * 1024**3, mtp: bool = True, progress: ProgressFn | None = None,
-                      stop_after_layer: int | None = None) -> ReapStats:
-    """Observe with one decoder layer resident at a time (resumable when activations spill to `work_dir`)."""
-    runner = StreamingRunner(model_dir, RunOptions(dtype=dtype, device=device, work_dir=work_dir,
-                                                   spill_bytes=spill_bytes, mtp=mtp,
-                                                   stop_after_layer=stop_after_layer))
+                      stop_after_layer: int | None = None, stream_experts: bool | None = None,
+                      moe_group_bytes: int | None = None) -> ReapStats:
+    """Observe with one decoder layer resident at a time (resumable when activations spill to `work_dir`); with
+    `stream_experts` (default: for layers whose experts exceed 2 GiB) one routed expert at a time."""
+    opts = RunOptions(dtype=dtype, device=device, work_dir=work_dir, spill_bytes=spill_bytes, mtp=mtp,
+                      stop_after_layer=stop_after_layer, stream_experts=stream_experts)
+    if moe_group_bytes is not None:
+        opts.moe_group_bytes = moe_group_bytes
+    runner = StreamingRunner(model_dir, opts)
     observer = ExpertObserver(runner.layout)
     report = runner.run(chunks, observer, progress)
     observer.stats.meta.update(mode="streaming", layers_resumed=report.layers_skipped, spilled=report.spilled)
