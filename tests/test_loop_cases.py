@@ -25,8 +25,8 @@ def pool(glm_tokenizer):
 
 
 # found / 20 on this subset (the full set's rates are in bench/results/loop_detection.json)
-MEASURED = {"exact": 20, "counter": 20, "noisy": 18, "paragraph": 20, "nested": 20, "think": 20, "code": 19,
-            "prose": 17}
+MEASURED = {"exact": 20, "counter": 20, "noisy": 19, "paragraph": 20, "nested": 19, "think": 20, "code": 17,
+            "prose": 16}
 
 
 @pytest.mark.parametrize("family", LOOP_FAMILIES)
@@ -36,7 +36,7 @@ def test_loop_family_recall_within_deadline(pool, family):
     assert all(c.period <= 512 for c in cases)
     s = score(cases)[family]
     assert s["early"] == 0
-    assert s["hits"] >= MEASURED[family] - 1, s
+    assert s["hits"] == MEASURED[family], s
 
 
 @pytest.mark.parametrize("kind", NATURAL_KINDS)
