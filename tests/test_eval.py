@@ -42,13 +42,36 @@ def test_periodic_tail_is_a_loop_at_the_window():
     assert not borderline
 
 
-def test_long_block_needs_twenty_copies_and_fewer_are_borderline():
+def test_long_block_repeated_is_a_near_repeat_within_the_deadline_and_three_copies_are_not():
     block = _random_tokens(60, seed=1)
     loop, _ = detect(_random_tokens(10, seed=2) + block * 25)
-    assert loop is not None and loop.kind == "repeat" and loop.period == 60
-    assert loop.at_token == 10 + 20 * 60
-    loop, borderline = detect(_random_tokens(10, seed=2) + block * 5 + _random_tokens(100, seed=3))
+    assert loop is not None and loop.kind == "near_repeat" and loop.period == 60
+    # found once 244 of the last 256 tokens (95%) copy earlier ones: 10 prefix + 60 (first copy) + 244
+    assert loop.at_token == 10 + 60 + 244
+    loop, borderline = detect(_random_tokens(10, seed=2) + block * 3 + _random_tokens(100, seed=3))
     assert loop is None and borderline
+
+
+def _block_stream(block: list[int], copies: int, vary: int | None = None, seed: int = 5) -> list[int]:
+    """200 natural tokens, then `copies` of `block`; `vary`: the index of a token that changes every copy."""
+    rng = random.Random(seed)
+    out = _random_tokens(200, seed=seed)
+    for k in range(copies):
+        b = list(block)
+        if vary is not None:
+            b[vary] = 5000 + (k if vary == 0 else rng.randrange(3000))
+        out += b
+    return out
+
+
+@pytest.mark.parametrize("case", ["exact", "counter", "noise", "paragraph"])
+def test_issue_streams_are_loops_within_max_3_iterations_512_tokens(case):
+    """The four streams of the loop-detection issue: 'borderline' before rule (d), each a loop now."""
+    size, copies, vary = {"exact": (20, 150, None), "counter": (20, 150, 0), "noise": (20, 150, 7),
+                          "paragraph": (300, 12, None)}[case]
+    loop, _ = detect(_block_stream(_random_tokens(size, seed=9), copies, vary))
+    assert loop is not None and loop.kind in ("periodic", "near_repeat")
+    assert 200 < loop.at_token <= 200 + max(3 * size, 512)
 
 
 def test_random_text_is_neither_loop_nor_borderline():

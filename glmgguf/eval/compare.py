@@ -44,6 +44,7 @@ def summarize(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "loop_rate": loops / n if n else None, "loop_ci95": wilson(loops, n),
         "eos_rate": counts["eos"] / n if n else None, "eos_ci95": wilson(counts["eos"], n),
         "borderline": sum(bool(r["borderline"]) for r in counted),
+        "cap_looping": sum(r["outcome"] == "cap" and bool(r["borderline"]) for r in counted),
         "distinct4_mean": statistics.fmean(d4) if d4 else None,
         "median_tokens": statistics.median(r["tokens"] for r in counted) if counted else None,
         "by_source": dict(sorted(by_source.items())),
@@ -76,6 +77,11 @@ def _z(z: float, p: float) -> str:
     return f"{z:+.2f} (p={p:.2g})"
 
 
+def _cap(s: dict[str, Any]) -> str:
+    """Cap count, with how many of those outputs were looping (borderline repetition) when cut."""
+    return f"{s['counts']['cap']} ({s['cap_looping']} looping)" if s["cap_looping"] else str(s["counts"]["cap"])
+
+
 def _draft(d: dict[str, Any] | None) -> str:
     return "-" if d is None else f"{_pct(d['acceptance'])} ({d['accepted']}/{d['drafted']})"
 
@@ -102,7 +108,7 @@ def compare_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
         med = "-" if s["median_tokens"] is None else f"{s['median_tokens']:g}"
         acc = f"{_draft(s.get('draft'))} | " if drafting else ""
         lines.append(f"| {label} | {s['n']} | {_pct(s['loop_rate'])} | {_ci(s['loop_ci95'])} | {acc}"
-                     f"{_pct(s['eos_rate'])} | {_ci(s['eos_ci95'])} | {c['think_loop']} | {c['cap']} "
+                     f"{_pct(s['eos_rate'])} | {_ci(s['eos_ci95'])} | {c['think_loop']} | {_cap(s)} "
                      f"| {s['borderline']} | {c['error']} "
                      f"| {d4} | {med} | {zl} | {zeos} |")
     sources = sorted({src for _, doc in runs for src in doc["summary"]["by_source"]})

@@ -160,7 +160,10 @@ def generate(url: str, prompt: Prompt, spec: RunSpec, idle_timeout: float = 900.
         outcome = "eos"
     else:
         raise StreamError(f"the stream ended without a finish reason (finish_reason={finish!r})", retryable=True)
-    return {"id": prompt.id, "source": prompt.source, "outcome": outcome, "borderline": det.borderline(),
+    borderline = det.borderline()
+    cap_reason = ("looping" if borderline else "long") if outcome == "cap" else None
+    return {"id": prompt.id, "source": prompt.source, "outcome": outcome, "borderline": borderline,
+            "cap_reason": cap_reason,
             "loop": asdict(det.loop) if det.loop else None, "tokens": int(n_tokens),
             "distinct4": distinct_n(det.tokens), "seconds": round(time.perf_counter() - t0, 3),
             "finish_reason": finish, "error": None, "tail": tail, "draft_n": drafted, "draft_accepted": accepted,
@@ -178,7 +181,8 @@ def probe(url: str, prompt: Prompt, spec: RunSpec, retries: int = 3, backoff: fl
             error = str(e)
             if not e.retryable or attempt == retries or stop.wait(backoff * 2 ** attempt):
                 break
-    return {"id": prompt.id, "source": prompt.source, "outcome": "error", "borderline": False, "loop": None,
+    return {"id": prompt.id, "source": prompt.source, "outcome": "error", "borderline": False, "cap_reason": None,
+            "loop": None,
             "tokens": 0, "distinct4": None, "seconds": 0.0, "finish_reason": None, "error": error[:500],
             "tail": "", "draft_n": None, "draft_accepted": None, "attempts": attempt + 1}
 

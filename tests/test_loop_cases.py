@@ -1,0 +1,46 @@
+"""The loop detector on a CI-sized subset of bench/loop_cases.py's labelled set (GLM-5.2 tokenizer)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.loop_cases import LOOP_FAMILIES, NATURAL_KINDS, Pool, loop_cases, natural_chunks, score
+
+N_LOOPS = 20
+N_CHUNKS = 25
+
+
+@pytest.fixture(scope="module")
+def glm_tokenizer():
+    from tokenizers import Tokenizer
+
+    from glmgguf.testbed.glm_tokenizer import real_tokenizer_dir
+
+    return Tokenizer.from_file(str(real_tokenizer_dir() / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def pool(glm_tokenizer):
+    return Pool(glm_tokenizer, chunks=20)
+
+
+# found / 20 on this subset (the full set's rates are in bench/results/loop_detection.json)
+MEASURED = {"exact": 20, "counter": 20, "noisy": 19, "paragraph": 20, "nested": 19, "think": 20, "code": 17,
+            "prose": 16}
+
+
+@pytest.mark.parametrize("family", LOOP_FAMILIES)
+def test_loop_family_recall_within_deadline(pool, family):
+    """Each loop found after its start and within max(3 iterations, 512 tokens); never inside the prefix."""
+    cases = loop_cases(pool, family, N_LOOPS, seed=1)
+    assert all(c.period <= 512 for c in cases)
+    s = score(cases)[family]
+    assert s["early"] == 0
+    assert s["hits"] == MEASURED[family], s
+
+
+@pytest.mark.parametrize("kind", NATURAL_KINDS)
+def test_no_false_loop_on_natural_text(glm_tokenizer, kind):
+    chunks = natural_chunks(glm_tokenizer, kind, N_CHUNKS)
+    assert len(chunks) == N_CHUNKS and all(len(c.tokens) == 512 for c in chunks)
+    assert score(chunks)[kind]["hits"] == 0
