@@ -258,10 +258,14 @@ def _checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def causal_mask(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive causal mask [1, 1, n, n] the MTP block's attention takes."""
+    return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
+
+
 def _brute_force(model_dir: Path, chunks: list[torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
     """Statistics from a plain forward pass with hooks: every expert on every token, the model's own router."""
     from glmgguf.testbed.build import build_mtp_layer
-    from glmgguf.testbed.train import _causal_mask
 
     model = load_in_memory_model(model_dir, torch.float32, None)
     cfg = model.config
@@ -291,7 +295,7 @@ def _brute_force(model_dir: Path, chunks: list[torch.Tensor]) -> dict[int, dict[
             h = model.model(input_ids=c).last_hidden_state
             hh = h[:, :-1]
             pos = model.model.rotary_emb(hh, position_ids=torch.arange(hh.shape[1]).unsqueeze(0))
-            mtp.mtp_forward(hh, model.model.embed_tokens(c[:, 1:]), pos, _causal_mask(hh.shape[1], hh.dtype),
+            mtp.mtp_forward(hh, model.model.embed_tokens(c[:, 1:]), pos, causal_mask(hh.shape[1], hh.dtype),
                             lm_head=model.lm_head)
     for hk in hooks:
         hk.remove()
