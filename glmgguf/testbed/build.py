@@ -320,6 +320,16 @@ def _copy_tokenizer(tokenizer_dir: Path, out: Path) -> None:
             shutil.copy2(tokenizer_dir / name, out / name)
 
 
+def write_side_files(out: Path, cfg: dict, tokenizer_dir: str | os.PathLike | None) -> None:
+    """config.json, generation_config.json and the tokenizer (the testbed's own, or `tokenizer_dir`'s files)."""
+    _write_json(out / "config.json", cfg)
+    _write_json(out / "generation_config.json", generation_config_json(cfg))
+    if tokenizer_dir is None:
+        write_tokenizer(out)
+    else:
+        _copy_tokenizer(Path(tokenizer_dir), out)
+
+
 def save_testbed(
     model,
     mtp,
@@ -349,12 +359,7 @@ def save_testbed(
         with torch.no_grad(), ShardedWriter(tmp, plan, max_shard_bytes=limit) as writer:
             for name, t in stored_tensors(tensors, fp8):
                 writer.add(name, t.contiguous())
-        _write_json(tmp / "config.json", cfg)
-        _write_json(tmp / "generation_config.json", generation_config_json(cfg))
-        if tokenizer_dir is None:
-            write_tokenizer(tmp)
-        else:
-            _copy_tokenizer(Path(tokenizer_dir), tmp)
+        write_side_files(tmp, cfg, tokenizer_dir)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text, encoding="utf-8")
         if on_write is not None:

@@ -25,17 +25,14 @@ from glmgguf.io.fp8 import DEFAULT_BLOCK, SCALE_SUFFIX, Fp8Scheme
 from glmgguf.io.fp8 import quantize as fp8_quantize
 from glmgguf.layout import GlmLayout
 from glmgguf.testbed.build import (
-    _copy_tokenizer,
-    _write_json,
     config_json,
-    generation_config_json,
     init_value,
     is_fp8_in_release,
     storage_dtype,
     tokenizer_overrides,
+    write_side_files,
 )
 from glmgguf.testbed.glm_tokenizer import REAL_VOCAB_SIZE
-from glmgguf.testbed.tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +163,5 @@ def build_slice(
                     writer.add(stored_name, t)
                     if progress is not None:
                         progress(stored_name, t.numel() * t.element_size())
-        _write_json(tmp / "config.json", cfg)
-        _write_json(tmp / "generation_config.json", generation_config_json(cfg))
-        if tokenizer_dir is None:
-            write_tokenizer(tmp)
-        else:
-            _copy_tokenizer(Path(tokenizer_dir), tmp)
+        write_side_files(tmp, cfg, tokenizer_dir)
     return Path(out_dir)
