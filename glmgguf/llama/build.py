@@ -198,6 +198,14 @@ def _build_targets(build: Path, log: Path) -> list[str]:
     return targets
 
 
+def _compile(build: Path, targets: list[str], log: Path, progress: bool, seeded: bool) -> str:
+    """`cmake --build` the targets with a progress bar; returns the build output."""
+    desc = "building llama.cpp (what the patches change)" if seeded else "building llama.cpp"
+    with tqdm(total=100, desc=desc, unit="%", disable=not progress) as bar:
+        return _run_logged(["cmake", "--build", str(build), "--config", "Release", "-j", str(usable_cores()),
+                            "--target", *targets], log, "build", bar)
+
+
 def _build(src_dir: Path, pkg_dir: Path | None, patches: list[Path], backend: str, entry: Path,
            progress: bool, seed: Path | None = None) -> None:
     """Build into `<entry>.partial`, then rename it to `entry`.
@@ -216,10 +224,7 @@ def _build(src_dir: Path, pkg_dir: Path | None, patches: list[Path], backend: st
         print(f"configuring llama.cpp ({backend}); log: {entry / 'build.log'}", file=sys.stderr)
     seeded = _configure(source, build, backend, log, seed)
     targets = _build_targets(build, log)
-    desc = "building llama.cpp (changed files)" if seeded else "building llama.cpp"
-    with tqdm(total=100, desc=desc, unit="%", disable=not progress) as bar:
-        out = _run_logged(["cmake", "--build", str(build), "--config", "Release", "-j", str(usable_cores()),
-                           "--target", *targets], log, "build", bar)
+    out = _compile(build, targets, log, progress, seeded)  # a compile error is the patches': no retry
     absent = [t for t in targets if not (build / "bin" / t).is_file()]
     if absent or not any((build / "bin").glob("libllama.*")):
         raise LlamaBuildError(f"build finished but {absent or 'libllama'} is missing from {build / 'bin'}; "
