@@ -331,18 +331,23 @@ def test_patched_build(patched_toolchain: Toolchain) -> None:
 
 @pytest.mark.slow
 def test_patched_build_recompiles_only_what_the_patches_touch(patched_toolchain: Toolchain) -> None:
-    """The patched build starts from the plain build's objects: exactly the dependents of a patched file compile."""
+    """The patched build starts from the plain build's objects: only what depends on a changed file compiles.
+
+    Changed are the patched files and the two version stamps CMake writes from the source's git state (the
+    patched copy has none, so it reports commit "unknown").
+    """
     entry = patched_toolchain.bin_dir.parent.parent
     meta = json.loads((entry / META).read_text())
     if "compiled_objects" not in meta:
         pytest.skip(f"{entry} was built before patched builds reused the plain build's objects")
     assert Path(meta["seeded_from"]).name == build_key(pinned_identity(), [], "cpu")
     build = entry / "build"
-    patched = sorted({f"/source/{f}" for e in ENTRIES for f in e.files()})
+    changed = sorted({f"/source/{f}" for e in ENTRIES for f in e.files()})
+    changed += ["/build/ggml/src/ggml-version.h", "/build/common/build-info.cpp"]
     deps = {str(d.relative_to(build))[:-2]: d.read_text() for d in build.rglob("*.o.d")}
-    dependents = sorted(obj for obj, text in deps.items() if any(f in text for f in patched))
+    dependents = sorted(obj for obj, text in deps.items() if any(f in text for f in changed))
     assert dependents and meta["compiled_objects"] == dependents
-    assert len(dependents) < len(deps) / 4  # measured: 33 of 202
+    assert len(dependents) < len(deps) / 4  # measured: 35 of 202
 
 
 @pytest.mark.slow
