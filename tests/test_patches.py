@@ -288,7 +288,7 @@ def test_masked_unpruned_equals_pruned_in_transformers(tmp_path: Path, tiny_test
 
 @pytest.fixture(scope="session")
 def patched_toolchain() -> Toolchain:
-    """llama.cpp with patches/llama.cpp/series applied (a separate cached build, ~9 min on 2 cores).
+    """llama.cpp with patches/llama.cpp/series applied (a separate cached build from the plain one's objects).
 
     GLMGGUF_LLAMA_BUILD (a build of one's own, usually unpatched) is ignored here.
     """
