@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from glmgguf.llama import (
     llama_cpp_module,
 )
 from glmgguf.llama.build import TOOLS, series_patches, toolchain_from_build_dir
+from glmgguf.llama.seed import compiled_objects, seed_build_dir
 
 REPO = Path(__file__).resolve().parents[1]
 APPLY = REPO / "patches" / "apply.py"
@@ -91,6 +93,58 @@ def test_apply_idempotent_and_all_or_none(tmp_path: Path) -> None:
     out = _apply("apply", tree, series)
     assert out.returncode == 1 and "bad.patch" in out.stdout
     assert (tree / "a.txt").read_text() == "one\ntwo\nthree\n"  # nothing applied
+
+
+# --- a patched build seeded from a finished one (a toy CMake project) -----------------------------------------
+
+TOY = {
+    "CMakeLists.txt": "cmake_minimum_required(VERSION 3.13)\nproject(toy C)\n"
+                      "set(CMAKE_BUILD_RPATH_USE_ORIGIN ON)\nadd_library(core SHARED a.c b.c)\n"
+                      "add_executable(app main.c)\ntarget_link_libraries(app core)\n",
+    "value.h": "#define VALUE 1\n",
+    "a.c": '#include "value.h"\nint a(void) { return VALUE; }\n',
+    "b.c": "int b(void) { return 10; }\n",
+    "main.c": '#include <stdio.h>\nint a(void); int b(void);\nint main(void) { printf("%d", a() + b()); }\n',
+}
+
+
+def _toy_build(source: Path, build: Path) -> list[str]:
+    for cmd in (["cmake", "-S", str(source), "-B", str(build)], ["cmake", "--build", str(build)]):
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+    return compiled_objects(out.stdout)
+
+
+@pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("make") and shutil.which("cc")),
+                    reason="needs cmake, make and a C compiler")
+def test_seeded_build_recompiles_only_what_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CMAKE_GENERATOR", raising=False)
+    plain = tmp_path / "plain"
+    for name, text in TOY.items():
+        (plain / name).parent.mkdir(parents=True, exist_ok=True)
+        (plain / name).write_text(text)
+    assert len(_toy_build(plain, tmp_path / "done.partial" / "build")) == 3
+    (tmp_path / "done.partial").rename(tmp_path / "done")  # as a finished cache entry is
+    patched = tmp_path / "patched"
+    shutil.copytree(plain, patched)
+    time.sleep(0.05)
+    (patched / "value.h").write_text("#define VALUE 2\n")
+
+    assert seed_build_dir(tmp_path / "done" / "build", patched, tmp_path / "p" / "build")
+    assert _toy_build(patched, tmp_path / "p" / "build") == ["CMakeFiles/core.dir/a.c.o"]
+    run = [str(tmp_path / d / "build" / "app") for d in ("done", "p")]
+    assert [subprocess.run([r], capture_output=True, text=True).stdout for r in run] == ["11", "12"]
+    assert "patched" not in (tmp_path / "done" / "build" / "CMakeCache.txt").read_text()
+
+
+def test_seed_refuses_a_ninja_build(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "CMakeCache.txt").write_text(f"CMAKE_CACHEFILE_DIR:INTERNAL={done}\n"
+                                         f"CMAKE_HOME_DIRECTORY:INTERNAL={tmp_path / 'src'}\n"
+                                         "CMAKE_GENERATOR:INTERNAL=Ninja\n")
+    assert not seed_build_dir(done, tmp_path / "src2", tmp_path / "new")
+    assert not (tmp_path / "new").exists() and "Ninja" in caplog.text
 
 
 # --- the real build ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ libllama only, so llama.cpp logits are computed in a child process (`glmgguf.par
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -24,8 +25,14 @@ from glmgguf.gguf.convert import convert, outtype_chooser
 from glmgguf.gguf.plan import IndexerMode, MtpMode
 from glmgguf.layout import GlmLayout
 from glmgguf.llama import LlamaServer, LlamaServerError, Toolchain, ensure_toolchain
+from glmgguf.llama.build import META, build_key
 from glmgguf.llama.patches import PER_LAYER_EXPERTS, SERIES, apply_module
-from glmgguf.llama.source import PINNED_LLAMA_CPP_COMMIT, PINNED_LLAMA_CPP_PYTHON, fetch_pinned_source
+from glmgguf.llama.source import (
+    PINNED_LLAMA_CPP_COMMIT,
+    PINNED_LLAMA_CPP_PYTHON,
+    fetch_pinned_source,
+    pinned_identity,
+)
 from glmgguf.parity import kl_stats, llama_logits_isolated, masked_transformers_logits, transformers_logits
 from glmgguf.reap.prune import PrunePlan, prune_checkpoint
 
@@ -281,7 +288,7 @@ def test_masked_unpruned_equals_pruned_in_transformers(tmp_path: Path, tiny_test
 
 @pytest.fixture(scope="session")
 def patched_toolchain() -> Toolchain:
-    """llama.cpp with patches/llama.cpp/series applied (a separate cached build, ~9 min on 2 cores).
+    """llama.cpp with patches/llama.cpp/series applied (a separate cached build from the plain one's objects).
 
     GLMGGUF_LLAMA_BUILD (a build of one's own, usually unpatched) is ignored here.
     """
@@ -320,6 +327,32 @@ def test_patched_build(patched_toolchain: Toolchain) -> None:
     # cached: reports the patched build at once
     r = CliRunner(env={"GLMGGUF_LLAMA_BUILD": None}).invoke(main, ["llama", "build", "--patches"])
     assert r.exit_code == 0 and str(patched_toolchain.bin_dir) in r.output and PER_LAYER_EXPERTS in r.output
+
+
+def _dep_paths(dep_file: Path) -> set[str]:
+    """The absolute paths a compiler dependency file names, normalised (`src/models/../x.h` is `src/x.h`)."""
+    return {os.path.normpath(t) for t in dep_file.read_text().replace("\\\n", " ").split() if t.startswith("/")}
+
+
+@pytest.mark.slow
+def test_patched_build_recompiles_only_what_the_patches_touch(patched_toolchain: Toolchain) -> None:
+    """The patched build starts from the plain build's objects: only what depends on a changed file compiles.
+
+    Changed are the patched files and the two version stamps CMake writes from the source's git state (the
+    patched copy has none, so it reports commit "unknown").
+    """
+    entry = patched_toolchain.bin_dir.parent.parent
+    meta = json.loads((entry / META).read_text())
+    if "compiled_objects" not in meta:
+        pytest.skip(f"{entry} was built before patched builds reused the plain build's objects")
+    assert Path(meta["seeded_from"]).name == build_key(pinned_identity(), [], "cpu")
+    build = entry / "build"
+    changed = sorted({f"/source/{f}" for e in ENTRIES for f in e.files()})
+    changed += ["/build/ggml/src/ggml-version.h", "/build/common/build-info.cpp"]
+    deps = {str(d.relative_to(build))[:-2]: _dep_paths(d) for d in build.rglob("*.o.d")}
+    dependents = sorted(obj for obj, paths in deps.items() if any(p.endswith(f) for p in paths for f in changed))
+    assert dependents and meta["compiled_objects"] == dependents
+    assert len(dependents) < len(deps) / 4  # measured: 35 of 202
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ from tqdm import tqdm
 from glmgguf.cache import cache_root
 from glmgguf.errors import GlmggufError
 from glmgguf.llama.patches import PATCH_DIR, SERIES, apply_module
-from glmgguf.llama.source import pinned_identity, resolve_source, user_source
+from glmgguf.llama.seed import compiled_objects, seed_build_dir
+from glmgguf.llama.source import LlamaSource, pinned_identity, resolve_source, user_source
 from glmgguf.locks import cache_entry_lock
 from glmgguf.threads import usable_cores
 
@@ -35,6 +36,7 @@ BASE_CMAKE_FLAGS = (
 )
 BACKEND_FLAGS = {"cpu": ("-DGGML_METAL=OFF",), "cuda": ("-DGGML_CUDA=ON",), "metal": ("-DGGML_METAL=ON",)}
 META = "toolchain.json"
+logger = logging.getLogger(__name__)
 _PROGRESS = re.compile(r"^\[\s*(\d+)%\]|^\[(\d+)/(\d+)\]")
 
 
@@ -165,34 +167,67 @@ def _run_logged(cmd: list[str], log: Path, step: str, bar: tqdm | None = None) -
     return "".join(out)
 
 
-def _build(src_dir: Path, pkg_dir: Path | None, patches: list[Path], backend: str, entry: Path,
-           progress: bool) -> None:
-    """Build into `<entry>.partial`, then rename it to `entry`."""
-    partial = entry.with_name(entry.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    log = partial / "build.log"
-    source = src_dir
-    if patches:
-        source = partial / "source"
-        shutil.copytree(src_dir, source, symlinks=True,
-                        ignore=lambda d, names: [n for n in names if n == ".git" or
-                                                 (Path(d) == src_dir and n.startswith("build"))])
-        _run_logged([sys.executable, str(PATCH_DIR / "apply.py"), "apply", "--llama-cpp", str(source),
-                     "--series", str(SERIES)], log, "patching")
-    build = partial / "build"
-    t0 = time.monotonic()
-    if progress:
-        log.info("configuring llama.cpp (%s); log: %s", backend, entry / "build.log")
-    _run_logged(["cmake", "-S", str(source), "-B", str(build), *cmake_flags(backend)], log, "configure")
+def _patched_copy(src_dir: Path, dest: Path, log: Path) -> Path:
+    """Copy `src_dir` to `dest` (timestamps kept) and apply the patch series there."""
+    shutil.copytree(src_dir, dest, symlinks=True,
+                    ignore=lambda d, names: [n for n in names if n == ".git" or
+                                             (Path(d) == src_dir and n.startswith("build"))])
+    _run_logged([sys.executable, str(PATCH_DIR / "apply.py"), "apply", "--llama-cpp", str(dest),
+                 "--series", str(SERIES)], log, "patching")
+    return dest
+
+
+def _configure(source: Path, build: Path, backend: str, log: Path, seed: Path | None) -> bool:
+    """CMake-configure `build`, first seeded from the finished build dir `seed`; returns whether it was."""
+    seeded = seed is not None and seed_build_dir(seed, source, build)
+    try:
+        _run_logged(["cmake", "-S", str(source), "-B", str(build), *cmake_flags(backend)], log, "configure")
+    except LlamaBuildError:
+        if not seeded:
+            raise
+        logger.warning("configuring the build seeded from %s failed; building from scratch (log: %s)", seed, log)
+        shutil.rmtree(build)
+        return _configure(source, build, backend, log, None)
+    return seeded
+
+
+def _build_targets(build: Path, log: Path) -> list[str]:
+    """The TOOLS this tree can build; raises when a required one is missing."""
     targets_help = _run_logged(["cmake", "--build", str(build), "--target", "help"], log, "target listing")
     targets = [t for t in TOOLS if re.search(rf"(^|\s){re.escape(t)}(:|\s|$)", targets_help, re.M)]
     missing = sorted(set(TOOLS) - set(targets) - OPTIONAL_TOOLS)
     if missing:
         raise LlamaBuildError(f"this llama.cpp tree has no target(s) {', '.join(missing)}; log: {log}")
-    with tqdm(total=100, desc="building llama.cpp", unit="%", disable=not progress) as bar:
-        _run_logged(["cmake", "--build", str(build), "--config", "Release", "-j", str(usable_cores()),
-                     "--target", *targets], log, "build", bar)
+    return targets
+
+
+def _compile(build: Path, targets: list[str], log: Path, progress: bool, seeded: bool) -> str:
+    """`cmake --build` the targets with a progress bar; returns the build output."""
+    desc = "building llama.cpp (what the patches change)" if seeded else "building llama.cpp"
+    with tqdm(total=100, desc=desc, unit="%", disable=not progress) as bar:
+        return _run_logged(["cmake", "--build", str(build), "--config", "Release", "-j", str(usable_cores()),
+                            "--target", *targets], log, "build", bar)
+
+
+def _build(src_dir: Path, pkg_dir: Path | None, patches: list[Path], backend: str, entry: Path,
+           progress: bool, seed: Path | None = None) -> None:
+    """Build into `<entry>.partial`, then rename it to `entry`.
+
+    `seed`: a finished build dir of the same source and backend whose objects the build starts from.
+    """
+    partial = entry.with_name(entry.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    partial = partial.resolve()  # the paths CMake records, and a seeded build dir is re-pointed to
+    log = partial / "build.log"
+    source = _patched_copy(src_dir, partial / "source", log) if patches else src_dir
+    build = partial / "build"
+    t0 = time.monotonic()
+    if progress:
+        logger.info("configuring llama.cpp (%s); log: %s", backend, entry / "build.log")
+    seeded = _configure(source, build, backend, log, seed)
+    targets = _build_targets(build, log)
+    out = _compile(build, targets, log, progress, seeded)  # a compile error is the patches': no retry
     absent = [t for t in targets if not (build / "bin" / t).is_file()]
     if absent or not any((build / "bin").glob("libllama.*")):
         raise LlamaBuildError(f"build finished but {absent or 'libllama'} is missing from {build / 'bin'}; "
@@ -200,10 +235,30 @@ def _build(src_dir: Path, pkg_dir: Path | None, patches: list[Path], backend: st
     meta = {"source_dir": str(entry / "source" if patches else src_dir),
             "python_package_dir": str(pkg_dir) if pkg_dir else None,
             "patched": [p.name for p in patches], "backend": backend, "cmake_flags": cmake_flags(backend),
-            "targets": targets, "build_seconds": round(time.monotonic() - t0, 1)}
+            "targets": targets, "build_seconds": round(time.monotonic() - t0, 1),
+            "seeded_from": str(seed.parent) if seeded and seed else None,
+            "compiled_objects": compiled_objects(out)}
     (partial / META).write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(entry, ignore_errors=True)  # an incomplete leftover; finished entries never get here
     partial.rename(entry)
+
+
+def _ensure_entry(src: LlamaSource, patches: list[Path], backend: str, progress: bool) -> Path:
+    """The cache entry for this build, built first if missing.
+
+    A patched build starts from the plain build's objects (built first if missing), so that only what the
+    patches touch compiles twice.
+    """
+    entry = _cache_dir() / build_key(src.identity, patches, backend)
+    seed = None
+    if patches and not (entry / META).is_file():
+        seed = _ensure_entry(src, [], backend, progress) / "build"
+        if progress:
+            logger.info("building the patched llama.cpp from the plain build's objects")
+    with cache_entry_lock(entry):
+        if not (entry / META).is_file():
+            _build(src.llama_cpp_dir, src.python_package_dir, patches, backend, entry, progress, seed)
+    return entry
 
 
 def ensure_toolchain(source: str | os.PathLike[str] | None = None, patches: bool = False,
@@ -211,15 +266,11 @@ def ensure_toolchain(source: str | os.PathLike[str] | None = None, patches: bool
     """Return a built llama.cpp toolchain, fetching the source and building it if not cached.
 
     `source`: a llama.cpp tree (default: the pinned llama-cpp-python sdist). `patches`: build a copy
-    with `patches/llama.cpp/series` applied. `GLMGGUF_LLAMA_BUILD` (an existing build dir) wins.
+    with `patches/llama.cpp/series` applied, starting from the plain build's objects (the plain build is
+    made first when missing). `GLMGGUF_LLAMA_BUILD` (an existing build dir) wins.
     """
     if os.environ.get("GLMGGUF_LLAMA_BUILD"):
         return toolchain_from_build_dir(os.environ["GLMGGUF_LLAMA_BUILD"])
     src = resolve_source(source)
-    series = series_patches() if patches else []
-    entry = _cache_dir() / build_key(src.identity, series, backend)
-    with cache_entry_lock(entry):
-        if not (entry / META).is_file():
-            _build(src.llama_cpp_dir, src.python_package_dir, series, backend, entry, progress)
-    return _load_entry(entry)
+    return _load_entry(_ensure_entry(src, series_patches() if patches else [], backend, progress))
 
