@@ -275,16 +275,16 @@ import os
 if os.environ.get("STALL_WORK_DIR"):
     import time
 
-    from glmgguf import runner
+    from glmgguf import workdir
 
-    _write = runner.StreamingRunner._write_manifest
+    _finish = workdir.RunRecord.finish_layer
 
-    def _stalled(self, m):
-        _write(self, m)
-        if m["done"] and str(self.options.work_dir) == os.environ["STALL_WORK_DIR"]:
+    def _stalled(self, index, state, done, acts, topk):
+        _finish(self, index, state, done, acts, topk)
+        if done and str(self.work.path) == os.environ["STALL_WORK_DIR"]:
             time.sleep(600)
 
-    runner.StreamingRunner._write_manifest = _stalled
+    workdir.RunRecord.finish_layer = _stalled
 """
 
 
