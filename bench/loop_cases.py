@@ -42,7 +42,7 @@ from glmgguf.eval.loops import Loop, LoopConfig, LoopDetector
 from glmgguf.testbed.tokenizer import stdlib_corpus, stdlib_root
 
 CHUNK = 512
-PER_FILE = 4
+PER_FILE = 16
 MAX_PERIOD = 512
 NATURAL_KINDS = ("code", "tests", "data", "docs", "prose", "json", "tables", "lists")
 LOOP_FAMILIES = ("exact", "counter", "noisy", "paragraph", "nested", "think", "code", "prose")
