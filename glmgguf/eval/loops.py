@@ -6,25 +6,26 @@ A generation is a *loop* once one of these holds (token ids, checked after every
 - (b) repeated block: the output ends with a block of p <= `max_block` tokens (256) repeated
   `min_repeats` (20) times in a row, spanning >= `window` tokens (catches periods that (a) cannot see);
 - (c) think restart: the text re-opens `<think>` after a `</think>`, or closes it a second time;
-- (d) near repeat: >= `near_coverage` (95%) of the last `near_window` tokens (256) are copies: inside a run of
-  `near_ngram` (16) tokens that also occurred within the `near_reach` (1024) tokens before, single uncopied tokens
-  (`near_gap`) between two copies counted as copied. Catches counters, noisy tokens, repeated paragraphs and
+- (d) near repeat: >= `near_coverage` (95%) of the last `span(p)` tokens are copies, p the distance to the latest
+  copy: inside a run of `near_ngram` (16) tokens that also occurred within the `near_reach` (1024) tokens before,
+  single uncopied tokens (`near_gap`) between two copies counted as copied. `span(p) = min(span, max(488 - p,
+  2p - 8))` (`span` 448): two copies of a long block, for a short one what a loop shows within 512 tokens, so a
+  passage copied once in a 512-token stretch is not a loop. Catches counters, noisy tokens, repeated paragraphs and
   nested blocks that (a) and (b) miss; reported at the token where the coverage crossed the threshold;
 - (e) edited repeat: the output copies, token by token, what it wrote `d` >= `edit_min_period` (16) tokens before,
-  with at most `edit_rate` (6%) of the last `span(d) = min(edit_span, max(488 - d, 2d - 8))` tokens (448 at most;
-  two copies of a long block) neither copied nor at least 16 tokens back. Copies are followed by an alignment that
-  survives edits: each token is compared with the aligned token one and two iterations back (a token the previous
-  iteration changed matches the one before), an inserted or deleted token re-aligns on a bigram within
-  `edit_band` (3) positions, and a lost alignment is found again from the latest earlier occurrence of the last
-  `edit_ngram` (3) tokens. Catches the short blocks with dense edits that (d) misses (a token changed every
-  20-40 tokens, a name renamed in many places).
+  with at most `edit_rate` (6%) of the last `span(d)` tokens neither copied nor at least 16 tokens back. Copies are
+  followed by an alignment that survives edits: each token is compared with the aligned token one and two
+  iterations back (a token the previous iteration changed matches the one before), an inserted or deleted token
+  re-aligns on a bigram within `edit_band` (3) positions, and a lost alignment is found again from the latest
+  earlier occurrence of the last `edit_ngram` (3) tokens. Catches the short blocks with dense edits that (d)
+  misses (a token changed every 20-40 tokens, a name renamed in many places).
 
 (a) and (b) are the fast path for exact loops. The thresholds of (d) and (e) were chosen on the labelled set of
 bench/loop_detection.py (crafted loop families against 512-token chunks of natural text of eight kinds):
-16-token runs ignore the short shared fragments of templated text (JSON records, tables, unrolled asserts), 95% of
-a 256-token window gave no false loop on any natural kind; for (e), 6% edits is the largest rate with no false
-loop (7% flags indented JSON records whose only change is a name and a line number), and the 448-token span
-keeps short templated runs (a few unrolled asserts) out.
+16-token runs ignore the short shared fragments of templated text (JSON records, tables, unrolled asserts); a
+fixed 256-token window flagged copy-pasted test methods and argparse records copied once, the span does not; for
+(e), 6% edits is the largest rate with no false loop (7% flags indented JSON records whose only change is a name
+and a line number).
 
 *Borderline* (never a loop; kept apart): a periodic stretch of >= `borderline_span` tokens (48) holding >= 3
 copies of its block, or a whole-output seq-rep-4 >= `borderline_seq_rep4` (0.5).
@@ -51,13 +52,12 @@ class LoopConfig:
     borderline_span: int = 48
     borderline_seq_rep4: float = 0.5
     near_ngram: int = 16
-    near_window: int = 256
+    span: int = 448
     near_coverage: float = 0.95
     near_gap: int = 1
     near_reach: int = 1024
     edit_min_period: int = 16
     edit_rate: float = 0.06
-    edit_span: int = 448
     edit_band: int = 3
     edit_ngram: int = 3
 
@@ -83,8 +83,14 @@ def distinct_n(tokens: Sequence[int], n: int = 4) -> float | None:
     return len(set(grams)) / len(grams) if grams else None
 
 
+def span(period: int, config: LoopConfig) -> int:
+    """Tokens a loop of `period` must fill for rules (d) and (e): two copies of a long block (2p - 8), for a short
+    one what 512 tokens show after its first iteration (488 - p), at most `config.span`."""
+    return min(config.span, max(488 - period, 2 * period - 8))
+
+
 class NearRepeat:
-    """Rule (d): the share of the last `near_window` tokens that copy earlier text, updated per token in O(n-gram).
+    """Rule (d): the share of the last span(p) tokens that copy earlier text, updated per token in O(n-gram).
 
     A token is *copied* once an n-gram (`near_ngram` tokens) that holds it occurred before, at most `near_reach`
     tokens back; an uncopied gap of <= `near_gap` tokens between copied ones (a substituted token) counts too.
@@ -95,14 +101,11 @@ class NearRepeat:
         self._last: dict[tuple[int, ...], int] = {}  # n-gram -> index of its latest end
         self._copied = bytearray()  # per token: 1 when copied
         self._end = -1  # index of the latest copied token
-        self._count = 0  # copied tokens among the last near_window
 
     def feed(self, tokens: list[int]) -> Loop | None:
         """Account for tokens[-1] (the stream so far, [n]); a near_repeat Loop once the window is covered."""
         c, n = self.c, len(tokens) - 1
         self._copied.append(0)
-        if n >= c.near_window:
-            self._count -= self._copied[n - c.near_window]
         if n + 1 < c.near_ngram:
             return None
         gram = tuple(tokens[n - c.near_ngram + 1:])
@@ -115,11 +118,12 @@ class NearRepeat:
             lo = self._end + 1
         for i in range(max(lo, self._end + 1), n + 1):
             self._copied[i] = 1
-        self._count += n + 1 - max(lo, self._end + 1)
         self._end = n
-        if n + 1 >= c.near_window and self._count >= c.near_coverage * c.near_window:
-            period = n - prev
-            return Loop("near_repeat", period, round(self._count / period, 2), n + 1)
+        period = n - prev
+        w = span(period, c)
+        copied = self._copied.count(1, max(n + 1 - w, 0), n + 1)
+        if n + 1 >= w and copied >= c.near_coverage * w:
+            return Loop("near_repeat", period, round(copied / period, 2), n + 1)
         return None
 
 
@@ -163,10 +167,6 @@ class EditedRepeat:
             self._ptr[1], self._miss[1] = self._src[self._ptr[0]], 0
         self._ptr = [p if n - p <= c.near_reach else -1 for p in self._ptr]
 
-    def span(self, d: int) -> int:
-        """Tokens a loop of period d must hold: two copies of a long block, what 512 tokens show of a short one."""
-        return min(self.c.edit_span, max(488 - d, 2 * d - 8))
-
     def feed(self, tokens: list[int]) -> Loop | None:
         """Account for tokens[-1] (the stream so far, [n]); an edited_repeat Loop once the span is mostly copies."""
         c, n = self.c, len(tokens) - 1
@@ -179,9 +179,9 @@ class EditedRepeat:
         self._src[n] = self._ptr[0]
         d = n - self._ptr[0] if self._ptr[0] >= 0 else 0
         self._bad.append(self._bad[-1] + (not hit or d < c.edit_min_period))
-        span = self.span(d)
-        if d >= c.edit_min_period and n + 1 >= span and self._bad[-1] - self._bad[-1 - span] <= c.edit_rate * span:
-            return Loop("edited_repeat", d, round(span / d, 2), n + 1)
+        w = span(d, c)
+        if d >= c.edit_min_period and n + 1 >= w and self._bad[-1] - self._bad[-1 - w] <= c.edit_rate * w:
+            return Loop("edited_repeat", d, round(w / d, 2), n + 1)
         return None
 
 
