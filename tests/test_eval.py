@@ -27,6 +27,10 @@ from glmgguf.eval.stats import two_proportion_z, wilson
 # ----------------------------------------------------------------------------------------------------------------
 
 
+NO_NEAR = LoopConfig(near_coverage=1.01)  # rule (d) off
+NO_EDITS = LoopConfig(edit_rate=-1.0)  # rule (e) off
+
+
 def _random_tokens(n: int, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(4000) for _ in range(n)]
@@ -42,12 +46,14 @@ def test_periodic_tail_is_a_loop_at_the_window():
     assert not borderline
 
 
-def test_long_block_repeated_is_a_near_repeat_within_the_deadline_and_three_copies_are_not():
+def test_long_block_repeated_is_a_loop_within_the_deadline_and_three_copies_are_not():
     block = _random_tokens(60, seed=1)
     loop, _ = detect(_random_tokens(10, seed=2) + block * 25)
-    assert loop is not None and loop.kind == "near_repeat" and loop.period == 60
-    # found once 244 of the last 256 tokens (95%) copy earlier ones: 10 prefix + 60 (first copy) + 244
-    assert loop.at_token == 10 + 60 + 244
+    assert loop is not None and loop.kind == "edited_repeat" and loop.period == 60
+    # found once <= 25 of the last span(60) = 428 tokens (6%) are not copies: the 70 tokens before the first copy,
+    # 3 more while the alignment is found (a 3-gram), so at 70 + 3 + 428 - 25
+    assert loop.at_token == 70 + 3 + 428 - 25
+    assert detect(_random_tokens(10, seed=2) + block * 25, NO_EDITS)[0].at_token == 70 + 407  # (d): 95% of 428
     loop, borderline = detect(_random_tokens(10, seed=2) + block * 3 + _random_tokens(100, seed=3))
     assert loop is None and borderline
 
@@ -70,11 +76,10 @@ def test_issue_streams_are_loops_within_max_3_iterations_512_tokens(case):
     size, copies, vary = {"exact": (20, 150, None), "counter": (20, 150, 0), "noise": (20, 150, 7),
                           "paragraph": (300, 12, None)}[case]
     loop, _ = detect(_block_stream(_random_tokens(size, seed=9), copies, vary))
-    assert loop is not None and loop.kind in ("periodic", "near_repeat")
+    assert loop is not None and loop.kind in ("periodic", "near_repeat", "edited_repeat")
     assert 200 < loop.at_token <= 200 + max(3 * size, 512)
 
 
-NO_NEAR = LoopConfig(near_coverage=1.01)
 
 
 def _edited_stream(size: int, edits: int, copies: int, seed: int = 11) -> list[int]:
