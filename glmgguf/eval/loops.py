@@ -174,9 +174,8 @@ class EditedRepeat:
         for k in (0, 1):
             if self._ptr[k] >= 0:
                 hit = self._step(tokens, k) or hit
-        self._src.append(-1)
         self._realign(tokens)
-        self._src[n] = self._ptr[0]
+        self._src.append(self._ptr[0])
         d = n - self._ptr[0] if self._ptr[0] >= 0 else 0
         self._bad.append(self._bad[-1] + (not hit or d < c.edit_min_period))
         w = span(d, c)
