@@ -42,27 +42,36 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
                 num_samples: int | None, seed: int, text_field: str, batch_size: int, streaming: bool, device: str,
                 dtype: str, work_dir: Path | None, spill_threshold: int, shard_size: int, threads: int | None,
                 force: bool) -> None:
-    """Run the unpruned teacher MODEL over the KD text once and cache its top-k next-token distributions."""
+    """Run the unpruned teacher MODEL over the KD text once and cache its top-k next-token distributions.
+
+    Under `torchrun --nproc-per-node N -m glmgguf kd teacher ...` each rank runs its share of the text on its own
+    device and rank 0 writes the cache (the one one process would write)."""
+    from glmgguf.dist import launch
     from glmgguf.kd.identity import file_hashes
     from glmgguf.kd.teacher import build_teacher_cache
     from glmgguf.layout import GlmLayout
     from glmgguf.textpass import TextPass
 
     _threads(threads)
-    tp = TextPass.prepare(model, out, force=force, data=data, seq_len=seq_len, max_tokens=max_tokens,
-                          num_samples=num_samples, seed=seed, text_field=text_field, batch_size=batch_size,
-                          streaming=streaming, device=device, dtype=dtype, work_dir=work_dir,
-                          spill_threshold=spill_threshold)
-    layout = GlmLayout.from_dir(model)
-    text = {"files": file_hashes(data), "seed": seed, "max_tokens": max_tokens, "num_samples": num_samples,
-            "text_field": text_field, **tp.text.describe()}
-    click.echo(tp.describe("KD text") + f", top-{min(top_k, layout.vocab_size)} of {layout.vocab_size}")
-    with tp.progress(layout.n_layers, "teacher") as progress:
-        res = build_teacher_cache(
-            model, tp.text.sequences, out, top_k=top_k, streaming=streaming, batch_size=batch_size,
-            dtype=tp.dtype, device=device, device_map=None if device == "cpu" else device, work_dir=tp.work_dir,
-            spill_bytes=spill_threshold, shard_bytes=shard_size, text=text, force=force, progress=progress)
-    tp.finish()
+    with launch(device) as dist:
+        tp = TextPass.prepare(model, out, force=force, data=data, seq_len=seq_len, max_tokens=max_tokens,
+                              num_samples=num_samples, seed=seed, text_field=text_field, batch_size=batch_size,
+                              streaming=streaming, device=device, dtype=dtype, work_dir=work_dir,
+                              spill_threshold=spill_threshold, dist=dist)
+        layout = GlmLayout.from_dir(model)
+        text = {"files": file_hashes(data), "seed": seed, "max_tokens": max_tokens, "num_samples": num_samples,
+                "text_field": text_field, **tp.text.describe()}
+        if dist is None or dist.main:
+            click.echo(tp.describe("KD text") + f", top-{min(top_k, layout.vocab_size)} of {layout.vocab_size}")
+        with tp.progress(layout.n_layers, "teacher") as progress:
+            res = build_teacher_cache(
+                model, tp.text.sequences, out, top_k=top_k, streaming=streaming, batch_size=batch_size,
+                dtype=tp.dtype, device=tp.device, device_map=None if tp.device == "cpu" else tp.device,
+                work_dir=tp.work_dir, spill_bytes=spill_threshold, shard_bytes=shard_size, text=text, force=force,
+                progress=progress, dist=dist)
+        tp.finish()
+    if res is None:
+        return
     m = res.manifest
     click.echo(f"wrote {out}: {m['positions']} positions in {len(m['shards'])} shard(s), top-{m['top_k']}, "
                f"mean mass outside the top-k {m['mean_rest_mass']:.4f}, {res.seconds:.1f} s"
