@@ -1,0 +1,151 @@
+"""torchrun: data-parallel observe and teacher passes (2 gloo ranks on CPU) equal one process; bad launches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from glmgguf.cli import main
+from glmgguf.reap.stats import FIELDS, ReapStats
+
+SEQ_LEN = 48
+TEXT = ["--seq-len", str(SEQ_LEN), "--num-samples", "6", "--batch-size", "2", "--dtype", "f32"]  # 3 batches
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """torchrun starts every rank with one thread; the one-process reference runs the same kernels."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    from glmgguf.testbed import stdlib_corpus
+
+    p = tmp_path_factory.mktemp("dist") / "cal.jsonl"
+    p.write_text("".join(json.dumps({"text": d[:3000]}) + "\n" for d in stdlib_corpus("train")[:20]))
+    return p
+
+
+def _env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(args: list[str], n: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
+           str(_free_port()), "-m", "glmgguf", *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_process(args: list[str]) -> None:
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+
+
+def _shards(d: Path) -> dict[str, tuple[dict, dict[str, str]]]:
+    """Per shard file: its metadata and a digest of each tensor's bytes (safetensors orders the metadata keys
+    differently in every process, so the files' own bytes are not compared)."""
+    out = {}
+    for p in sorted(d.glob("*.safetensors")):
+        with safe_open(str(p), framework="pt") as f:
+            out[p.name] = (f.metadata(), {k: hashlib.sha256(f.get_tensor(k).numpy().tobytes()).hexdigest()
+                                          for k in f.keys()})  # noqa: SIM118
+    return out
+
+
+def test_observe_two_ranks_equal_one_process(trained_testbed_dir, calib, tmp_path):
+    """Counts exact, sums and maxima within 1e-5 (measured: identical to ~1e-9 relative, the reduction order);
+    a rank resumes its own interrupted run from its own work directory."""
+    from glmgguf.reap.data import load_calibration, load_tokenizer
+    from glmgguf.reap.observe import observe_streaming
+    from glmgguf.runner import RunInterrupted, chunk_sequences
+
+    common = ["reap", "observe", str(trained_testbed_dir), "--data", str(calib), *TEXT, "--streaming",
+              "--spill-threshold", "0"]
+    _one_process([*common, "--out", str(tmp_path / "one.safetensors")])
+    # rank 0 of 2 (batches 0 and 1) was interrupted after layer 2 in its work directory
+    seqs = load_calibration([calib], load_tokenizer(trained_testbed_dir), SEQ_LEN, num_samples=6).sequences
+    rank0 = tmp_path / "two.safetensors.work" / "rank-00000-of-00002"
+    with pytest.raises(RunInterrupted):
+        observe_streaming(trained_testbed_dir, chunk_sequences(seqs, 2)[:2], dtype=torch.float32, work_dir=rank0,
+                          spill_bytes=0, stop_after_layer=2)
+    r = _torchrun([*common, "--out", str(tmp_path / "two.safetensors")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(2 ranks, gloo)" in r.stdout and "resumed after layers [0, 1, 2]" in r.stdout
+    assert not (tmp_path / "two.safetensors.work").exists()
+    one, two = ReapStats.load(tmp_path / "one.safetensors"), ReapStats.load(tmp_path / "two.safetensors")
+    assert two.meta["ranks"] == 2 and two.meta["tokens"] == one.meta["tokens"] == 6 * SEQ_LEN
+    assert one.tokens == two.tokens and sorted(one.layers) == [1, 2, 3, 4]
+    for L, a in one.layers.items():
+        for k in FIELDS:
+            if k == "count":
+                assert torch.equal(a[k], two.layers[L][k]), (L, k)
+            else:
+                torch.testing.assert_close(two.layers[L][k], a[k], rtol=1e-5, atol=0)
+        assert int(a["count"].sum()) == one.tokens[L] * 4  # top-4 routing: every token counted 4 times
+
+
+def test_teacher_two_ranks_equal_one_process(trained_testbed_dir, calib, tmp_path):
+    """The cache shards hold the bytes one process writes; the manifests differ in the run's time only."""
+    from glmgguf.kd.teacher import TeacherCache
+
+    common = ["kd", "teacher", str(trained_testbed_dir), "--data", str(calib), *TEXT, "--top-k", "16",
+              "--shard-size", "15K", "--streaming", "--spill-threshold", "0"]
+    _one_process([*common, "--out", str(tmp_path / "one")])
+    r = _torchrun([*common, "--out", str(tmp_path / "two")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    one, two = TeacherCache(tmp_path / "one"), TeacherCache(tmp_path / "two")
+    # shards of 3 rows; rank 0 computed rows 0-3, rank 1 rows 4-5: the second shard holds rows of both
+    assert [s["count"] for s in two.manifest["shards"]] == [3, 3] and len(two) == len(one) == 6
+    assert _shards(tmp_path / "one") == _shards(tmp_path / "two")
+    diff = {k for k in {*one.manifest, *two.manifest} if one.manifest.get(k) != two.manifest.get(k)}
+    assert diff == {"seconds", "ranks"} and two.manifest["ranks"] == 2
+
+
+def _rank_env(rank: int, port: int) -> dict[str, str]:
+    return {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}
+
+
+def test_bad_launches(trained_testbed_dir, tiny_testbed_dir, calib, tmp_path, monkeypatch):
+    """One clear error each: ranks that see different model files, fewer batches than ranks, no rendezvous."""
+    text = ["--data", str(calib), *TEXT, "--streaming"]
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "glmgguf", "reap", "observe", str(model), *text, "--out",
+                               str(tmp_path / f"s{rank}.safetensors")], env=_rank_env(rank, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank, model in enumerate((trained_testbed_dir, tiny_testbed_dir))]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 1 and "Error: ranks see different model files: rank(s) 1 differ" in out, out
+        assert "Traceback" not in out
+    r = _torchrun(["reap", "observe", str(trained_testbed_dir), "--data", str(calib), "--seq-len", "48",
+                   "--num-samples", "2", "--batch-size", "2", "--out", str(tmp_path / "x.safetensors")])
+    assert r.returncode != 0 and "Error: 2 ranks but only 1 batches of text (--batch-size)" in r.stdout + r.stderr
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    res = CliRunner().invoke(main, ["reap", "observe", str(trained_testbed_dir), *text, "--out",
+                                    str(tmp_path / "y.safetensors")])
+    assert res.exit_code == 1 and "MASTER_ADDR is not: no rendezvous to join" in res.output
