@@ -45,7 +45,7 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
     """Run the unpruned teacher MODEL over the KD text once and cache its top-k next-token distributions.
 
     Under `torchrun --nproc-per-node N -m glmgguf kd teacher ...` each rank runs its share of the text on its own
-    device and rank 0 writes the cache (the one one process would write)."""
+    device and rank 0 writes the cache one process would write."""
     from glmgguf.dist import launch
     from glmgguf.kd.identity import file_hashes
     from glmgguf.kd.teacher import build_teacher_cache
