@@ -73,7 +73,7 @@ def measured(ranks: int, tmp: Path) -> dict:
     out: dict = {"observe": {}, "kd": {}}
     for n in (1, ranks):
         args = ["reap", "observe", str(model), *tx, "--streaming", "--out", str(tmp / f"stats{n}.safetensors")]
-        r = _run(glmgguf(*args, "--threads", "1") if n == 1 else torchrun(n, *args), tmp / "observe.log")
+        r = _run(glmgguf(*args) if n == 1 else torchrun(n, *args), tmp / "observe.log")
         secs = json.loads((tmp / f"stats{n}.json").read_text())["meta"]["seconds"]
         out["observe"][n] = {"tokens_per_s": 16 * 128 / secs, "process_wall_s": r["wall_s"]}
     _run(glmgguf("reap", "prune", str(model), "--stats", str(tmp / "stats1.safetensors"), "--keep", "8", "--out",
@@ -82,7 +82,7 @@ def measured(ranks: int, tmp: Path) -> dict:
     for n in (1, ranks):
         args = ["kd", "train", str(tmp / "pruned"), "--teacher-cache", str(tmp / "cache"), "--out",
                 str(tmp / f"kd{n}"), "--steps", "8", "--batch-size", "4", "--save-every", "0"]
-        r = _run(glmgguf(*args, "--threads", "1") if n == 1 else torchrun(n, *args, "--fsdp"), tmp / "kd.log")
+        r = _run(glmgguf(*args) if n == 1 else torchrun(n, *args, "--fsdp"), tmp / "kd.log")
         sps = json.loads((tmp / f"kd{n}" / "kd_train_log.json").read_text())["seconds_per_step"]
         out["kd"][n] = {"steps_per_s": 1 / sps, "process_wall_s": r["wall_s"]}
     for what, key in (("observe", "tokens_per_s"), ("kd", "steps_per_s")):
