@@ -40,7 +40,7 @@ ASSUME = {
         "H200": {"tflops": 989.0, "memory_gb": 141, "nvlink_gbs": 450, "pcie_gbs": 25},
         "B200": {"tflops": 2250.0, "memory_gb": 192, "nvlink_gbs": 900, "pcie_gbs": 50},
     },
-    "n_gpus": 8, "mfu": 0.35, "keep": 168, "batch": 8, "seq_len": 2048,
+    "n_gpus": 8, "mfu": 0.35, "keep": 168, "batch": 8, "seq_len": 2048, "steps": 1000,
     "layer_working_set_gb": 3.0,  # attention scores of one layer's recomputation and its MoE intermediates
     "gathers_per_step": 3,  # forward, recomputed forward, backward
 }
@@ -128,6 +128,9 @@ def glm52_memory() -> dict:
             "s_per_step": max(compute_s, gather_bytes / (g["nvlink_gbs"] * GB)),
             "s_per_step_cpu_offload": max(compute_s, a["gathers_per_step"] * shard / (g["pcie_gbs"] * GB)),
         }
+        v = out["gpus"][gpu]
+        v["hours"] = v["s_per_step"] * a["steps"] / 3600 if v["fits"] else None
+        v["hours_cpu_offload"] = v["s_per_step_cpu_offload"] * a["steps"] / 3600
     return out
 
 
