@@ -250,3 +250,63 @@ def test_fsdp_bad_launches(kd_inputs, tmp_path):
     assert res.exit_code == 1 and "--fsdp shards the student over the ranks of a torchrun launch" in res.output
     r = _torchrun(common)
     assert r.returncode != 0 and "launched with 2 ranks but without --fsdp" in r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline's [launch]
+# ---------------------------------------------------------------------------------------------------------------
+
+LAUNCH_PLAN = """\
+[pipeline]
+workdir = "work"
+model = "testbed:tiny"
+
+[data]
+calibration = ["stdlib:train"]
+kd = ["stdlib:train"]
+heldout = ["stdlib:heldout"]
+seq_len = 48
+calibration_samples = 4
+kd_samples = 4
+heldout_samples = 2
+batch_size = 2
+
+[reap]
+keep = 8
+dtype = "f32"
+streaming = true
+
+[kd]
+steps = 2
+batch_size = 2
+
+[launch]
+nproc_per_node = 2
+"""
+
+
+def test_plan_launch_runs_stages_under_torchrun(tmp_path):
+    """[launch] puts observe, the teacher passes and KD (with --fsdp) under torchrun; the observe stage runs on 2
+    ranks through the pipeline and writes the statistics one process writes."""
+    from glmgguf.pipeline.plan import PlanError, parse_plan
+    from glmgguf.pipeline.run import plan_stages, run_plan
+
+    path = tmp_path / "plan.toml"
+    path.write_text(LAUNCH_PLAN)
+    stages = {s.name: s for s in plan_stages(parse_plan(path))[1]}
+    on_ranks = ["--standalone", "--nproc-per-node", "2"]
+    assert {n for n, s in stages.items() if s.launcher == on_ranks} == {"observe", "teacher", "teacher-heldout",
+                                                                          "kd"}
+    assert "--fsdp" in stages["kd"].args and "--eval-cache" not in stages["kd"].args
+    assert stages["prune"].launcher == []
+    path.write_text(LAUNCH_PLAN.replace("nproc_per_node = 2", "nproc_per_node = 2\nnnodes = 2"))
+    with pytest.raises(PlanError, match=r"plan.toml:26: \[launch\] nnodes > 1 needs rdzv_endpoint"):
+        parse_plan(path)
+    path.write_text(LAUNCH_PLAN.replace("nproc_per_node = 2", "nproc_per_node = 4"))
+    with pytest.raises(PlanError, match=r"plan.toml:22: \[kd\] batch_size 2 is not divisible by the 4 ranks"):
+        parse_plan(path)
+    path.write_text(LAUNCH_PLAN)
+    run_plan(parse_plan(path), quiet=True, only=["observe"])
+    log = (tmp_path / "work" / "observe" / "log.txt").read_text()
+    assert "$ torchrun --standalone --nproc-per-node 2 -m glmgguf reap observe" in log and "(2 ranks, gloo)" in log
+    assert ReapStats.load(tmp_path / "work" / "observe" / "stats.safetensors").meta["ranks"] == 2
