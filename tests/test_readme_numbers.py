@@ -206,6 +206,7 @@ TABLE_SECTIONS = {  # README heading -> the JSONs its tables come from
     "## Evaluation": ["eval_loops", "loop_detection"],
     "### MTP drafting (`--draft-mtp`)": ["mtp_acceptance"],
     "### The patch series": ["patches_parity"],
+    "### Scaling and memory (`bench/dist_scaling.py`)": ["dist_scaling"],
 }
 SCALES = (1, 100, 1 / MIB, 1 / 1e9, 1 / 1e6, 1 / 60, 1 / 3600)
 CONSTANTS = {  # numbers in those tables that are settings, not measurements
