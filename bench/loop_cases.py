@@ -42,7 +42,7 @@ from glmgguf.eval.loops import Loop, LoopConfig, LoopDetector
 from glmgguf.testbed.tokenizer import stdlib_corpus, stdlib_root
 
 CHUNK = 512
-PER_FILE = 4
+PER_FILE = 16
 MAX_PERIOD = 512
 NATURAL_KINDS = ("code", "tests", "data", "docs", "prose", "json", "tables", "lists")
 LOOP_FAMILIES = ("exact", "counter", "noisy", "paragraph", "nested", "think", "code", "prose")
@@ -320,7 +320,11 @@ SWAPS = ("the", "a", "this", "that", "its", "each", "one", "some")
 
 
 def _prose(pool: Pool, rng: random.Random) -> Case:
-    words = pool.text(rng, _log_uniform(rng, 20, MAX_PERIOD - 16), prose=True).split(" ")
+    """Sentences repeated with one word swapped per copy; a slice of fewer than 8 words (a URL, a table rule) is
+    drawn again: swapping its only word would change the whole block."""
+    words: list[str] = []
+    while len(words) < 8:
+        words = pool.text(rng, _log_uniform(rng, 20, MAX_PERIOD - 16), prose=True).split(" ")
     its = []
     for _ in range(_repeat_to_deadline(len(words) * 4 // 3)):
         w = list(words)

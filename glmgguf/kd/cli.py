@@ -42,27 +42,36 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
                 num_samples: int | None, seed: int, text_field: str, batch_size: int, streaming: bool, device: str,
                 dtype: str, work_dir: Path | None, spill_threshold: int, shard_size: int, threads: int | None,
                 force: bool) -> None:
-    """Run the unpruned teacher MODEL over the KD text once and cache its top-k next-token distributions."""
+    """Run the unpruned teacher MODEL over the KD text once and cache its top-k next-token distributions.
+
+    Under `torchrun --nproc-per-node N -m glmgguf kd teacher ...` each rank runs its share of the text on its own
+    device and rank 0 writes the cache one process would write."""
+    from glmgguf.dist import launch
     from glmgguf.kd.identity import file_hashes
     from glmgguf.kd.teacher import build_teacher_cache
     from glmgguf.layout import GlmLayout
     from glmgguf.textpass import TextPass
 
     _threads(threads)
-    tp = TextPass.prepare(model, out, force=force, data=data, seq_len=seq_len, max_tokens=max_tokens,
-                          num_samples=num_samples, seed=seed, text_field=text_field, batch_size=batch_size,
-                          streaming=streaming, device=device, dtype=dtype, work_dir=work_dir,
-                          spill_threshold=spill_threshold)
-    layout = GlmLayout.from_dir(model)
-    text = {"files": file_hashes(data), "seed": seed, "max_tokens": max_tokens, "num_samples": num_samples,
-            "text_field": text_field, **tp.text.describe()}
-    click.echo(tp.describe("KD text") + f", top-{min(top_k, layout.vocab_size)} of {layout.vocab_size}")
-    with tp.progress(layout.n_layers, "teacher") as progress:
-        res = build_teacher_cache(
-            model, tp.text.sequences, out, top_k=top_k, streaming=streaming, batch_size=batch_size,
-            dtype=tp.dtype, device=device, device_map=None if device == "cpu" else device, work_dir=tp.work_dir,
-            spill_bytes=spill_threshold, shard_bytes=shard_size, text=text, force=force, progress=progress)
-    tp.finish()
+    with launch(device) as dist:
+        tp = TextPass.prepare(model, out, force=force, data=data, seq_len=seq_len, max_tokens=max_tokens,
+                              num_samples=num_samples, seed=seed, text_field=text_field, batch_size=batch_size,
+                              streaming=streaming, device=device, dtype=dtype, work_dir=work_dir,
+                              spill_threshold=spill_threshold, dist=dist)
+        layout = GlmLayout.from_dir(model)
+        text = {"files": file_hashes(data), "seed": seed, "max_tokens": max_tokens, "num_samples": num_samples,
+                "text_field": text_field, **tp.text.describe()}
+        if dist is None or dist.main:
+            click.echo(tp.describe("KD text") + f", top-{min(top_k, layout.vocab_size)} of {layout.vocab_size}")
+        with tp.progress(layout.n_layers, "teacher") as progress:
+            res = build_teacher_cache(
+                model, tp.text.sequences, out, top_k=top_k, streaming=streaming, batch_size=batch_size,
+                dtype=tp.dtype, device=tp.device, device_map=None if tp.device == "cpu" else tp.device,
+                work_dir=tp.work_dir, spill_bytes=spill_threshold, shard_bytes=shard_size, text=text, force=force,
+                progress=progress, dist=dist)
+        tp.finish()
+    if res is None:
+        return
     m = res.manifest
     click.echo(f"wrote {out}: {m['positions']} positions in {len(m['shards'])} shard(s), top-{m['top_k']}, "
                f"mean mass outside the top-k {m['mean_rest_mass']:.4f}, {res.seconds:.1f} s"
@@ -97,6 +106,10 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
               help="accelerate device_map of the student: 'auto' places it across all GPUs, 'cuda', 'cpu' "
                    "[default: cpu].")
 @click.option("--no-gradient-checkpointing", is_flag=True, help="Keep all activations (faster, more memory).")
+@click.option("--fsdp", is_flag=True,
+              help="Under torchrun: shard the student over the ranks with FSDP2 and split each batch across them "
+                   "(--batch-size is the global batch; --device-map picks cpu or cuda per rank).")
+@click.option("--cpu-offload", is_flag=True, help="With --fsdp: keep the parameter shards in host memory.")
 @click.option("--save-every", default=50, show_default=True, type=click.IntRange(min=0),
               help="Checkpoint every N steps (0: only at the end).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --work-dir.")
@@ -113,11 +126,15 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
 def train_cmd(student: Path, cache: Path, out: Path, lr: float, steps: int, batch_size: int, schedule: str,
               warmup_steps: int, weight_decay: float, grad_clip: float, train_bias: bool, no_mtp: bool,
               mtp_weight: float, seed: int, dtype: str, device_map: str | None, no_gradient_checkpointing: bool,
-              save_every: int, resume: bool, work_dir: Path | None, eval_cache: Path | None, eval_every: int,
-              data: tuple[Path, ...], threads: int | None, force: bool) -> None:
-    """Train only the MoE routers of STUDENT (pruned from the teacher) to match the teacher cache."""
+              fsdp: bool, cpu_offload: bool, save_every: int, resume: bool, work_dir: Path | None,
+              eval_cache: Path | None, eval_every: int, data: tuple[Path, ...],
+              threads: int | None, force: bool) -> None:
+    """Train only the MoE routers of STUDENT (pruned from the teacher) to match the teacher cache.
+
+    On many GPUs: `torchrun --nproc-per-node N -m glmgguf kd train ... --fsdp` (rank 0 writes OUT)."""
     from tqdm import tqdm
 
+    from glmgguf.dist import launch
     from glmgguf.kd.train import LOG_NAME, TrainOptions, train_router
 
     _threads(threads)
@@ -126,7 +143,9 @@ def train_cmd(student: Path, cache: Path, out: Path, lr: float, steps: int, batc
                         mtp=not no_mtp, mtp_weight=mtp_weight, seed=seed, dtype=DTYPES[dtype],
                         device_map=None if device_map in (None, "cpu") else device_map,
                         gradient_checkpointing=not no_gradient_checkpointing, save_every=save_every,
-                        eval_every=eval_every)
+                        eval_every=eval_every, fsdp=fsdp, cpu_offload=cpu_offload)
+    if cpu_offload and not fsdp:
+        raise click.UsageError("--cpu-offload needs --fsdp")
     bar: list = []
 
     def progress(step: int, total: int, rec: dict) -> None:
@@ -143,11 +162,17 @@ def train_cmd(student: Path, cache: Path, out: Path, lr: float, steps: int, batc
         (bar[0].write if bar else click.echo)(line)
 
     try:
-        res = train_router(student, cache, out, opts, work_dir=work_dir, resume=resume, force=force,
-                           eval_cache=eval_cache, data=list(data) or None, progress=progress, log=log)
+        with launch(device_map or "auto") as dist:
+            if dist is not None and fsdp:
+                opts.device_map = None  # each rank loads on the CPU, FSDP moves its shards to its device
+            res = train_router(student, cache, out, opts, work_dir=work_dir, resume=resume, force=force,
+                               eval_cache=eval_cache, data=list(data) or None, progress=progress, log=log,
+                               dist=dist)
     finally:
         if bar:
             bar[0].close()
+    if res is None:
+        return
     w = res.write
     recs = res.records
     first = sum(r["kl"] for r in recs[:10]) / max(len(recs[:10]), 1) if recs else float("nan")

@@ -37,6 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from glmgguf.dist import Dist
 from glmgguf.io import CheckpointReader, atomic_dir
 from glmgguf.kd.errors import CacheError, StudentMismatchError
 from glmgguf.kd.identity import (
@@ -83,7 +84,11 @@ class _ShardWriter:
         return f"teacher-{i + 1:05d}-of-{self.n_shards:05d}.safetensors"
 
     def add(self, ids: torch.Tensor, logits: torch.Tensor, top_k: int) -> None:
-        vals, tids, rest = topk_targets(logits, top_k)
+        """One chunk: token ids [B, S] and the teacher's logits [B, S, V]."""
+        self.add_targets(ids, *topk_targets(logits, top_k))
+
+    def add_targets(self, ids: torch.Tensor, vals: torch.Tensor, tids: torch.Tensor, rest: torch.Tensor) -> None:
+        """One chunk's targets (`topk_targets`): ids [B, S], top-k log-probs and ids [B, S, k], rest [B, S]."""
         self.rest_mass_sum += float(rest.double().exp().sum())
         self.positions += rest.numel()
         for k, t in zip(FIELDS, (ids.to(torch.int32), tids, vals, rest), strict=True):
@@ -109,6 +114,31 @@ class _ShardWriter:
         if len(self.shards) != self.n_shards:
             raise RuntimeError(f"wrote {len(self.shards)} cache shards, planned {self.n_shards}")
         return self.shards
+
+
+class _RankTargets:
+    """A rank other than 0: keeps its chunks' targets (CPU) until rank 0 receives them."""
+
+    def __init__(self) -> None:
+        self.targets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, ids: torch.Tensor, logits: torch.Tensor, top_k: int) -> None:
+        self.targets.append(tuple(t.detach().cpu() for t in topk_targets(logits, top_k)))
+
+    def send(self, dist: Dist) -> None:
+        for chunk in self.targets:
+            for t in chunk:
+                dist.send(t, 0)
+
+
+def _receive(dist: Dist, chunks: list[torch.Tensor], writer: _ShardWriter, top_k: int) -> None:
+    """Rank 0: every other rank's chunk targets, in rank order (= row order), into the shard writer."""
+    for src in range(1, dist.world):
+        for i in dist.span(len(chunks), src):
+            b, s = chunks[i].shape
+            like = (torch.empty(b, s, top_k, dtype=torch.float16), torch.empty(b, s, top_k, dtype=torch.int32),
+                    torch.empty(b, s, dtype=torch.float32))
+            writer.add_targets(chunks[i], *(dist.recv(t, src) for t in like))
 
 
 @dataclass
@@ -140,7 +170,7 @@ def _load_teacher(model_dir, dtype, device_map, reader: CheckpointReader):
 class _HeadVisitor(LayerVisitor):
     """Streaming: the LM head on each chunk's final hidden states, the logits into the cache writer."""
 
-    def __init__(self, reader: CheckpointReader, writer: _ShardWriter, top_k: int):
+    def __init__(self, reader: CheckpointReader, writer: _ShardWriter | _RankTargets, top_k: int):
         self.reader, self.writer, self.top_k = reader, writer, top_k
         self.head: torch.Tensor | None = None
 
@@ -150,7 +180,7 @@ class _HeadVisitor(LayerVisitor):
         self.writer.add(ids, torch.nn.functional.linear(hidden, self.head), self.top_k)
 
 
-def _run_streaming(model_dir: Path, chunks: list[torch.Tensor], writer: _ShardWriter, top_k: int,
+def _run_streaming(model_dir: Path, chunks: list[torch.Tensor], writer: _ShardWriter | _RankTargets, top_k: int,
                    options: RunOptions, progress: ProgressFn | None) -> dict:
     """The teacher one decoder layer at a time; returns the manifest's mode entries."""
     runner = StreamingRunner(model_dir, options)
@@ -161,7 +191,7 @@ def _run_streaming(model_dir: Path, chunks: list[torch.Tensor], writer: _ShardWr
 
 
 @torch.no_grad()
-def _run_in_memory(model_dir: Path, chunks: list[torch.Tensor], writer: _ShardWriter, top_k: int,
+def _run_in_memory(model_dir: Path, chunks: list[torch.Tensor], writer: _ShardWriter | _RankTargets, top_k: int,
                    dtype: torch.dtype, device_map: str | dict | None, reader: CheckpointReader,
                    progress: ProgressFn | None) -> dict:
     """The whole teacher loaded (accelerate's `device_map`); returns the manifest's mode entries."""
@@ -180,12 +210,15 @@ def build_teacher_cache(model_dir: str | os.PathLike, sequences: torch.Tensor, o
                         dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
                         device_map: str | dict | None = None, work_dir: Path | None = None,
                         spill_bytes: int = 4 * 1024**3, shard_bytes: int = 2 * 1024**3, text: dict | None = None,
-                        force: bool = False, progress: ProgressFn | None = None) -> CacheResult:
+                        force: bool = False, progress: ProgressFn | None = None,
+                        dist: Dist | None = None) -> CacheResult | None:
     """Run the teacher over `sequences` [N, S] and write the cache directory `out` (atomically).
 
     `text` describes where the tokens came from (data file hashes, packing settings) for the manifest.
     Streaming: one decoder layer on `device` at a time (`work_dir`/`spill_bytes` as in `glmgguf.runner`);
     in memory: `device_map` (None = CPU, "auto" = accelerate over the GPUs). `progress(block, n_tokens)`.
+    With `dist` (torchrun) every rank runs its contiguous share of the batches on its own `device` and rank 0
+    writes the cache one process would write; the other ranks return None once it is written.
     """
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -198,21 +231,35 @@ def build_teacher_cache(model_dir: str | os.PathLike, sequences: torch.Tensor, o
     top_k = min(top_k, layout.vocab_size)
     if int(sequences.max()) >= layout.vocab_size:
         raise CacheError(f"token id {int(sequences.max())} is outside the teacher's vocabulary ({layout.vocab_size})")
+    chunks = chunk_sequences(sequences, batch_size)
+    mine = chunks if dist is None else [chunks[i] for i in dist.share(len(chunks), "batches of KD text "
+                                                                                     "(--batch-size)")]
+
+    def run(sink: _ShardWriter | _RankTargets) -> dict:
+        if streaming:
+            return _run_streaming(model_dir, mine, sink, top_k, RunOptions(
+                dtype=dtype, device=device, work_dir=work_dir, spill_bytes=spill_bytes, mtp=False), progress)
+        return _run_in_memory(model_dir, mine, sink, top_k, dtype, device_map, reader, progress)
+
+    if dist is not None and not dist.main:
+        targets = _RankTargets()
+        run(targets)
+        targets.send(dist)
+        dist.barrier()
+        return None
     n, seq_len = sequences.shape
     tok_hash = token_hash(sequences)
     tok_file_hash = tokenizer_hash(model_dir)
     fingerprint = teacher_fingerprint(reader, layout)
     cache_id = sha256_hex(json.dumps([tok_hash, tok_file_hash, top_k, fingerprint["shared_digests"]],
                                sort_keys=True).encode())[:16]
-    chunks = chunk_sequences(sequences, batch_size)
     per_shard = max(1, shard_bytes // bytes_per_sequence(seq_len, top_k))
     with atomic_dir(out, force=force, inputs=[model_dir]) as tmp:
         writer = _ShardWriter(tmp, n, per_shard, cache_id)
-        if streaming:
-            mode = _run_streaming(model_dir, chunks, writer, top_k, RunOptions(
-                dtype=dtype, device=device, work_dir=work_dir, spill_bytes=spill_bytes, mtp=False), progress)
-        else:
-            mode = _run_in_memory(model_dir, chunks, writer, top_k, dtype, device_map, reader, progress)
+        mode = run(writer)
+        if dist is not None:
+            _receive(dist, chunks, writer, top_k)
+            mode["ranks"] = dist.world
         shards = writer.close()
         manifest = {
             "format": CACHE_FORMAT,
@@ -232,6 +279,8 @@ def build_teacher_cache(model_dir: str | os.PathLike, sequences: torch.Tensor, o
             "seconds": round(time.perf_counter() - t0, 3),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    if dist is not None:
+        dist.barrier()
     return CacheResult(Path(out), manifest, time.perf_counter() - t0)
 
 

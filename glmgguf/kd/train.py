@@ -20,8 +20,10 @@ the tokens that chose it.
 
 Checkpoints (trainable tensors, optimizer state, step, log) go to a work directory every `save_every` steps;
 `resume` continues the latest one with the same result as an uninterrupted run. A non-finite loss or gradient
-stops training and keeps the last good checkpoint. The output is the student with only the trained tensors
-replaced (`glmgguf.kd.write.write_student`, verified), a training log (JSON) and the loss curve (PNG).
+stops training and keeps the last good checkpoint. Under torchrun with `fsdp` the student is sharded over the ranks
+and the global batch split across them (`glmgguf.kd.fsdp`; DCP checkpoints, resumable on any number of ranks).
+The output is the student with only the trained tensors replaced (`glmgguf.kd.write.write_student`, verified),
+a training log (JSON) and the loss curve (PNG).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from glmgguf.choices import KD_SCHEDULES as SCHEDULES
+from glmgguf.dist import Dist
 from glmgguf.kd.checkpoints import latest_checkpoint, plot_curve, save_checkpoint
 from glmgguf.kd.errors import KdError, NanLossError
 from glmgguf.kd.loss import sparse_kl
@@ -72,6 +76,8 @@ class TrainOptions:
     gradient_checkpointing: bool = True
     save_every: int = 50
     eval_every: int = 0  # with an eval cache: evaluate every N steps (and at the start and end)
+    fsdp: bool = False  # under torchrun: FSDP2 over the ranks, data parallel (glmgguf.kd.fsdp)
+    cpu_offload: bool = False  # with fsdp: parameter shards in host memory
     stop_after_step: int | None = None  # testing aid: stop (as if interrupted) after this step's checkpoint
 
     def run_key(self) -> dict:
@@ -81,6 +87,8 @@ class TrainOptions:
         d = {k: getattr(self, k) for k in keep}
         if self.schedule == "cosine":
             d["steps"] = self.steps
+        if self.fsdp:  # DCP checkpoints: resumable with --fsdp only (on any number of ranks)
+            d["fsdp"] = True
         return d
 
 
@@ -124,10 +132,12 @@ def rows_for_step(step: int, n: int, batch: int, seed: int) -> list[int]:
     return out
 
 
-def batch_losses(student: Student, batch: dict[str, torch.Tensor], mtp_weight: float
+def batch_losses(forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+                 batch: dict[str, torch.Tensor], mtp_weight: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(total, trunk KL, MTP KL or None) of one batch, means over positions."""
-    logits, mtp_logits = student.forward(batch["input_ids"])
+    """(total, trunk KL, MTP KL or None) of one batch, means over positions; `forward` is `Student.forward` (or
+    its FSDP root)."""
+    logits, mtp_logits = forward(batch["input_ids"])
     dev = logits.device
     tgt = {k: batch[k].to(dev) for k in ("topk_ids", "topk_logprobs", "rest_logprob")}
     trunk = sparse_kl(logits, tgt["topk_ids"], tgt["topk_logprobs"], tgt["rest_logprob"]).mean()
@@ -193,11 +203,15 @@ class _Training:
     evals: list[dict] = field(default_factory=list)
     start: int = 0
     resumed_from: int | None = None
+    dist: Dist | None = None  # FSDP over these ranks
+    root: nn.Module | None = None  # the FSDP root (its forward is the student's)
 
     @classmethod
     def prepare(cls, student_dir: str | os.PathLike, opts: TrainOptions, cache: TeacherCache,
-                held: TeacherCache | None, work: Path, say: Callable[[str], None]) -> _Training:
-        """Load the student, free its routers and set up AdamW (decay on gate weights only)."""
+                held: TeacherCache | None, work: Path, say: Callable[[str], None],
+                dist: Dist | None = None) -> _Training:
+        """Load the student, free its routers (with `dist`: shard it) and set up AdamW (decay on gate weights
+        only)."""
         student = Student(student_dir, dtype=getattr(torch, opts.dtype), device_map=opts.device_map, mtp=opts.mtp)
         layout = student.layout
         names = router_names(layout, mtp=student.mtp is not None, bias=opts.train_bias)
@@ -209,6 +223,12 @@ class _Training:
         params = free_routers(student, opts.train_bias)
         if sorted(params) != sorted(names):
             raise KdError(f"routers found in the model {sorted(params)} differ from the layout's {sorted(names)}")
+        root = None
+        if dist is not None:
+            from glmgguf.kd.fsdp import router_parameters, shard_student
+
+            root = shard_student(student, dist, getattr(torch, opts.dtype), opts.cpu_offload)
+            params = router_parameters(student, list(params))
         decay = [p for n, p in params.items() if n.endswith(".weight")]
         no_decay = [p for n, p in params.items() if not n.endswith(".weight")]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
@@ -218,7 +238,13 @@ class _Training:
             student.model.activation_checkpointing_enable({"use_reentrant": False})
         student_id = checkpoint_digest(student_dir, router_names(layout, True, True))
         run_state = {"cache_id": cache.cache_id, "student": student_id, "options": opts.run_key()}
-        return cls(student, params, opt, opts, cache, held, work, run_state, say, names, (n_train, n_total))
+        return cls(student, params, opt, opts, cache, held, work, run_state, say, names, (n_train, n_total),
+                   dist=dist, root=root)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes shared files (rank 0, or the only process)."""
+        return self.dist is None or self.dist.main
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def begin(self, resume: bool, force: bool) -> None:
@@ -233,8 +259,14 @@ class _Training:
         else:
             if resume:
                 self.say(f"nothing to resume in {self.work}: starting at step 0")
-            shutil.rmtree(self.work, ignore_errors=True)
-        self.work.mkdir(parents=True, exist_ok=True)
+            if self.dist is not None:
+                self.dist.barrier()  # every rank has looked for a checkpoint before rank 0 clears them
+            if self.main:
+                shutil.rmtree(self.work, ignore_errors=True)
+        if self.main:
+            self.work.mkdir(parents=True, exist_ok=True)
+        if self.dist is not None:
+            self.dist.barrier()
         if self.start >= self.opts.steps:
             self.say(f"checkpoint is at step {self.start} >= --steps {self.opts.steps}: writing it")
 
@@ -248,19 +280,59 @@ class _Training:
             diff = {k: (st["options"].get(k), v) for k, v in self.run_state["options"].items()
                     if st["options"].get(k) != v}
             raise KdError(f"checkpoint {ckpt} was made with other settings: {diff} (checkpoint, now)")
-        saved = load_file(str(ckpt / "trainable.safetensors"))
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(saved[n].to(p.device))
-        self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        self._load(ckpt)
         self.start = self.resumed_from = int(st["step"])
         self.records = list(st.get("records", []))
         self.evals = list(st.get("evals", []))
         self.say(f"resumed from step {self.start} ({ckpt})")
 
+    def _load(self, ckpt: Path) -> None:
+        """The trainable tensors and optimizer state of a checkpoint (DCP with FSDP, else safetensors + torch)."""
+        from glmgguf.kd.fsdp import is_sharded_checkpoint, load_sharded
+
+        if is_sharded_checkpoint(ckpt) != (self.root is not None):  # also told apart by the options' "fsdp"
+            raise KdError(f"checkpoint {ckpt} was written {'with' if self.root is None else 'without'} --fsdp: "
+                          "resume it the same way")
+        if self.root is not None:
+            load_sharded(ckpt, self.params, self.opt, self.root)
+            return
+        saved = load_file(str(ckpt / "trainable.safetensors"))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(saved[n].to(p.device))
+        self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+
     def save(self, step: int) -> None:
-        save_checkpoint(self.work, step, self.params, self.opt,
-                        {**self.run_state, "records": self.records, "evals": self.evals})
+        state = {**self.run_state, "records": self.records, "evals": self.evals}
+        if self.dist is not None:
+            from glmgguf.kd.fsdp import save_sharded
+
+            save_sharded(self.work, step, self.params, self.opt, self.root, state, self.dist)
+        else:
+            save_checkpoint(self.work, step, self.params, self.opt, state)
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, whole, on the CPU (with FSDP gathered on every rank: a collective)."""
+        from glmgguf.kd.fsdp import full_tensor
+
+        return {n: full_tensor(p) for n, p in self.params.items()}
+
+    def batch_rows(self, step: int) -> list[int]:
+        """The rows of `step`'s global batch this process computes (with FSDP its even share)."""
+        rows = rows_for_step(step, len(self.cache), self.opts.batch_size, self.opts.seed)
+        if self.dist is None:
+            return rows
+        per = self.dist.divide(len(rows), "--batch-size (the global batch)")
+        return rows[self.dist.rank * per:(self.dist.rank + 1) * per]
+
+    def mean_over_ranks(self, values: list[torch.Tensor | None]) -> list[float | None]:
+        """Batch means as floats; with FSDP the mean over the ranks' equal shares (the global batch's mean)."""
+        present = [v.detach().float().reshape(()) for v in values if v is not None]
+        t = torch.stack(present)
+        if self.dist is not None:
+            t = self.dist.all_reduce(t, "sum") / self.dist.world
+        it = iter(t.tolist())
+        return [None if v is None else next(it) for v in values]
 
     # -- steps ------------------------------------------------------------------------------------------------
     def measure(self, step: int) -> None:
@@ -279,23 +351,25 @@ class _Training:
         lr = lr_at(step, opts)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        batch = self.cache.batch(rows_for_step(step, len(self.cache), opts.batch_size, opts.seed))
-        total, trunk, mtp = batch_losses(self.student, batch, opts.mtp_weight)
-        if not torch.isfinite(total):
+        batch = self.cache.batch(self.batch_rows(step))
+        total, trunk, mtp = batch_losses(self.root or self.student.forward, batch, opts.mtp_weight)
+        loss, kl, mtp_kl = self.mean_over_ranks([total, trunk, mtp])
+        if not math.isfinite(loss):
             kept = (f"the last good checkpoint (step {last_saved}) is kept in {self.work}; continue with --resume "
                     "and a lower --lr" if last_saved is not None else "no checkpoint was saved yet (--save-every)")
-            raise NanLossError(f"loss is {total.item()} at step {step + 1}: training stopped; {kept}")
+            raise NanLossError(f"loss is {loss} at step {step + 1}: training stopped; {kept}")
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()),
                                                opts.grad_clip if opts.grad_clip > 0 else float("inf"))
+        if isinstance(gnorm, DTensor):
+            gnorm = gnorm.full_tensor()
         if not torch.isfinite(gnorm):
             kept = (f"the last good checkpoint (step {last_saved}) is kept in {self.work}" if last_saved is not None
                     else "no checkpoint was saved yet")
             raise NanLossError(f"gradient norm is {gnorm.item()} at step {step + 1}: training stopped; {kept}")
         self.opt.step()
-        return {"step": step + 1, "loss": total.item(), "kl": trunk.item(), "lr": lr, "grad_norm": gnorm.item(),
-                "mtp_kl": None if mtp is None else mtp.item()}
+        return {"step": step + 1, "loss": loss, "kl": kl, "lr": lr, "grad_norm": gnorm.item(), "mtp_kl": mtp_kl}
 
     def run(self, progress: ProgressFn | None) -> float:
         """Train from `start` to `opts.steps` (evaluating and checkpointing on schedule); seconds spent."""
@@ -354,10 +428,9 @@ def _log_doc(t: _Training, student_dir: str | os.PathLike, cache_dir: str | os.P
     }
 
 
-def _write_output(t: _Training, student_dir: str | os.PathLike, out: Path, log_doc: dict,
-                  force: bool) -> WriteReport:
-    """The student with only the trained tensors replaced (verified), its loss curve and the training log."""
-    trained = {n: p.detach().to("cpu") for n, p in t.params.items()}
+def _write_output(t: _Training, trained: dict[str, torch.Tensor], student_dir: str | os.PathLike, out: Path,
+                  log_doc: dict, force: bool) -> WriteReport:
+    """The student with only the `trained` tensors replaced (verified), its loss curve and the training log."""
     curve = t.work / CURVE_NAME
     plot_curve(log_doc, curve)
     t.say(f"writing {out} (only the {len(trained)} router tensors change) and verifying it")
@@ -373,30 +446,63 @@ def train_router(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, o
                  options: TrainOptions | None = None, *, work_dir: str | os.PathLike | None = None,
                  resume: bool = False, force: bool = False, eval_cache: str | os.PathLike | None = None,
                  data: list[str | os.PathLike] | None = None, progress: ProgressFn | None = None,
-                 log: Callable[[str], None] | None = None) -> TrainResult:
+                 log: Callable[[str], None] | None = None, dist: Dist | None = None) -> TrainResult | None:
     """Distill the routers of `student_dir` to the teacher of `cache_dir`; write the student to `out`.
 
     `work_dir` (default OUT.work) holds the periodic checkpoints; `resume` continues the latest. `eval_cache`: a
     held-out teacher cache measured every `eval_every` steps. `data`: the KD text files, checked against the
     cache's text hashes. `progress(step, steps, record)` after each step; `log(line)` for messages.
+    With `dist` (torchrun) and `options.fsdp` every rank trains its share of each global batch on the sharded
+    student; rank 0 writes the output and returns the result, the other ranks return None once it is written.
     """
     from glmgguf.io.atomic import check_output
 
     t0 = time.perf_counter()
     opts = options or TrainOptions()
-    say = log or (lambda s: None)
     _check_options(opts)
+    dist = _check_launch(opts, dist, eval_cache)
+    main = dist is None or dist.main
+    say = (log or (lambda s: None)) if main else (lambda s: None)
     out = Path(out)
     work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
     inputs = [student_dir, cache_dir, *([eval_cache] if eval_cache is not None else []), *(data or [])]
     check_output(out, force, inputs)  # before the training, not when writing its result
     cache, held, keep_map = _open_caches(student_dir, cache_dir, eval_cache, data, say)
-    t = _Training.prepare(student_dir, opts, cache, held, work, say)
+    if dist is not None:
+        from glmgguf.dist import checkpoint_identity
+
+        dist.same("student files", checkpoint_identity(student_dir))
+        dist.same("teacher caches", cache.cache_id)
+    t = _Training.prepare(student_dir, opts, cache, held, work, say, dist)
     t.begin(resume, force)
-    train_s = t.run(progress)
+    train_s = t.run(progress if main else None)
+    trained = t.trained()
+    if not main:
+        dist.barrier()  # rank 0 writes
+        return None
     log_doc = _log_doc(t, student_dir, cache_dir, eval_cache, keep_map, train_s)
-    report = _write_output(t, student_dir, out, log_doc, force)
+    report = _write_output(t, trained, student_dir, out, log_doc, force)
     log_doc["seconds"] = round(time.perf_counter() - t0, 2)
     (out / LOG_NAME).write_text(json.dumps(log_doc, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
+    if dist is not None:
+        dist.barrier()
     return TrainResult(out, log_doc, report, time.perf_counter() - t0, t.resumed_from, t.records)
+
+
+def _check_launch(opts: TrainOptions, dist: Dist | None, eval_cache: str | os.PathLike | None) -> Dist | None:
+    """The process group training uses (None: one process); refuses launches that would not train as asked."""
+    if opts.fsdp and dist is None:
+        raise KdError("--fsdp shards the student over the ranks of a torchrun launch: "
+                      "torchrun --nproc-per-node N -m glmgguf kd train ... --fsdp")
+    if dist is None:
+        return None
+    if not opts.fsdp:
+        if dist.world > 1:
+            raise KdError(f"launched with {dist.world} ranks but without --fsdp: every rank would train the whole "
+                          "student alone; pass --fsdp")
+        return None
+    if eval_cache is not None:
+        raise KdError("--eval-cache is not supported with --fsdp: measure the output with `glmgguf kd eval`")
+    dist.divide(opts.batch_size, "--batch-size (the global batch)")
+    return dist

@@ -37,7 +37,8 @@ def dry_run_lines(plan: Plan, model_config: Path | None) -> list[str]:
                      f"{format_size(e.memory)} | {e.note} |")
     lines += ["", f"disk for all stages: {format_size(total)} (plus the source model, {format_size(src)})", "",
               "commands:"]
-    lines += [f"  [{s.name}] glmgguf {' '.join(s.args)}" for s in stages]
+    lines += [f"  [{s.name}] {'torchrun ' + ' '.join(s.launcher) + ' -m ' if s.launcher else ''}glmgguf "
+              f"{' '.join(s.args)}" for s in stages]
     return lines
 
 

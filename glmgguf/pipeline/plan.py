@@ -116,6 +116,21 @@ class KdSection:
 
 
 @dataclass
+class LaunchSection:
+    """[launch]: observe, the teacher passes and Router-KD (with FSDP2) run under torchrun on these ranks; each
+    rank's backend follows its stage's device (NCCL on CUDA, gloo on the CPU)."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0  # this node's place (the plan runs on every node)
+    rdzv_endpoint: str | None = None  # HOST:PORT of the rendezvous, needed when nnodes > 1
+
+    @property
+    def world(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+@dataclass
 class GgufOutput:
     """[[gguf]]: one GGUF output (several tables: several outputs)."""
 
@@ -156,7 +171,8 @@ class EvalSection:
 
 
 SECTIONS: dict[str, type] = {"pipeline": PipelineSection, "data": DataSection, "reap": ReapSection,
-                             "kd": KdSection, "gguf": GgufOutput, "nvfp4": Nvfp4Section, "eval": EvalSection}
+                             "kd": KdSection, "gguf": GgufOutput, "nvfp4": Nvfp4Section, "eval": EvalSection,
+                             "launch": LaunchSection}
 LIST_SECTIONS = frozenset({"gguf"})  # [[gguf]]: several outputs
 
 
@@ -176,6 +192,7 @@ class Plan:
     gguf: list[GgufOutput] = field(default_factory=list)
     nvfp4: Nvfp4Section | None = None
     eval: EvalSection | None = None
+    launch: LaunchSection | None = None
 
     def where(self, section: str, key: str | None = None, index: int = 0) -> str:
         """`plan.toml:12` for messages."""
@@ -282,7 +299,7 @@ def parse_plan(path: str | Path, workdir: str | Path | None = None) -> Plan:
     plan = Plan(path=path, text=text, base=base, workdir=Path(workdir or base / pipe.workdir).resolve(),
                 model=pipe.model, threads=pipe.threads, data=sections.get("data") or DataSection(),
                 reap=sections.get("reap"), kd=sections.get("kd"), gguf=gguf, nvfp4=sections.get("nvfp4"),
-                eval=sections.get("eval"))
+                eval=sections.get("eval"), launch=sections.get("launch"))
     _check_structure(plan)
     return plan
 
@@ -328,7 +345,24 @@ def _check_structure(plan: Plan) -> None:
     for key in ("seq_len", "batch_size"):
         if getattr(plan.data, key) < 1:
             raise fail("data", key, f"[data] {key} must be positive")
+    if plan.launch is not None:
+        _check_launch(plan, fail)
     _check_sizes(plan, fail)
+
+
+def _check_launch(plan: Plan, fail: Callable[..., PlanError]) -> None:
+    la = plan.launch
+    assert la is not None
+    for key in ("nproc_per_node", "nnodes"):
+        if getattr(la, key) < 1:
+            raise fail("launch", key, f"[launch] {key} must be at least 1")
+    if not 0 <= la.node_rank < la.nnodes:
+        raise fail("launch", "node_rank", f"[launch] node_rank must be in 0..{la.nnodes - 1}")
+    if la.nnodes > 1 and not la.rdzv_endpoint:
+        raise fail("launch", "nnodes", "[launch] nnodes > 1 needs rdzv_endpoint (HOST:PORT of the rendezvous)")
+    if plan.kd is not None and plan.kd.batch_size % la.world:
+        raise fail("kd", "batch_size", f"[kd] batch_size {plan.kd.batch_size} is not divisible by the "
+                                       f"{la.world} ranks of [launch] (each takes an equal share)")
 
 
 def _check_sizes(plan: Plan, fail: Callable[..., PlanError]) -> None:

@@ -71,11 +71,14 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
 
 
 def _run_command(stage: Stage, quiet: bool) -> None:
-    """`python -m glmgguf ARGS`, its output to `STAGE/log.txt` (and the terminal unless quiet)."""
-    cmd = [sys.executable, "-m", "glmgguf", *stage.args]
+    """`python -m glmgguf ARGS` (under torchrun for a stage of [launch]), its output to `STAGE/log.txt` (and the
+    terminal unless quiet)."""
+    torchrun = ["torch.distributed.run", *stage.launcher, "-m"] if stage.launcher else []
+    cmd = [sys.executable, "-m", *torchrun, "glmgguf", *stage.args]
     log = stage.dir / "log.txt"
     with open(log, "ab") as fh:
-        fh.write(f"\n$ glmgguf {' '.join(stage.args)}\n".encode())
+        shown = f"torchrun {' '.join(stage.launcher)} -m glmgguf" if stage.launcher else "glmgguf"
+        fh.write(f"\n$ {shown} {' '.join(stage.args)}\n".encode())
         fh.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 preexec_fn=_die_with_parent)

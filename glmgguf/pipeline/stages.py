@@ -25,10 +25,22 @@ class Stage:
     after: list[str] = field(default_factory=list)  # earlier stages whose outputs it reads
     what: str = ""
     output_dir_first: bool = False  # the runner creates `output` (a directory) for the command to write into
+    launcher: list[str] = field(default_factory=list)  # torchrun's arguments when it runs on every rank
 
     @property
     def manifest(self) -> Path:
         return self.dir / "manifest.json"
+
+
+def _torchrun(plan: Plan) -> list[str]:
+    """torchrun's arguments for a stage run on every rank of [launch] (none for one process)."""
+    la = plan.launch
+    if la is None or la.world == 1:
+        return []
+    if la.nnodes == 1:
+        return ["--standalone", "--nproc-per-node", str(la.nproc_per_node)]
+    return ["--nnodes", str(la.nnodes), "--node-rank", str(la.node_rank), "--nproc-per-node",
+            str(la.nproc_per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint", str(la.rdzv_endpoint)]
 
 
 def _threads(plan: Plan) -> list[str]:
@@ -96,7 +108,7 @@ def _observe_stages(c: _Chain) -> list[Stage]:
     if r.streaming:
         args += ["--streaming", "--work-dir", str(w / "observe" / "work"), "--spill-threshold", r.spill_threshold]
     return [Stage("observe", w / "observe", args, c.stats, {"model": c.model, **_texts(c.data["calibration"])},
-                  what="REAP statistics on the calibration text")]
+                  what="REAP statistics on the calibration text", launcher=_torchrun(c.plan))]
 
 
 def _prune_stages(c: _Chain) -> list[Stage]:
@@ -121,7 +133,8 @@ def _teacher_stage(c: _Chain, name: str, paths: list[Path], samples: int | None,
     if k.teacher_streaming:
         args += ["--streaming", "--work-dir", str(w / name / "work"), "--spill-threshold",
                  k.teacher_spill_threshold]
-    return Stage(name, w / name, args, cache, {"model": c.model, **_texts(paths)}, what=what)
+    return Stage(name, w / name, args, cache, {"model": c.model, **_texts(paths)}, what=what,
+                 launcher=_torchrun(c.plan))
 
 
 def _kd_stages(c: _Chain) -> list[Stage]:
@@ -139,15 +152,19 @@ def _kd_stages(c: _Chain) -> list[Stage]:
             *_threads(c.plan)]
     if k.train_bias:
         args.append("--train-bias")
+    launcher = _torchrun(c.plan)
+    if launcher:
+        args.append("--fsdp")
     stages = [teacher]
     heldout = c.data.get("heldout") or []
     if heldout:
         stages.append(_teacher_stage(c, "teacher-heldout", heldout, d.heldout_samples,
                                      "teacher cache of the held-out text (KD is measured on it)"))
-        args += ["--eval-cache", str(stages[-1].output), "--eval-every", str(max(1, k.steps // 4))]
+        if not launcher:  # with FSDP the held-out cache is measured after training (`kd eval`), not during it
+            args += ["--eval-cache", str(stages[-1].output), "--eval-every", str(max(1, k.steps // 4))]
     after = [*c.after, *(s.name for s in stages)]
     stages.append(c.produced(Stage("kd", w / "kd", args, out, _texts(c.data["kd"]), after,
-                                   what="router-distilled checkpoint")))
+                                   what="router-distilled checkpoint", launcher=launcher)))
     return stages
 
 

@@ -27,27 +27,39 @@ def reap() -> None:
 def observe_cmd(model: Path, data: tuple[Path, ...], out: Path, seq_len: int, max_tokens: int | None,
                 num_samples: int | None, seed: int, text_field: str, batch_size: int, streaming: bool, device: str,
                 dtype: str, work_dir: Path | None, spill_threshold: int, no_mtp: bool, force: bool) -> None:
-    """Run calibration text through MODEL and save per-expert REAP statistics."""
+    """Run calibration text through MODEL and save per-expert REAP statistics.
+
+    Under `torchrun --nproc-per-node N -m glmgguf reap observe ...` each rank observes its share of the text on
+    its own device and rank 0 writes the combined statistics (the file one process would write)."""
+    from glmgguf.dist import launch
     from glmgguf.layout import GlmLayout
     from glmgguf.reap.observe import observe
     from glmgguf.textpass import TextPass
 
-    tp = TextPass.prepare(model, out, force=force, data=data, seq_len=seq_len, max_tokens=max_tokens,
-                          num_samples=num_samples, seed=seed, text_field=text_field, batch_size=batch_size,
-                          streaming=streaming, device=device, dtype=dtype, work_dir=work_dir,
-                          spill_threshold=spill_threshold)
-    layout = GlmLayout.from_dir(model)
-    click.echo(tp.describe("calibration"))
-    with tp.progress(layout.n_layers + (0 if no_mtp else layout.n_mtp), "observe") as progress:
-        stats = observe(model, tp.chunks, streaming=streaming, dtype=tp.dtype, device=device, device_map=device,
-                        work_dir=tp.work_dir, spill_bytes=spill_threshold, mtp=not no_mtp, progress=progress,
-                        meta={"data": [p.name for p in data], "seed": seed, **tp.text.describe()})
-    stats.save(out, force=force)
-    tp.finish()
-    secs, resumed = stats.meta["seconds"], stats.meta.get("layers_resumed")
-    click.echo(f"wrote {out} ({len(stats.layers)} MoE layers, {stats.meta['tokens']} tokens in {secs:.1f} s, "
-               f"{stats.meta['tokens'] / max(secs, 1e-9):.0f} tok/s"
-               f"{f'; resumed after layers {resumed}' if resumed else ''})")
+    with launch(device) as dist:
+        tp = TextPass.prepare(model, out, force=force, data=data, seq_len=seq_len, max_tokens=max_tokens,
+                              num_samples=num_samples, seed=seed, text_field=text_field, batch_size=batch_size,
+                              streaming=streaming, device=device, dtype=dtype, work_dir=work_dir,
+                              spill_threshold=spill_threshold, dist=dist)
+        main = dist is None or dist.main
+        layout = GlmLayout.from_dir(model)
+        if main:
+            click.echo(tp.describe("calibration"))
+        with tp.progress(layout.n_layers + (0 if no_mtp else layout.n_mtp), "observe") as progress:
+            stats = observe(model, tp.chunks, streaming=streaming, dtype=tp.dtype, device=tp.device,
+                            device_map=tp.device, work_dir=tp.work_dir, spill_bytes=spill_threshold,
+                            mtp=not no_mtp, progress=progress,
+                            meta={"data": [p.name for p in data], "seed": seed, **tp.text.describe()})
+        if dist is not None:
+            stats = stats.all_reduce(dist)
+        if main:
+            stats.save(out, force=force)
+        tp.finish()
+    if main:
+        secs, resumed = stats.meta["seconds"], stats.meta.get("layers_resumed")
+        click.echo(f"wrote {out} ({len(stats.layers)} MoE layers, {stats.meta['tokens']} tokens in {secs:.1f} s, "
+                   f"{stats.meta['tokens'] / max(secs, 1e-9):.0f} tok/s"
+                   f"{f'; resumed after layers {resumed}' if resumed else ''})")
 
 
 def _plan(model: Path, stats_paths: tuple[Path, ...], keep, ratio, per_layer, metric, seed):

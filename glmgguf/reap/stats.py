@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -21,6 +22,9 @@ from glmgguf.choices import REAP_METRICS as METRICS
 from glmgguf.io import atomic_file
 from glmgguf.layout import GlmLayout
 from glmgguf.reap.errors import StatsError
+
+if TYPE_CHECKING:
+    from glmgguf.dist import Dist
 
 FORMAT = "glmgguf.reap.stats/1"
 
@@ -110,6 +114,19 @@ class ReapStats:
             out.layers[L] = {k: (a[k] + b[k]) if how == "sum" else torch.maximum(a[k], b[k])
                              for k, (_, how) in FIELDS.items()}
             out.tokens[L] = self.tokens.get(L, 0) + other.tokens.get(L, 0)
+        return out
+
+    def all_reduce(self, dist: Dist) -> ReapStats:
+        """Every rank's statistics combined as `merge` combines runs (sums and counts add, maxima take the max),
+        on every rank; the run settings are rank 0's, with the longest rank's seconds."""
+        out = ReapStats(self.fingerprint, {}, {}, dict(self.meta))
+        for L, t in sorted(self.layers.items()):
+            out.layers[L] = {k: dist.all_reduce(t[k], how) for k, (_, how) in FIELDS.items()}
+            out.tokens[L] = int(dist.all_reduce(torch.tensor([self.tokens.get(L, 0)]), "sum")[0])
+        if "seconds" in self.meta:
+            t = dist.all_reduce(torch.tensor([float(self.meta["seconds"])], dtype=torch.float64), "max")
+            out.meta["seconds"] = round(float(t[0]), 3)
+        out.meta["ranks"] = dist.world
         return out
 
     def select(self, keep: dict[int, list[int]]) -> ReapStats:

@@ -1,0 +1,312 @@
+"""torchrun: data-parallel observe and teacher passes (2 gloo ranks on CPU) equal one process; bad launches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from glmgguf.cli import main
+from glmgguf.reap.stats import FIELDS, ReapStats
+
+SEQ_LEN = 48
+TEXT = ["--seq-len", str(SEQ_LEN), "--num-samples", "6", "--batch-size", "2", "--dtype", "f32"]  # 3 batches
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """torchrun starts every rank with one thread; the one-process reference runs the same kernels."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    from glmgguf.testbed import stdlib_corpus
+
+    p = tmp_path_factory.mktemp("dist") / "cal.jsonl"
+    p.write_text("".join(json.dumps({"text": d[:3000]}) + "\n" for d in stdlib_corpus("train")[:20]))
+    return p
+
+
+def _env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(args: list[str], n: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
+           str(_free_port()), "-m", "glmgguf", *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_process(args: list[str]) -> None:
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+
+
+def _shards(d: Path) -> dict[str, tuple[dict, dict[str, str]]]:
+    """Per shard file: its metadata and a digest of each tensor's bytes (safetensors orders the metadata keys
+    differently in every process, so the files' own bytes are not compared)."""
+    out = {}
+    for p in sorted(d.glob("*.safetensors")):
+        with safe_open(str(p), framework="pt") as f:
+            out[p.name] = (f.metadata(), {k: hashlib.sha256(f.get_tensor(k).numpy().tobytes()).hexdigest()
+                                          for k in f.keys()})  # noqa: SIM118
+    return out
+
+
+def test_observe_two_ranks_equal_one_process(trained_testbed_dir, calib, tmp_path):
+    """Counts exact, sums and maxima within 1e-5 (measured: identical to ~1e-9 relative, the reduction order);
+    a rank resumes its own interrupted run from its own work directory."""
+    from glmgguf.reap.data import load_calibration, load_tokenizer
+    from glmgguf.reap.observe import observe_streaming
+    from glmgguf.runner import RunInterrupted, chunk_sequences
+
+    common = ["reap", "observe", str(trained_testbed_dir), "--data", str(calib), *TEXT, "--streaming",
+              "--spill-threshold", "0"]
+    _one_process([*common, "--out", str(tmp_path / "one.safetensors")])
+    # rank 0 of 2 (batches 0 and 1) was interrupted after layer 2 in its work directory
+    seqs = load_calibration([calib], load_tokenizer(trained_testbed_dir), SEQ_LEN, num_samples=6).sequences
+    rank0 = tmp_path / "two.safetensors.work" / "rank-00000-of-00002"
+    with pytest.raises(RunInterrupted):
+        observe_streaming(trained_testbed_dir, chunk_sequences(seqs, 2)[:2], dtype=torch.float32, work_dir=rank0,
+                          spill_bytes=0, stop_after_layer=2)
+    r = _torchrun([*common, "--out", str(tmp_path / "two.safetensors")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(2 ranks, gloo)" in r.stdout and "resumed after layers [0, 1, 2]" in r.stdout
+    assert not (tmp_path / "two.safetensors.work").exists()
+    one, two = ReapStats.load(tmp_path / "one.safetensors"), ReapStats.load(tmp_path / "two.safetensors")
+    assert two.meta["ranks"] == 2 and two.meta["tokens"] == one.meta["tokens"] == 6 * SEQ_LEN
+    assert one.tokens == two.tokens and sorted(one.layers) == [1, 2, 3, 4]
+    for L, a in one.layers.items():
+        for k in FIELDS:
+            if k == "count":
+                assert torch.equal(a[k], two.layers[L][k]), (L, k)
+            else:
+                torch.testing.assert_close(two.layers[L][k], a[k], rtol=1e-5, atol=0)
+        assert int(a["count"].sum()) == one.tokens[L] * 4  # top-4 routing: every token counted 4 times
+
+
+def test_teacher_two_ranks_equal_one_process(trained_testbed_dir, calib, tmp_path):
+    """The cache shards hold the bytes one process writes; the manifests differ in the run's time only."""
+    from glmgguf.kd.teacher import TeacherCache
+
+    common = ["kd", "teacher", str(trained_testbed_dir), "--data", str(calib), *TEXT, "--top-k", "16",
+              "--shard-size", "15K", "--streaming", "--spill-threshold", "0"]
+    _one_process([*common, "--out", str(tmp_path / "one")])
+    r = _torchrun([*common, "--out", str(tmp_path / "two")])
+    assert r.returncode == 0, r.stdout + r.stderr
+    one, two = TeacherCache(tmp_path / "one"), TeacherCache(tmp_path / "two")
+    # shards of 3 rows; rank 0 computed rows 0-3, rank 1 rows 4-5: the second shard holds rows of both
+    assert [s["count"] for s in two.manifest["shards"]] == [3, 3] and len(two) == len(one) == 6
+    assert _shards(tmp_path / "one") == _shards(tmp_path / "two")
+    diff = {k for k in {*one.manifest, *two.manifest} if one.manifest.get(k) != two.manifest.get(k)}
+    assert diff == {"seconds", "ranks"} and two.manifest["ranks"] == 2
+
+
+def _rank_env(rank: int, port: int) -> dict[str, str]:
+    return {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}
+
+
+def test_bad_launches(trained_testbed_dir, tiny_testbed_dir, calib, tmp_path, monkeypatch):
+    """One clear error each: ranks that see different model files, fewer batches than ranks, no rendezvous."""
+    text = ["--data", str(calib), *TEXT, "--streaming"]
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "glmgguf", "reap", "observe", str(model), *text, "--out",
+                               str(tmp_path / f"s{rank}.safetensors")], env=_rank_env(rank, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank, model in enumerate((trained_testbed_dir, tiny_testbed_dir))]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 1 and "Error: ranks see different model files: rank(s) 1 differ" in out, out
+        assert "Traceback" not in out
+    r = _torchrun(["reap", "observe", str(trained_testbed_dir), "--data", str(calib), "--seq-len", "48",
+                   "--num-samples", "2", "--batch-size", "2", "--out", str(tmp_path / "x.safetensors")])
+    assert r.returncode != 0 and "Error: 2 ranks but only 1 batches of text (--batch-size)" in r.stdout + r.stderr
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    res = CliRunner().invoke(main, ["reap", "observe", str(trained_testbed_dir), *text, "--out",
+                                    str(tmp_path / "y.safetensors")])
+    assert res.exit_code == 1 and "MASTER_ADDR is not: no rendezvous to join" in res.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Router-KD with FSDP2
+# ---------------------------------------------------------------------------------------------------------------
+
+KD = ["--steps", "6", "--batch-size", "2", "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def kd_inputs(trained_testbed_dir, calib, tmp_path_factory) -> tuple[Path, Path]:
+    """(student REAP-pruned to 8 of 16 experts, teacher cache of 6 x 48 tokens)."""
+    from glmgguf.kd.teacher import build_teacher_cache
+    from glmgguf.layout import GlmLayout
+    from glmgguf.reap.data import load_calibration, load_tokenizer
+    from glmgguf.reap.observe import observe
+    from glmgguf.reap.prune import plan_prune, prune_checkpoint
+    from glmgguf.runner import chunk_sequences
+
+    d = tmp_path_factory.mktemp("kd")
+    seqs = load_calibration([calib], load_tokenizer(trained_testbed_dir), SEQ_LEN, num_samples=6).sequences
+    stats = observe(trained_testbed_dir, chunk_sequences(seqs, 2), streaming=False, dtype=torch.float32)
+    prune_checkpoint(trained_testbed_dir, plan_prune(GlmLayout.from_dir(trained_testbed_dir), stats, keep=8),
+                     d / "student", stats=stats)
+    build_teacher_cache(trained_testbed_dir, seqs, d / "cache", top_k=32, dtype=torch.float32)
+    return d / "student", d / "cache"
+
+
+def _gates(model: Path) -> dict[str, torch.Tensor]:
+    from glmgguf.io import CheckpointReader
+
+    r = CheckpointReader(model)
+    return {n: r.get(n).float() for n in r.tensors if n.endswith("mlp.gate.weight")}
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in json.loads((out / "kd_train_log.json").read_text())["steps"]]
+
+
+def _assert_same_training(a: Path, b: Path) -> None:
+    """Per-step losses within 1e-5 (measured: 3e-7, float32 sums in another order); the written BF16 gates equal
+    but for a rare rounding step (measured: 1 of 2048 elements of one gate, one BF16 step apart)."""
+    assert _losses(a) == pytest.approx(_losses(b), rel=1e-5)
+    ga, gb = _gates(a), _gates(b)
+    assert sorted(ga) == sorted(gb) and len(ga) == 4
+    for n in ga:
+        diff = (gb[n] - ga[n]).abs()
+        assert bool((diff <= ga[n].abs() * 2**-7).all()), n  # at most one BF16 step (8 significant bits)
+        assert float((diff > 0).double().mean()) < 0.01, n
+
+
+def test_fsdp_kd_equals_one_process_and_resumes_on_one_rank(kd_inputs, tmp_path):
+    """2 ranks on the same global batch train the gates one process trains; a 2-rank run killed (SIGKILL) after a
+    checkpoint and resumed on 1 rank ends where the uninterrupted run ends."""
+    import signal
+    import time
+
+    import psutil
+
+    from glmgguf.kd.write import diff_checkpoints
+
+    student, cache = kd_inputs
+    common = ["kd", "train", str(student), "--teacher-cache", str(cache), *KD]
+    _one_process([*common, "--out", str(tmp_path / "one")])
+    r = _torchrun([*common, "--out", str(tmp_path / "two"), "--fsdp"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert diff_checkpoints(student, tmp_path / "two") == sorted(_gates(student))  # only the gates change
+    _assert_same_training(tmp_path / "one", tmp_path / "two")
+    assert json.loads((tmp_path / "one" / "kd_train_log.json").read_text())["steps"][-1]["loss"] < _losses(
+        tmp_path / "one")[0]  # it trains: measured 0.232 -> 0.171
+    # killed: a 2-rank run checkpointing every step, SIGKILLed as soon as a checkpoint exists
+    out, work = tmp_path / "killed", tmp_path / "killed.work"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "glmgguf", *common, "--out", str(out), "--fsdp", "--save-every", "1"]
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (work / "LATEST").is_file() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher = psutil.Process(p.pid)
+    for proc in [*launcher.children(recursive=True), launcher]:  # the ranks and their launcher, at once
+        proc.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not out.exists() and (work / "LATEST").is_file()
+    r = _torchrun([*common, "--out", str(out), "--fsdp", "--resume"], n=1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    resumed = json.loads((out / "kd_train_log.json").read_text())["resumed_from"]
+    assert 1 <= resumed < 6 and f"resumed from step {resumed}" in r.stdout + r.stderr
+    _assert_same_training(tmp_path / "two", out)
+
+
+def test_fsdp_bad_launches(kd_inputs, tmp_path):
+    """A global batch the ranks cannot share evenly; --fsdp without torchrun; ranks without --fsdp."""
+    student, cache = kd_inputs
+    common = ["kd", "train", str(student), "--teacher-cache", str(cache), "--steps", "1", "--out", str(tmp_path / "o")]
+    r = _torchrun([*common, "--batch-size", "3", "--fsdp"])
+    assert r.returncode != 0
+    assert "Error: --batch-size (the global batch) 3 is not divisible by the world size 2" in r.stdout + r.stderr
+    res = CliRunner().invoke(main, [*common, "--fsdp"])
+    assert res.exit_code == 1 and "--fsdp shards the student over the ranks of a torchrun launch" in res.output
+    r = _torchrun(common)
+    assert r.returncode != 0 and "launched with 2 ranks but without --fsdp" in r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline's [launch]
+# ---------------------------------------------------------------------------------------------------------------
+
+LAUNCH_PLAN = """\
+[pipeline]
+workdir = "work"
+model = "testbed:tiny"
+
+[data]
+calibration = ["stdlib:train"]
+kd = ["stdlib:train"]
+heldout = ["stdlib:heldout"]
+seq_len = 48
+calibration_samples = 4
+kd_samples = 4
+heldout_samples = 2
+batch_size = 2
+
+[reap]
+keep = 8
+dtype = "f32"
+streaming = true
+
+[kd]
+steps = 2
+batch_size = 2
+
+[launch]
+nproc_per_node = 2
+"""
+
+
+def test_plan_launch_runs_stages_under_torchrun(tmp_path):
+    """[launch] puts observe, the teacher passes and KD (with --fsdp) under torchrun; the observe stage runs on 2
+    ranks through the pipeline and writes the statistics one process writes."""
+    from glmgguf.pipeline.plan import PlanError, parse_plan
+    from glmgguf.pipeline.run import plan_stages, run_plan
+
+    path = tmp_path / "plan.toml"
+    path.write_text(LAUNCH_PLAN)
+    stages = {s.name: s for s in plan_stages(parse_plan(path))[1]}
+    on_ranks = ["--standalone", "--nproc-per-node", "2"]
+    assert {n for n, s in stages.items() if s.launcher == on_ranks} == {"observe", "teacher", "teacher-heldout",
+                                                                          "kd"}
+    assert "--fsdp" in stages["kd"].args and "--eval-cache" not in stages["kd"].args
+    assert stages["prune"].launcher == []
+    path.write_text(LAUNCH_PLAN.replace("nproc_per_node = 2", "nproc_per_node = 2\nnnodes = 2"))
+    with pytest.raises(PlanError, match=r"plan.toml:26: \[launch\] nnodes > 1 needs rdzv_endpoint"):
+        parse_plan(path)
+    path.write_text(LAUNCH_PLAN.replace("nproc_per_node = 2", "nproc_per_node = 4"))
+    with pytest.raises(PlanError, match=r"plan.toml:22: \[kd\] batch_size 2 is not divisible by the 4 ranks"):
+        parse_plan(path)
+    path.write_text(LAUNCH_PLAN)
+    run_plan(parse_plan(path), quiet=True, only=["observe"])
+    log = (tmp_path / "work" / "observe" / "log.txt").read_text()
+    assert "$ torchrun --standalone --nproc-per-node 2 -m glmgguf reap observe" in log and "(2 ranks, gloo)" in log
+    assert ReapStats.load(tmp_path / "work" / "observe" / "stats.safetensors").meta["ranks"] == 2
