@@ -238,9 +238,25 @@ def test_resume_equals_uninterrupted_run(pruned, kd_cache, tmp_path):
     a = json.loads((tmp_path / "full" / "kd_train_log.json").read_text())["steps"]
     b = json.loads((tmp_path / "resumed" / "kd_train_log.json").read_text())["steps"]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert not work.exists()  # the finished run removed its checkpoints
 
 
-def testsurrogate_bias_forward_is_exact_and_gives_bias_a_gradient():
+def test_work_dir_keeps_what_the_run_did_not_write(pruned, kd_cache, tmp_path):
+    """--work-dir may be a folder of the user's: starting over (--force) and finishing remove only the run's
+    checkpoints, never the folder's other files."""
+    work = tmp_path / "mine"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    opts = dict(steps=2, lr=3e-3, batch_size=2, save_every=1)
+    with pytest.raises(RunInterrupted):
+        train_router(pruned, kd_cache, tmp_path / "a", TrainOptions(**opts, stop_after_step=1), work_dir=work)
+    assert (work / "LATEST").is_file()
+    train_router(pruned, kd_cache, tmp_path / "a", TrainOptions(**opts), work_dir=work, force=True)
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+    assert (work / "notes.txt").read_text() == "keep me"
+
+
+def test_surrogate_bias_forward_is_exact_and_gives_bias_a_gradient():
     from transformers import GlmMoeDsaConfig
     from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaTopkRouter
 

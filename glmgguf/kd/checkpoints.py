@@ -72,3 +72,17 @@ def latest_checkpoint(work: Path) -> Path | None:
         return None
     d = work / p.read_text().strip()
     return d if (d / "state.json").is_file() else None
+
+
+def clear_work(work: Path, extra: tuple[str, ...] = ()) -> None:
+    """Remove what a KD run writes into its work directory (checkpoints, LATEST, the `extra` file names), then the
+    directory itself if that leaves it empty. Anything else in it (a user's folder given as --work-dir) stays."""
+    if not work.is_dir():
+        return
+    for entry in work.iterdir():
+        if entry.name.startswith("checkpoint-") and entry.is_dir():
+            shutil.rmtree(entry)
+        elif entry.name in (LATEST, LATEST + ".partial", *extra):
+            entry.unlink()
+    if not any(work.iterdir()):
+        work.rmdir()

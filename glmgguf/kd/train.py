@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from torch.distributed.tensor import DTensor
 
 from glmgguf.choices import KD_SCHEDULES as SCHEDULES
 from glmgguf.dist import Dist
-from glmgguf.kd.checkpoints import latest_checkpoint, plot_curve, save_checkpoint
+from glmgguf.kd.checkpoints import clear_work, latest_checkpoint, plot_curve, save_checkpoint
 from glmgguf.kd.errors import KdError, NanLossError
 from glmgguf.kd.loss import sparse_kl
 from glmgguf.kd.routers import free_routers
@@ -262,7 +261,7 @@ class _Training:
             if self.dist is not None:
                 self.dist.barrier()  # every rank has looked for a checkpoint before rank 0 clears them
             if self.main:
-                shutil.rmtree(self.work, ignore_errors=True)
+                clear_work(self.work, (CURVE_NAME,))
         if self.main:
             self.work.mkdir(parents=True, exist_ok=True)
         if self.dist is not None:
@@ -484,7 +483,7 @@ def train_router(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, o
     report = _write_output(t, trained, student_dir, out, log_doc, force)
     log_doc["seconds"] = round(time.perf_counter() - t0, 2)
     (out / LOG_NAME).write_text(json.dumps(log_doc, indent=1) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
+    clear_work(work, (CURVE_NAME,))
     if dist is not None:
         dist.barrier()
     return TrainResult(out, log_doc, report, time.perf_counter() - t0, t.resumed_from, t.records)
