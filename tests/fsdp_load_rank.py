@@ -1,0 +1,44 @@
+"""One rank of `test_dist.test_fsdp_shard_load_*` (run under torchrun): shard the student as `--fsdp` does, either
+loaded whole first (`whole`) or shard by shard (`shards`), and save this rank's local shards, buffers, peak RSS
+and checkpoint bytes read to OUT/MODE-RANK.{pt,json}.
+
+    torchrun --nproc-per-node 2 tests/fsdp_load_rank.py {whole,shards} STUDENT OUT
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from glmgguf.dist import launch
+from glmgguf.kd.fsdp import load_sharded_student, shard_student
+from glmgguf.kd.routers import free_routers
+from glmgguf.kd.student import Student
+
+
+def main(mode: str, student_dir: str, out: Path) -> None:
+    with launch("cpu") as dist:
+        assert dist is not None
+        if mode == "whole":
+            student = Student(student_dir, dtype=torch.float32, mtp=True)
+            free_routers(student, train_bias=True)
+            root = shard_student(student, dist, torch.float32, cpu_offload=False)
+        else:
+            student, root, _ = load_sharded_student(student_dir, torch.float32, True, True, dist, False)
+        state = {k: (v.to_local() if isinstance(v, DTensor) else v).detach().clone()
+                 for k, v in [*root.named_parameters(), *root.named_buffers()]}
+        state.update({f"rotary.{k}": v for k, v in student.rotary.named_buffers()})
+        torch.save(state, out / f"{mode}-{dist.rank}.pt")
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+        report = {"peak_rss": peak_kib * 1024, "bytes_read": student.reader.bytes_read,
+                  "mtp_embed_copy": student.mtp_embed is not None}
+        (out / f"{mode}-{dist.rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
