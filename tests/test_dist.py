@@ -260,6 +260,26 @@ def _rank_share(reader, rank: int, world: int) -> int:
     return total
 
 
+def test_get_rows_reads_only_those_rows(tiny_fp8_testbed_dir):
+    """`CheckpointReader.get_rows` equals the same rows of `get`, block-FP8 weights dequantized (block rows that
+    straddle the range included), and reads only those rows' bytes (plus the scales)."""
+    from glmgguf.io import CheckpointReader
+
+    r = CheckpointReader(tiny_fp8_testbed_dir)
+    fp8 = [n for n in r.tensors if r.is_fp8(n)]
+    plain = [n for n in r.tensors if not r.is_fp8(n) and len(r.info(n).shape) == 2]
+    assert fp8 and plain
+    for name in [*fp8, *plain]:
+        rows = r.info(name).shape[0]
+        full = r.get(name)
+        for start, stop in ((0, rows), (1, rows // 2 + 3), (rows - 1, rows + 5), (rows, rows + 1)):
+            before = r.bytes_read
+            part = r.get_rows(name, start, stop)
+            assert part.dtype == full.dtype and torch.equal(part, full[start:stop]), (name, start, stop)
+            if name in plain:
+                assert r.bytes_read - before == part.numel() * part.element_size()
+
+
 def test_fsdp_shard_load_equals_whole_load(kd_inputs, tmp_path):
     """Sharded shard by shard, every rank holds bit for bit the shards and buffers that loading the whole student
     and sharding it gives (so training is the same: the losses and gates of the FSDP test above), having read
