@@ -1,6 +1,7 @@
 """One rank of `test_dist.test_fsdp_shard_load_*` (run under torchrun): shard the student as `--fsdp` does, either
 loaded whole first (`whole`) or shard by shard (`shards`), and save this rank's local shards, buffers, peak RSS
-and checkpoint bytes read to OUT/MODE-RANK.{pt,json}.
+and checkpoint bytes read to OUT/MODE-RANK.{pt,json}, with the trunk and MTP logits of one training-mode
+forward of a seeded batch.
 
     torchrun --nproc-per-node 2 tests/fsdp_load_rank.py {whole,shards} STUDENT OUT
 """
@@ -33,6 +34,9 @@ def main(mode: str, student_dir: str, out: Path) -> None:
         state = {k: (v.to_local() if isinstance(v, DTensor) else v).detach().clone()
                  for k, v in [*root.named_parameters(), *root.named_buffers()]}
         state.update({f"rotary.{k}": v for k, v in student.rotary.named_buffers()})
+        student.train(True)
+        ids = torch.randint(0, 4000, (1, 48), generator=torch.Generator().manual_seed(dist.rank))
+        state["forward.logits"], state["forward.mtp_logits"] = (t.detach() for t in root(ids))
         torch.save(state, out / f"{mode}-{dist.rank}.pt")
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
         report = {"peak_rss": peak_kib * 1024, "bytes_read": student.reader.bytes_read,

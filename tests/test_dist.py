@@ -282,9 +282,10 @@ def test_get_rows_reads_only_those_rows(tiny_fp8_testbed_dir):
 
 def test_fsdp_shard_load_equals_whole_load(kd_inputs, tmp_path):
     """Sharded shard by shard, every rank holds bit for bit the shards and buffers that loading the whole student
-    and sharding it gives (so training is the same: the losses and gates of the FSDP test above), having read
-    from the checkpoint exactly its 1/2 share (its 4 of 8 experts per MoE layer) and with a lower peak RSS
-    (measured: 0.48 GB a rank against 0.53 GB, mostly the interpreter and torch)."""
+    and sharding it gives, and its forward (trunk and MTP logits) is bit for bit the same (so training is: the
+    losses and gates of the FSDP test above), having read from the checkpoint exactly its 1/2 share (its 4 of 8
+    experts per MoE layer) and with a lower peak RSS (measured: 0.48 GB a rank against 0.53 GB, mostly the
+    interpreter and torch)."""
     from glmgguf.io import CheckpointReader
 
     student, _ = kd_inputs
@@ -297,7 +298,7 @@ def test_fsdp_shard_load_equals_whole_load(kd_inputs, tmp_path):
     reader = CheckpointReader(student)
     for rank in (0, 1):
         whole, shards = (torch.load(tmp_path / f"{m}-{rank}.pt") for m in ("whole", "shards"))
-        assert sorted(whole) == sorted(shards) and len(whole) > 90
+        assert sorted(whole) == sorted(shards) and len(whole) > 90 and "forward.mtp_logits" in whole
         for k, v in whole.items():
             assert shards[k].dtype == v.dtype and torch.equal(shards[k], v), k
         assert whole["model.model.layers.1.mlp.experts.gate_up_proj"].shape[0] == 4  # 4 of 8 experts a rank

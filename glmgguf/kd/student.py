@@ -78,7 +78,8 @@ class Student:
         self.reader = CheckpointReader(model_dir)
         self.layout = GlmLayout.from_config(self.reader.config)
         self.config = model_config(self.reader.config)
-        self.model = (meta_trunk_model(self.layout, self.config, dtype) if meta
+        # the trunk gets its own config: building a model sets fields (the experts' kernel) the MTP block must not see
+        self.model = (meta_trunk_model(self.layout, model_config(self.reader.config), dtype) if meta
                       else load_in_memory_model(model_dir, dtype, device_map, self.reader))
         self.in_device = self.model.model.embed_tokens.weight.device
         self.out_device = self.model.model.norm.weight.device
