@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -284,8 +285,9 @@ def test_fsdp_shard_load_equals_whole_load(kd_inputs, tmp_path):
     """Sharded shard by shard, every rank holds bit for bit the shards and buffers that loading the whole student
     and sharding it gives, and its forward (trunk and MTP logits) is bit for bit the same (so training is: the
     losses and gates of the FSDP test above), having read from the checkpoint exactly its 1/2 share (its 4 of 8
-    experts per MoE layer) and with a lower peak RSS (measured: 0.48 GB a rank against 0.53 GB, mostly the
-    interpreter and torch)."""
+    experts per MoE layer). Its resident memory grows less while loading: measured 150 MB against 193-199 MB (peak
+    0.44 GB against 0.48 GB, the rest the interpreter and torch), the difference about the whole float32 student
+    (43 MB) that today's path holds on every rank; asserted: at least a quarter of it."""
     from glmgguf.io import CheckpointReader
 
     student, _ = kd_inputs
@@ -304,7 +306,8 @@ def test_fsdp_shard_load_equals_whole_load(kd_inputs, tmp_path):
         assert whole["model.model.layers.1.mlp.experts.gate_up_proj"].shape[0] == 4  # 4 of 8 experts a rank
         w, s = (json.loads((tmp_path / f"{m}-{rank}.json").read_text()) for m in ("whole", "shards"))
         assert s["bytes_read"] == _rank_share(reader, rank, 2) == pytest.approx(reader.total_bytes() / 2, rel=0.01)
-        assert s["peak_rss"] < w["peak_rss"], (s, w)
+        student_f32 = 4 * sum(math.prod(i.shape) for i in reader.tensors.values())  # loaded in float32
+        assert s["peak_rss"] < w["peak_rss"] and w["load_rss"] - s["load_rss"] > student_f32 / 4, (s, w)
         assert not s["mtp_embed_copy"] and w["mtp_embed_copy"]  # the MTP block reads the sharded trunk embedding
 
 
