@@ -44,7 +44,8 @@ def layer_config(config, info: LayerInfo):
     return cfg
 
 
-def _storage_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+def storage_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a model loaded in `dtype` holds tensor `name` in."""
     return torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
 
 
@@ -54,15 +55,60 @@ def fused_expert_weights(reader: CheckpointReader, prefix: str, n_experts: int, 
     the order `chunk(2)` reads them in the forward) and down_proj [E, H, I]. One expert tensor is read at a time."""
     g0 = reader.info(f"{prefix}mlp.experts.0.gate_proj.weight").shape
     d0 = reader.info(f"{prefix}mlp.experts.0.down_proj.weight").shape
-    inter = g0[0]
-    gate_up = torch.empty((n_experts, 2 * inter, g0[1]), dtype=dtype, device=device)
+    gate_up = torch.empty((n_experts, 2 * g0[0], g0[1]), dtype=dtype, device=device)
     down = torch.empty((n_experts, *d0), dtype=dtype, device=device)
-    for e in range(n_experts):
-        base = f"{prefix}mlp.experts.{e}."
-        gate_up[e, :inter].copy_(reader.get(base + "gate_proj.weight"))
-        gate_up[e, inter:].copy_(reader.get(base + "up_proj.weight"))
-        down[e].copy_(reader.get(base + "down_proj.weight"))
+    copy_experts(reader, prefix, 0, gate_up, down)
     return gate_up, down
+
+
+@torch.no_grad()
+def copy_experts(reader: CheckpointReader, prefix: str, first: int, gate_up: torch.Tensor | None,
+                 down: torch.Tensor | None) -> None:
+    """Fill fused rows in place: gate_up [k, 2I, H] and down [k, H, I] (either may be None) with experts
+    first .. first+k-1, one expert tensor read at a time."""
+    for k in range(len(gate_up if gate_up is not None else down)):
+        base = f"{prefix}mlp.experts.{first + k}."
+        if gate_up is not None:
+            inter = gate_up.shape[1] // 2
+            gate_up[k, :inter].copy_(reader.get(base + "gate_proj.weight"))
+            gate_up[k, inter:].copy_(reader.get(base + "up_proj.weight"))
+        if down is not None:
+            down[k].copy_(reader.get(base + "down_proj.weight"))
+
+
+def build_decoder_layer(layout: GlmLayout, config, index: int, own_head: bool = False) -> nn.Module:
+    """Decoder block `index` (trunk layer, or the MTP block with GLM's on-disk names) on the meta device."""
+    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaDecoderLayer
+
+    from glmgguf.testbed.build import build_mtp_layer
+
+    info = layout.layers[index]
+    cfg = layer_config(config, info)
+    with torch.device("meta"):
+        return build_mtp_layer(cfg, own_head) if info.is_mtp else GlmMoeDsaDecoderLayer(cfg, index)
+
+
+def meta_trunk_model(layout: GlmLayout, config, dtype: torch.dtype) -> nn.Module:
+    """The transformers `GlmMoeDsaForCausalLM` (trunk) on the meta device, each layer with its own expert count,
+    parameters and buffers in `dtype` (float32 for `FP32_SUFFIXES`): shapes without values."""
+    from transformers import GlmMoeDsaForCausalLM
+
+    with torch.device("meta"):
+        model = GlmMoeDsaForCausalLM(config)
+    for i in range(layout.n_layers):
+        model.model.layers[i] = build_decoder_layer(layout, config, i)
+    return cast_storage(model, dtype).eval()
+
+
+def cast_storage(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`module` in `dtype`, its `FP32_SUFFIXES` buffers and parameters kept in float32 (as transformers keeps them)."""
+    module.to(dtype)
+    for m in module.modules():
+        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            if name.endswith(FP32_SUFFIXES) and t.dtype != torch.float32:
+                setattr(m, name, t.float() if not isinstance(t, nn.Parameter)
+                        else nn.Parameter(t.float(), requires_grad=t.requires_grad))
+    return module
 
 
 def load_decoder_layer(reader: CheckpointReader, layout: GlmLayout, config, index: int,
@@ -77,16 +123,9 @@ def load_decoder_layer(reader: CheckpointReader, layout: GlmLayout, config, inde
     `lm_head` (`head_logits(x, lm_head)`), as in the released checkpoints. With `experts_on_disk` the routed
     experts stay in the shards (`StreamedExperts`: read one at a time when their tokens come).
     """
-    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaDecoderLayer
-
-    from glmgguf.testbed.build import build_mtp_layer
-
     info = layout.layers[index]
-    cfg = layer_config(config, info)
     prefix = f"model.layers.{index}."
-    own_head = load_head and f"{prefix}shared_head.head.weight" in reader
-    with torch.device("meta"):
-        module = build_mtp_layer(cfg, own_head) if info.is_mtp else GlmMoeDsaDecoderLayer(cfg, index)
+    module = build_decoder_layer(layout, config, index, load_head and f"{prefix}shared_head.head.weight" in reader)
     state: dict[str, torch.Tensor] = {}
     if info.kind is LayerKind.MOE and experts_on_disk:
         module.mlp.experts = StreamedExperts(reader, prefix, info.n_experts, module.mlp.experts.act_fn, dtype, device)
@@ -103,7 +142,7 @@ def load_decoder_layer(reader: CheckpointReader, layout: GlmLayout, config, inde
             t = torch.zeros(meta.shape)
         else:
             raise KeyError(f"checkpoint lacks {name}")
-        state[key] = t.to(device=device, dtype=_storage_dtype(key, dtype))
+        state[key] = t.to(device=device, dtype=storage_dtype(key, dtype))
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval()
 

@@ -86,6 +86,7 @@ class CheckpointReader:
     Block-FP8 checkpoints (the GLM-5.x FP8 release) are read transparently: `tensors` lists the weights, their
     `_scale_inv` companions live in `scales`, and `get` returns a quantized weight dequantized to float32;
     `get_stored` / `get_scale` give the stored FP8 codes and scales to stages that keep the stored form.
+    `get_rows` reads a dim-0 slice only; `bytes_read` counts the tensor bytes read from the shards so far.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -94,6 +95,7 @@ class CheckpointReader:
             raise CheckpointError(f"checkpoint directory {self.root} does not exist")
         self.config = self._read_config()
         self.tensors: dict[str, TensorInfo] = {}
+        self.bytes_read = 0
         for shard in self._shards():
             infos, _ = read_header(shard)
             for name, info in infos.items():
@@ -179,12 +181,15 @@ class CheckpointReader:
         except KeyError:
             raise CheckpointError(f"{self.root}: tensor {name} not found") from None
 
-    def _read(self, info: TensorInfo) -> bytearray:
-        buf = bytearray(info.nbytes)
+    def _read(self, info: TensorInfo, start: int = 0, nbytes: int | None = None) -> bytearray:
+        """`nbytes` bytes (default: all) of tensor `info`'s data from byte `start` of it."""
+        n = info.nbytes - start if nbytes is None else nbytes
+        buf = bytearray(n)
         with open(info.shard, "rb") as f:
-            f.seek(info.offset)
-            if f.readinto(buf) != info.nbytes:
+            f.seek(info.offset + start)
+            if f.readinto(buf) != n:
                 raise CheckpointError(f"{info.shard}: truncated while reading {info.name}")
+        self.bytes_read += n
         return buf
 
     def get(self, name: str) -> torch.Tensor:
@@ -194,6 +199,30 @@ class CheckpointReader:
         if name in self.scales:
             return torch.from_numpy(self.get_f32(name))
         return self.get_stored(name)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dim 0 of tensor `name`, as `get` converts it, reading only those rows (for a
+        block-FP8 weight: the block rows that hold them, dequantized exactly as `get` dequantizes the whole)."""
+        import torch
+
+        info = self.info(name)
+        rows = info.shape[0] if info.shape else 1
+        start, stop = min(start, rows), min(max(stop, start), rows)
+        if name not in self.scales:
+            row_bytes = info.nbytes // rows if rows else 0
+            shape = (stop - start, *info.shape[1:])
+            if start == stop or row_bytes == 0:
+                return torch.empty(shape, dtype=info.torch_dtype)
+            raw = self._read(info, start * row_bytes, (stop - start) * row_bytes)
+            return torch.frombuffer(raw, dtype=torch.uint8).view(info.torch_dtype).reshape(shape)
+        assert self.fp8 is not None
+        br = self.fp8.block[0]
+        first, last = start // br, -(-stop // br)  # the block rows holding [start, stop)
+        r0, r1 = first * br, min(last * br, rows)
+        cols = info.shape[1]
+        codes = np.frombuffer(self._read(info, r0 * cols, (r1 - r0) * cols), dtype=np.uint8).reshape(r1 - r0, cols)
+        values = fp8.dequantize(codes, self._scale_words(name)[first:last], self.fp8.block)
+        return torch.from_numpy(values[start - r0:stop - r0])
 
     def get_stored(self, name: str) -> torch.Tensor:
         """One tensor exactly as stored (FP8 codes for a block-FP8 weight)."""

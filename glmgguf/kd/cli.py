@@ -164,7 +164,7 @@ def train_cmd(student: Path, cache: Path, out: Path, lr: float, steps: int, batc
     try:
         with launch(device_map or "auto") as dist:
             if dist is not None and fsdp:
-                opts.device_map = None  # each rank loads on the CPU, FSDP moves its shards to its device
+                opts.device_map = None  # each rank reads its own shards onto its device (load_sharded_student)
             res = train_router(student, cache, out, opts, work_dir=work_dir, resume=resume, force=force,
                                eval_cache=eval_cache, data=list(data) or None, progress=progress, log=log,
                                dist=dist)

@@ -9,6 +9,11 @@ its shard plus about one layer; `cpu_offload` keeps the shards in host memory. T
 across ranks (data parallel); FSDP averages the gate gradients, which gives the gradient of the mean over the
 global batch, as one process computes it.
 
+The student is never whole in a rank's memory (`load_sharded_student`): it is built on the meta device, sharded,
+materialized empty and each rank then reads from the checkpoint only the rows of its own shards (for the fused
+routed experts, dim 0 of `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]: its share of the experts), one
+tensor at a time; the buffers (router correction biases, rotary frequencies) are read or recomputed whole.
+
 Checkpoints are DCP directories (each rank writes its shard of the gates and of AdamW's state; `state.json`
 beside them), so a run resumes on any number of ranks.
 """
@@ -25,11 +30,14 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from glmgguf.dist import Dist
+from glmgguf.io import CheckpointReader
 from glmgguf.kd.checkpoints import LATEST
+from glmgguf.kd.errors import KdError
 from glmgguf.kd.student import Student
+from glmgguf.modeling import copy_experts, storage_dtype
 
 DCP_MARKER = ".metadata"  # the file DCP writes last into a checkpoint directory
 
@@ -67,9 +75,86 @@ def shard_student(student: Student, dist: Dist, dtype: torch.dtype, cpu_offload:
     fully_shard(root, mesh=mesh, mp_policy=frozen, offload_policy=offload)
     student.in_device = student.out_device = torch.device(dist.device)
     if student.mtp is not None:
-        student.mtp_embed = student.mtp_embed.to(dist.device)
+        if student.mtp_embed is not None:
+            student.mtp_embed = student.mtp_embed.to(dist.device)
         student.rotary = student.rotary.to(dist.device)
     return root
+
+
+def load_sharded_student(model_dir: str | os.PathLike, dtype: torch.dtype, mtp: bool, train_bias: bool, dist: Dist,
+                         cpu_offload: bool) -> tuple[Student, ShardedStudent, dict[str, nn.Parameter]]:
+    """The student sharded over the ranks without ever being whole on one: built on the meta device, routers
+    freed, `shard_student`, materialized (`to_empty`) and every rank's shards filled from the checkpoint.
+    Returns (student, FSDP root, HF name -> trainable sharded parameter)."""
+    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaRotaryEmbedding
+
+    from glmgguf.kd.routers import free_routers
+
+    student = Student(model_dir, dtype=dtype, mtp=mtp, meta=True)
+    names = list(free_routers(student, train_bias))
+    root = shard_student(student, dist, dtype, cpu_offload)
+    root.to_empty(device="cpu" if cpu_offload else dist.device)
+    student.model.model.rotary_emb = GlmMoeDsaRotaryEmbedding(student.config).to(dist.device)
+    fill_shards(student, dtype)
+    return student, root, router_parameters(student, names)
+
+
+def _parts(student: Student) -> list[tuple[str, nn.Module]]:
+    """(HF name prefix, module) of the trunk and the MTP block."""
+    parts: list[tuple[str, nn.Module]] = [("", student.model)]
+    if student.mtp is not None:
+        parts.append((f"model.layers.{student.mtp_index}.", student.mtp))
+    return parts
+
+
+@torch.no_grad()
+def fill_shards(student: Student, dtype: torch.dtype) -> None:
+    """Read this rank's rows of every sharded parameter and every buffer (whole) from the checkpoint; the trunk's
+    rotary frequencies are computed, not stored. A value is rounded to its storage dtype (`dtype`; float32 for the
+    correction bias) first, as a whole load rounds it before the routers are freed to float32."""
+    for prefix, module in _parts(student):
+        for key, p in module.named_parameters():
+            _fill_parameter(student.reader, prefix + key, p, dtype)
+        for key, b in module.named_buffers():
+            name = prefix + key
+            if name in student.reader:
+                b.copy_(student.reader.get(name).to(storage_dtype(name, dtype)))
+            elif not name.startswith("model.rotary_emb."):
+                raise KdError(f"no value for buffer {name}: the checkpoint lacks it")
+
+
+def _fill_parameter(reader: CheckpointReader, name: str, p: torch.Tensor, dtype: torch.dtype) -> None:
+    """Copy rows `shard_rows(p)` of checkpoint tensor `name` into `p`'s local shard (fused experts: those experts;
+    an MTP indexer tensor the checkpoint lacks is zero, as `glmgguf.modeling.load_decoder_layer` makes it)."""
+    local = p.to_local() if isinstance(p, DTensor) else p
+    rows = shard_rows(p)
+    prefix = name.rsplit("mlp.experts.", 1)[0]
+    if name.endswith("mlp.experts.gate_up_proj"):
+        copy_experts(reader, prefix, rows.start, local, None)
+    elif name.endswith("mlp.experts.down_proj"):
+        copy_experts(reader, prefix, rows.start, None, local)
+    elif name in reader:
+        local.copy_(reader.get_rows(name, rows.start, rows.stop).to(storage_dtype(name, dtype)))
+    elif ".indexer." in name:
+        local.zero_()
+    else:
+        raise KdError(f"checkpoint lacks {name}")
+
+
+def shard_rows(p: torch.Tensor) -> range:
+    """The rows of dim 0 that this rank's shard of `p` holds (all rows of a plain tensor). FSDP2 shards dim 0 as
+    `torch.chunk` does: chunks of ceil(n / world) rows, so the last ranks' may be shorter or empty."""
+    n = p.shape[0]
+    if not isinstance(p, DTensor):
+        return range(n)
+    if len(p.placements) != 1 or p.placements[0] != Shard(0):
+        raise KdError(f"expected a dim-0 FSDP shard, got placements {p.placements}")
+    per = -(-n // p.device_mesh.size())
+    start = min(p.device_mesh.get_local_rank() * per, n)
+    rows = range(start, min(start + per, n))
+    if p.to_local().shape[0] != len(rows):
+        raise KdError(f"a local shard of {p.to_local().shape[0]} rows, expected {len(rows)} of {n}")
+    return rows
 
 
 def router_parameters(student: Student, names: list[str]) -> dict[str, nn.Parameter]:

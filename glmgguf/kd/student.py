@@ -55,20 +55,32 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 class Student:
-    """A checkpoint loaded for KD: `forward(ids)` gives trunk logits and (if loaded) MTP logits."""
+    """A checkpoint loaded for KD: `forward(ids)` gives trunk logits and (if loaded) MTP logits.
+
+    With `meta` the trunk and the MTP block are built on the meta device (shapes, no values) for
+    `glmgguf.kd.fsdp.load_sharded_student` to shard and fill; `mtp_embed` is then None when the block shares the
+    trunk's embedding (the forward reads `embed_tokens` itself)."""
 
     def __init__(self, model_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                 device_map: str | dict | None = None, mtp: bool = True):
+                 device_map: str | dict | None = None, mtp: bool = True, meta: bool = False):
         from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaRotaryEmbedding
 
-        from glmgguf.modeling import load_decoder_layer, model_config
+        from glmgguf.modeling import (
+            build_decoder_layer,
+            cast_storage,
+            load_decoder_layer,
+            meta_trunk_model,
+            model_config,
+        )
         from glmgguf.reap.observe import load_in_memory_model
 
         self.path = Path(model_dir)
         self.reader = CheckpointReader(model_dir)
         self.layout = GlmLayout.from_config(self.reader.config)
-        self.model = load_in_memory_model(model_dir, dtype, device_map, self.reader)
         self.config = model_config(self.reader.config)
+        # the trunk gets its own config: building a model sets fields (the experts' kernel) the MTP block must not see
+        self.model = (meta_trunk_model(self.layout, model_config(self.reader.config), dtype) if meta
+                      else load_in_memory_model(model_dir, dtype, device_map, self.reader))
         self.in_device = self.model.model.embed_tokens.weight.device
         self.out_device = self.model.model.norm.weight.device
         self.mtp: nn.Module | None = None
@@ -78,13 +90,16 @@ class Student:
             if len(mtp_infos) > 1:
                 raise NotImplementedError("more than one MTP block is not supported (GLM-5.x has one)")
             self.mtp_index = mtp_infos[0].index
-            self.mtp = load_decoder_layer(self.reader, self.layout, self.config, self.mtp_index, dtype,
-                                          self.out_device, load_head=True)
+            own_head = f"model.layers.{self.mtp_index}.shared_head.head.weight" in self.reader
+            self.mtp = (cast_storage(build_decoder_layer(self.layout, self.config, self.mtp_index, own_head), dtype)
+                        if meta else load_decoder_layer(self.reader, self.layout, self.config, self.mtp_index, dtype,
+                                                        self.out_device, load_head=True))
             name = mtp_embedding_name(self.reader, self.mtp_index)
-            emb = (self.model.model.embed_tokens.weight if name == "model.embed_tokens.weight"
-                   else self.reader.get(name))
-            self.mtp_embed = emb.detach().to(device=self.out_device, dtype=dtype)
-            self.rotary = GlmMoeDsaRotaryEmbedding(self.config).to(self.out_device)
+            shared = name == "model.embed_tokens.weight"
+            emb = self.model.model.embed_tokens.weight if shared else self.reader.get(name)
+            dev = torch.device("cpu") if meta else self.out_device  # FSDP moves them to the rank's device
+            self.mtp_embed = None if meta and shared else emb.detach().to(device=dev, dtype=dtype)
+            self.rotary = GlmMoeDsaRotaryEmbedding(self.config).to(dev)
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -126,6 +141,7 @@ class Student:
         from glmgguf.modeling import mtp_block_forward
 
         h = hidden.detach().to(self.out_device)
-        e = F.embedding(ids[:, 1:].to(self.out_device), self.mtp_embed)
+        table = self.model.model.embed_tokens.weight if self.mtp_embed is None else self.mtp_embed
+        e = F.embedding(ids[:, 1:].to(self.out_device), table)
         out = mtp_block_forward(self.mtp, h[:, :-1], e, self.config, self.rotary)
         return logits, self.mtp.head_logits(out, self.model.lm_head)

@@ -143,7 +143,7 @@ class _Training:
                 dist: Dist | None = None) -> _Training:
         """Load the student, free its routers (with `dist`: shard it) and set up AdamW (decay on gate weights
         only)."""
-        student = Student(student_dir, dtype=getattr(torch, opts.dtype), device_map=opts.device_map, mtp=opts.mtp)
+        student, params, root = _load_student(student_dir, opts, dist)
         layout = student.layout
         names = router_names(layout, mtp=student.mtp is not None, bias=opts.train_bias)
         shapes = {n: i.shape for n, i in student.reader.tensors.items()}
@@ -151,15 +151,8 @@ class _Training:
         say(f"trainable: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.4f}%): "
             f"{len(names)} router tensors in {len(student.gates())} MoE layers"
             f"{' (MTP block included)' if student.mtp is not None else ''}")
-        params = free_routers(student, opts.train_bias)
         if sorted(params) != sorted(names):
             raise KdError(f"routers found in the model {sorted(params)} differ from the layout's {sorted(names)}")
-        root = None
-        if dist is not None:
-            from glmgguf.kd.fsdp import router_parameters, shard_student
-
-            root = shard_student(student, dist, getattr(torch, opts.dtype), opts.cpu_offload)
-            params = router_parameters(student, list(params))
         decay = [p for n, p in params.items() if n.endswith(".weight")]
         no_decay = [p for n, p in params.items() if not n.endswith(".weight")]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
@@ -330,6 +323,21 @@ class _Training:
                 raise RunInterrupted(f"stopped after step {done}")
         self.student.train(False)
         return time.perf_counter() - t0
+
+
+def _load_student(student_dir: str | os.PathLike, opts: TrainOptions, dist: Dist | None
+                  ) -> tuple[Student, dict[str, nn.Parameter], nn.Module | None]:
+    """(student, HF name -> trainable router parameter, FSDP root or None): loaded whole in one process, shard by
+    shard with `dist` (`glmgguf.kd.fsdp.load_sharded_student`)."""
+    dtype = getattr(torch, opts.dtype)
+    if dist is not None:
+        from glmgguf.kd.fsdp import load_sharded_student
+
+        student, root, params = load_sharded_student(student_dir, dtype, opts.mtp, opts.train_bias, dist,
+                                                     opts.cpu_offload)
+        return student, params, root
+    student = Student(student_dir, dtype=dtype, device_map=opts.device_map, mtp=opts.mtp)
+    return student, free_routers(student, opts.train_bias), None
 
 
 def _log_doc(t: _Training, student_dir: str | os.PathLike, cache_dir: str | os.PathLike,
