@@ -42,7 +42,7 @@ from glmgguf.modeling import (
     mtp_block_forward,
     positions_and_mask,
 )
-from glmgguf.streamed_experts import moe_in_groups
+from glmgguf.streamed_experts import EXPERT_STREAM_BYTES, moe_in_groups
 from glmgguf.workdir import RunnerError, RunRecord, WorkDir
 
 ProgressFn = Callable[[int, int], None]  # (block index, tokens) after each chunk passes a block
@@ -119,7 +119,7 @@ class RunOptions:
     stop_after_layer: int | None = None  # testing aid: stop (as if interrupted) after finishing this layer
     # routed experts read one at a time from the shards (None: when a layer's experts exceed expert_bytes)
     stream_experts: bool | None = None
-    expert_bytes: int = 2 * 1024**3
+    expert_bytes: int = EXPERT_STREAM_BYTES
     moe_group_bytes: int = 1024**3  # streamed experts are read once per group of chunks of this many input bytes
 
 

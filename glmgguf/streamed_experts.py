@@ -18,6 +18,8 @@ from torch import nn
 
 from glmgguf.io import CheckpointReader
 
+EXPERT_STREAM_BYTES = 2 * 1024**3  # a layer whose routed experts exceed this runs them one at a time
+
 
 class ExpertWeights:
     """One projection of a layer's routed experts, read from the shards when indexed: `[e]` -> [out, in]."""

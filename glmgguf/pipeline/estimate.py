@@ -14,6 +14,7 @@ from glmgguf.checkpoint import GlmCheckpoint
 from glmgguf.io.fp8 import Fp8Scheme, quant_method, scheme_from_config
 from glmgguf.layout import GlmLayout, parse_hf_name, released_as_fp8
 from glmgguf.pipeline.plan import Plan, ReapSection
+from glmgguf.streamed_experts import EXPERT_STREAM_BYTES
 
 DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4}
 
@@ -74,13 +75,30 @@ def tensor_bytes(layout: GlmLayout, dtype_bytes: int = 2, fp8: bool = False) -> 
 
 
 def layer_bytes(layout: GlmLayout, dtype_bytes: int = 2) -> int:
-    """Bytes of the largest decoder layer (what a streaming pass keeps resident)."""
-    per: dict[str, int] = {}
+    """Bytes a streaming pass keeps resident for its largest decoder layer: the whole layer, or, where the
+    layer's routed experts exceed `EXPERT_STREAM_BYTES` (read one at a time), the layer without them plus one."""
+    rest: dict[str, int] = {}
+    experts: dict[str, int] = {}
+    one_expert: dict[str, int] = {}
     for name, shape in layout.expected_hf_tensors(mtp_indexer=True).items():
-        if name.startswith("model.layers."):
-            key = name.split(".")[2]
-            per[key] = per.get(key, 0) + math.prod(shape) * dtype_bytes
-    return max(per.values(), default=0)
+        if not name.startswith("model.layers."):
+            continue
+        key, n = name.split(".")[2], math.prod(shape) * dtype_bytes
+        if ".mlp.experts." in name:
+            experts[key] = experts.get(key, 0) + n
+            if ".mlp.experts.0." in name:
+                one_expert[key] = one_expert.get(key, 0) + n
+        else:
+            rest[key] = rest.get(key, 0) + n
+    resident = [rest[k] + (one_expert.get(k, 0) if experts.get(k, 0) > EXPERT_STREAM_BYTES else experts.get(k, 0))
+                for k in rest]
+    return max(resident, default=0)
+
+
+def experts_streamed(layout: GlmLayout, dtype_bytes: int = 2) -> bool:
+    """Whether a streaming pass reads this model's routed experts one at a time (a layer's exceed the limit)."""
+    per_expert = 3 * layout.moe_intermediate_size * layout.hidden_size * dtype_bytes
+    return any(x.n_experts * per_expert > EXPERT_STREAM_BYTES for x in layout.moe_layers)
 
 
 def gguf_bytes(layout: GlmLayout, recipe) -> int:
@@ -110,7 +128,8 @@ def estimate_stages(plan: Plan, layout: GlmLayout, recipes: dict) -> dict[str, E
         spill = tokens * layout.hidden_size * width if r.streaming else 0
         mem = (layer_bytes(layout, width) + hidden_act + min(spill, 4 * 10**9) if r.streaming
                else tensor_bytes(layout, width)[0] + hidden_act)
-        out["observe"] = Estimate(spill, mem, "streaming: one layer resident" if r.streaming
+        streamed = ", its experts one at a time" if experts_streamed(layout, width) else ""
+        out["observe"] = Estimate(spill, mem, f"streaming: one layer resident{streamed}" if r.streaming
                                   else "in memory: the whole model (across GPUs with device 'auto')")
     fp8 = is_block_fp8(layout)  # a block-FP8 source: pruned and distilled checkpoints stay block-FP8
     if plan.reap is not None:
@@ -122,8 +141,9 @@ def estimate_stages(plan: Plan, layout: GlmLayout, recipes: dict) -> dict[str, E
         from glmgguf.kd.teacher import bytes_per_sequence
 
         per_seq = bytes_per_sequence(d.seq_len, min(k.top_k, layout.vocab_size))
+        head = layout.vocab_size * layout.hidden_size * 2  # the LM head a streaming teacher keeps for every chunk
         out["teacher"] = Estimate(per_seq * (d.kd_samples or 0),
-                                  (layer_bytes(layout) if k.teacher_streaming else src) + hidden_act,
+                                  (layer_bytes(layout) + head if k.teacher_streaming else src) + hidden_act,
                                   "x number of KD sequences" if not d.kd_samples else "")
         if d.heldout:
             out["teacher-heldout"] = Estimate(per_seq * (d.heldout_samples or 0), out["teacher"].memory)
