@@ -56,12 +56,18 @@ def save_checkpoint(work: Path, step: int, params: dict[str, nn.Parameter], opt:
     save_file({n: p.detach().to("cpu").contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-    shutil.rmtree(d, ignore_errors=True)
-    os.replace(tmp, d)
-    (work / (LATEST + ".partial")).write_text(d.name)
+    publish_checkpoint(work, tmp, d)
+
+
+def publish_checkpoint(work: Path, tmp: Path, final: Path) -> None:
+    """Move a written checkpoint `tmp` to `final`, point LATEST at it and drop older checkpoints (each move
+    atomic: an interruption leaves the previous checkpoint usable)."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    (work / (LATEST + ".partial")).write_text(final.name)
     os.replace(work / (LATEST + ".partial"), work / LATEST)
     for old in work.glob("checkpoint-*"):
-        if old.name != d.name:
+        if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from glmgguf.dist import Dist
 from glmgguf.io import CheckpointReader
-from glmgguf.kd.checkpoints import LATEST
+from glmgguf.kd.checkpoints import publish_checkpoint
 from glmgguf.kd.errors import KdError
 from glmgguf.kd.student import Student
 from glmgguf.modeling import copy_experts, storage_dtype
@@ -184,13 +184,7 @@ def save_sharded(work: Path, step: int, params: dict[str, nn.Parameter], opt: to
     dcp.save({"trainable": dict(params), "optim": get_optimizer_state_dict(root, opt)}, checkpoint_id=tmp)
     if dist.main:
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "format": "dcp"}, indent=1))
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
-        (work / (LATEST + ".partial")).write_text(d.name)
-        os.replace(work / (LATEST + ".partial"), work / LATEST)
-        for old in work.glob("checkpoint-*"):
-            if old.name != d.name:
-                shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(work, tmp, d)
     dist.barrier()
 
 
