@@ -6,6 +6,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -179,13 +180,42 @@ class CheckpointReader:
         except KeyError:
             raise CheckpointError(f"{self.root}: tensor {name} not found") from None
 
-    def _read(self, info: TensorInfo) -> bytearray:
-        buf = bytearray(info.nbytes)
+    def _read(self, info: TensorInfo, start: int = 0, nbytes: int | None = None) -> bytearray:
+        """`nbytes` bytes (all by default) of `info`'s data from byte `start` on."""
+        nbytes = info.nbytes - start if nbytes is None else nbytes
+        buf = bytearray(nbytes)
         with open(info.shard, "rb") as f:
-            f.seek(info.offset)
-            if f.readinto(buf) != info.nbytes:
+            f.seek(info.offset + start)
+            if f.readinto(buf) != nbytes:
                 raise CheckpointError(f"{info.shard}: truncated while reading {info.name}")
         return buf
+
+    def stored_chunks(self, info: TensorInfo, chunk_bytes: int = 64 * 2**20) -> Iterator[bytearray]:
+        """The stored bytes of `info` (a weight's codes or its scale) in pieces of at most `chunk_bytes`."""
+        for start in range(0, info.nbytes, chunk_bytes):
+            yield self._read(info, start, min(chunk_bytes, info.nbytes - start))
+
+    def row_block(self, name: str) -> int:
+        """The row granularity of `row_words`: a block-FP8 weight's block height, else 1."""
+        return self.fp8.block[0] if name in self.scales and self.fp8 is not None else 1
+
+    def row_words(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor (first axis) without reading the rest: its stored words as `get_words`
+        gives them, a block-FP8 weight dequantized to float32 (`start` then a multiple of `row_block`)."""
+        info = self.info(name)
+        row_bytes = info.nbytes // max(1, info.shape[0])
+        shape = (stop - start, *info.shape[1:])
+        raw = self._read(info, start * row_bytes, (stop - start) * row_bytes)
+        if name not in self.scales:
+            if info.dtype not in NUMPY_WORDS:
+                raise CheckpointError(f"{name}: dtype {info.dtype} has no numpy view")
+            return np.frombuffer(raw, dtype=NUMPY_WORDS[info.dtype]).reshape(shape)
+        assert self.fp8 is not None
+        block = self.fp8.block[0]
+        if start % block:
+            raise ValueError(f"{name}: row {start} is not on a {block}-row FP8 block boundary")
+        scale = self._scale_words(name)[start // block:math.ceil(stop / block)]
+        return fp8.dequantize(np.frombuffer(raw, dtype=np.uint8).reshape(shape), scale, self.fp8.block)
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor from disk: a new, writable tensor in the stored dtype (float32 for FP8 weights)."""

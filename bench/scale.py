@@ -1,0 +1,400 @@
+#!/usr/bin/env python3
+"""Every stage at GLM-5.2's real width, measured: a slice with the released dimensions on this machine.
+
+    python bench/scale.py [--experts 256] [--sources fp8 bf16] [--stages convert-q4_protected,reap-observe]
+                          [--tokens 512] [--threads N] [--work-dir DIR] [--keep-slice]
+
+The slice (`glmgguf testbed --size glm52-slice --layers 1 --dense-layers 1`) is one dense layer plus the MTP layer:
+embeddings and head at the full 154,880 x 6144, one dense layer of width 12288 and one full MoE layer (256 experts
+of 2048 plus the shared expert, its own indexer), i.e. everything GLM-5.2 has, each kind once. The MTP layer is an
+MoE layer like the 75 trunk ones, so one slice measures the per-MoE-layer cost without a second 10-19 GB layer on
+disk. FP8 is how the release stores it (`zai-org/GLM-5.2-FP8`); BF16 is the other official build.
+
+Each stage runs in a fresh, measured process (`bench/upstream.measure`: wall, user+sys CPU, peak RSS from the OS,
+bytes written), and its output is deleted once no later stage reads it; the slice itself is deleted after the last
+stage that reads it unless `--keep-slice`. The upstream converter and `llama-quantize` run on the same slice beside
+ours. Per stage the results file holds: wall, CPU, peak RSS, bytes read (the stage's input files) and written
+(its output files), GB/s (read / wall), the machine's load average around the run, and the extrapolation to
+GLM-5.2:
+
+    glm52_s = wall_s x B_glm52 / B_slice,   B_glm52 = 76 x B_moe + 3 x B_dense + B_global
+
+where B_moe, B_dense, B_global are the slice's stored bytes of its MoE layer, its dense layer and the tensors
+outside layers (so B_glm52 is GLM-5.2's stored size) - the stage's measured rate applied per MoE layer, with the
+3 dense layers and the embeddings once. For `reap observe` / `kd teacher` the token count is the slice's
+(`--tokens`). Peak RSS is not extrapolated: each stage holds one tensor / one expert at a time, so it is what
+GLM-5.2 needs. Writes bench/results/scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from upstream import measure, portable, upstream_command, upstream_env
+
+RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
+GLMGGUF = [sys.executable, "-c", "from glmgguf.cli import main; main()"]
+GLM52_MOE_LAYERS = 76  # 75 trunk MoE layers + the MTP layer
+GLM52_DENSE_LAYERS = 3
+RECIPE = "q4_protected"
+GiB, GB = 2**30, 1e9
+
+# `llama-server` on a GGUF: load it (mmap), generate a few tokens, stop. argv: gguf, threads, n_predict, result.json
+_SERVE = r"""
+import json, sys, time
+from glmgguf.llama.server import LlamaServer
+gguf, threads, n_predict, result = sys.argv[1:]
+t0 = time.perf_counter()
+with LlamaServer(gguf, ["-c", "512", "-t", threads, "-np", "1"], startup_timeout=1800) as srv:
+    t1 = time.perf_counter()
+    reply = srv.completion("The capital of France is", n_predict=int(n_predict), temperature=0, seed=0)
+    t2 = time.perf_counter()
+with open(result, "w") as fh:
+    json.dump({"load_s": t1 - t0, "generate_s": t2 - t1, "tokens": reply["tokens_predicted"],
+               "text": reply["content"]}, fh)
+"""
+
+
+@dataclass
+class Context:
+    """What the stages of one source share: the slice, the work directory, the tools, the outputs so far."""
+
+    source: str  # "fp8" or "bf16"
+    slice_dir: Path
+    work: Path
+    args: argparse.Namespace
+    calib: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def out(self, name: str) -> Path:
+        return self.work / f"{self.source}-{name}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A measured command: `build(ctx)` -> (command, input paths, output path or None, extra environment)."""
+
+    name: str
+    build: Callable[[Context], tuple[list[str], list[Path], Path, dict[str, str]]]
+    reads: tuple[str, ...] = ("slice",)  # "slice" or the names of the stages whose output it reads
+    sources: tuple[str, ...] = ("fp8", "bf16")
+
+
+def _glmgguf(*args: object) -> list[str]:
+    return [*GLMGGUF, *(str(a) for a in args)]
+
+
+def _convert(flags: list[str], name: str) -> Callable[[Context], tuple]:
+    def build(ctx: Context) -> tuple:
+        out = ctx.out(f"{name}.gguf")
+        return (_glmgguf("convert", ctx.slice_dir, out, *flags, "--threads", ctx.args.threads, "--force"),
+                [ctx.slice_dir], out, {})
+    return build
+
+
+def _upstream(outtype: str) -> Callable[[Context], tuple]:
+    def build(ctx: Context) -> tuple:
+        from glmgguf.llama import ensure_toolchain
+
+        src = ensure_toolchain().source_dir
+        out = ctx.out(f"upstream-{outtype}.gguf")
+        out.unlink(missing_ok=True)
+        return upstream_command(src, ctx.slice_dir, out, outtype), [ctx.slice_dir], out, upstream_env(src)
+    return build
+
+
+def _inspect(ctx: Context) -> tuple:
+    gguf = ctx.files["convert-q4_protected"]
+    return _glmgguf("inspect", gguf), [gguf], None, {}
+
+
+def _serve(ctx: Context) -> tuple:
+    gguf = ctx.files["convert-q4_protected"]
+    result = ctx.out("llama-server.json")
+    return ([sys.executable, "-c", _SERVE, str(gguf), str(ctx.args.threads), "8", str(result)], [gguf], result, {})
+
+
+def _text_run(cmd: str, name: str) -> Callable[[Context], tuple]:
+    def build(ctx: Context) -> tuple:
+        out = ctx.out(name)
+        extra = ["--top-k", "64"] if cmd == "teacher" else []
+        group = ["kd", "teacher"] if cmd == "teacher" else ["reap", "observe"]
+        return (_glmgguf(*group, ctx.slice_dir, "--data", ctx.calib, "--seq-len", ctx.args.seq_len,
+                         "--max-tokens", ctx.args.tokens, "--batch-size", 2, "--streaming", "--out", out,
+                         "--work-dir", ctx.out(f"{name}.work"), *extra, "--force"), [ctx.slice_dir], out, {})
+    return build
+
+
+def _prune(ctx: Context) -> tuple:
+    out = ctx.out("pruned")
+    keep = max(1, ctx.args.experts * 3 // 4)
+    return (_glmgguf("reap", "prune", ctx.slice_dir, "--stats", ctx.files["reap-observe"], "--keep", keep,
+                     "--out", out, "--force"), [ctx.slice_dir], out, {})
+
+
+def _llama_quantize(ctx: Context) -> tuple:
+    from glmgguf.gguf.quantize import open_gguf, plan_quantize
+    from glmgguf.gguf.quantize_args import llama_quantize_args
+    from glmgguf.gguf.recipe import load_recipe
+    from glmgguf.llama import ensure_toolchain
+
+    src = ctx.files["upstream-bf16"]
+    out = ctx.out("llama-quantize.gguf")
+    model = open_gguf(src)
+    plan, _ = plan_quantize(model, load_recipe(RECIPE))
+    cmd = llama_quantize_args(plan, src, out, threads=ctx.args.threads,
+                              src_types={t.name: t.ggml_type for t in model.plan},
+                              binary=str(ensure_toolchain().quantize))
+    return cmd, [src], out, {}
+
+
+def _quantize(ctx: Context) -> tuple:
+    src = ctx.files["upstream-bf16"]
+    out = ctx.out("glmgguf-quantize.gguf")
+    return (_glmgguf("quantize", src, out, "--recipe", RECIPE, "--threads", ctx.args.threads, "--force"),
+            [src], out, {})
+
+
+def _nvfp4_export(ctx: Context) -> tuple:
+    out = ctx.out("nvfp4")
+    return (_glmgguf("nvfp4", "export", ctx.slice_dir, out, "--calib", ctx.files["reap-observe"],
+                     "--threads", ctx.args.threads, "--force"), [ctx.slice_dir], out, {})
+
+
+def _nvfp4_dequantize(ctx: Context) -> tuple:
+    src = ctx.files["nvfp4-export"]
+    out = ctx.out("nvfp4-dequantized")
+    return _glmgguf("nvfp4", "dequantize", src, out, "--dtype", "bf16", "--force"), [src], out, {}
+
+
+STAGES: list[Stage] = [
+    Stage("convert-q4_protected", _convert(["--recipe", RECIPE], RECIPE)),
+    Stage("inspect", _inspect, reads=("convert-q4_protected",)),
+    Stage("llama-server", _serve, reads=("convert-q4_protected",)),
+    Stage("convert-q8_0", _convert(["--outtype", "q8_0"], "q8_0")),
+    Stage("upstream-q8_0", _upstream("q8_0")),
+    Stage("reap-observe", _text_run("observe", "reap_stats.safetensors"), sources=("fp8",)),
+    Stage("kd-teacher", _text_run("teacher", "teacher"), sources=("fp8",)),
+    Stage("reap-prune", _prune, reads=("slice", "reap-observe"), sources=("fp8",)),
+    Stage("nvfp4-export", _nvfp4_export, reads=("slice", "reap-observe"), sources=("fp8",)),
+    Stage("upstream-bf16", _upstream("bf16"), sources=("fp8",)),
+    Stage("llama-quantize", _llama_quantize, reads=("upstream-bf16",), sources=("fp8",)),
+    Stage("quantize", _quantize, reads=("upstream-bf16",), sources=("fp8",)),
+    Stage("nvfp4-dequantize", _nvfp4_dequantize, reads=("nvfp4-export",), sources=("fp8",)),
+]
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def path_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def slice_parts(slice_dir: Path) -> dict[str, int]:
+    """The slice's stored bytes: its MoE layer, its dense layer, the tensors outside layers (FP8 scales included)."""
+    from glmgguf.io import CheckpointReader
+    from glmgguf.layout import GlmLayout, parse_hf_name
+
+    reader = CheckpointReader(slice_dir)
+    layout = GlmLayout.from_config(reader.config)
+    moe = {x.index for x in layout.moe_layers}
+    parts = {"moe": 0, "dense": 0, "global": 0}
+    infos = [*reader.tensors.values(), *reader.scales.values()]
+    for info in infos:
+        p = parse_hf_name(info.name.removesuffix("_scale_inv"))
+        layer = p.layer if p is not None else None
+        parts["global" if layer is None else "moe" if layer in moe else "dense"] += info.nbytes
+    return parts
+
+
+def glm52_bytes(parts: dict[str, int]) -> int:
+    return GLM52_MOE_LAYERS * parts["moe"] + GLM52_DENSE_LAYERS * parts["dense"] + parts["global"]
+
+
+def build_slice(ctx: Context) -> dict:
+    """Build the slice in a measured process (skipped when it is there)."""
+    if (ctx.slice_dir / "config.json").is_file():
+        return {}
+    cmd = _glmgguf("testbed", ctx.slice_dir, "--size", "glm52-slice", "--layers", 1, "--dense-layers", 1,
+                   "--experts", ctx.args.experts, "--real-tokenizer", "5.2", "--force",
+                   *(["--fp8"] if ctx.source == "fp8" else []))
+    print(f"[{ctx.source}] building the slice into {ctx.slice_dir} ...", flush=True)
+    return run_measured("testbed", cmd, [], ctx.slice_dir, {}, ctx)
+
+
+def run_measured(name: str, cmd: list[str], inputs: list[Path], out: Path | None, env: dict[str, str],
+                 ctx: Context) -> dict:
+    log = ctx.work / "logs" / f"{ctx.source}-{name}.log"
+    load_before = os.getloadavg()
+    stats = measure(cmd, {**os.environ, **env}, log)
+    if stats["returncode"] != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise RuntimeError(f"{name} exited with {stats['returncode']} (log {log}):\n{tail}")
+    read = sum(path_bytes(p) for p in inputs)
+    stats.update(load_avg_before=[round(x, 2) for x in load_before],
+                 load_avg_after=[round(x, 2) for x in os.getloadavg()],
+                 cpu_s=round(stats["user_s"] + stats["sys_s"], 2), bytes_read=read,
+                 bytes_written=path_bytes(out) if out is not None else 0,
+                 read_gb_per_s=round(read / stats["wall_s"] / GB, 4) if read else None,
+                 peak_rss_gib=round(stats["peak_rss_bytes"] / GiB, 3))
+    return stats
+
+
+def extrapolate(stats: dict, parts: dict[str, int], reads_slice: bool) -> dict:
+    if not reads_slice:
+        return {"note": "reads another stage's output; scale it with that output's size"}
+    slice_bytes = sum(parts.values())
+    factor = glm52_bytes(parts) / slice_bytes
+    return {"per_moe_layer_s": round(stats["wall_s"] * parts["moe"] / slice_bytes, 1),
+            "glm52_s": round(stats["wall_s"] * factor, 1), "glm52_h": round(stats["wall_s"] * factor / 3600, 2),
+            "glm52_cpu_core_h": round(stats["cpu_s"] * factor / 3600, 2)}
+
+
+def extra_result(name: str, out: Path | None) -> dict:
+    """What a stage reports beyond its measurements (llama-server's timings and generated text)."""
+    if name == "llama-server" and out is not None and out.is_file():
+        return json.loads(out.read_text())
+    return {}
+
+
+def run_source(source: str, names: list[str], args: argparse.Namespace, calib: Path) -> dict:
+    ctx = Context(source, args.work_dir / f"slice-{source}-{args.experts}", args.work_dir, args, calib)
+    selected = [BY_NAME[n] for n in names if source in BY_NAME[n].sources]
+    res: dict = {"stages": {}}
+    if not selected:
+        return res
+    built = build_slice(ctx)
+    if built:
+        res["stages"]["testbed"] = built
+    parts = slice_parts(ctx.slice_dir)
+    res["slice"] = {"bytes": sum(parts.values()), "parts": parts, "glm52_bytes": glm52_bytes(parts),
+                    "experts": args.experts, "layers": "1 dense + the MTP (MoE) layer"}
+    last_slice = max(i for i, s in enumerate(selected) if "slice" in s.reads)
+    for i, stage in enumerate(selected):
+        for dep in stage.reads:
+            if dep != "slice" and dep not in ctx.files:
+                run_stage(BY_NAME[dep], ctx, parts, res)
+        run_stage(stage, ctx, parts, res)
+        drop_unread(ctx, selected[i + 1:])
+        if i == last_slice and not args.keep_slice:
+            remove(ctx.slice_dir)
+    for path in ctx.files.values():
+        remove(path)
+    return res
+
+
+def run_stage(stage: Stage, ctx: Context, parts: dict[str, int], res: dict) -> None:
+    cmd, inputs, out, env = stage.build(ctx)
+    free = shutil.disk_usage(ctx.work).free
+    print(f"[{ctx.source}] {stage.name} ({free / GB:.1f} GB free) ...", flush=True)
+    stats = run_measured(stage.name, cmd, inputs, out, env, ctx)
+    stats["extrapolation"] = extrapolate(stats, parts, stage.reads == ("slice",))
+    stats.update(extra_result(stage.name, out))
+    if out is not None:
+        ctx.files[stage.name] = out
+    res["stages"][stage.name] = stats
+    print(f"[{ctx.source}] {stage.name}: {stats['wall_s']:.1f} s wall, {stats['cpu_s']:.1f} s CPU, "
+          f"peak RSS {stats['peak_rss_gib']:.2f} GiB, read {stats['bytes_read'] / GB:.2f} GB, "
+          f"wrote {stats['bytes_written'] / GB:.2f} GB", flush=True)
+
+
+def drop_unread(ctx: Context, later: list[Stage]) -> None:
+    """Delete the outputs no later stage reads (disk is the constraint at real width)."""
+    needed = {d for s in later for d in s.reads}
+    for name in [n for n in ctx.files if n not in needed]:
+        remove(ctx.files.pop(name))
+
+
+def ratios(stages: dict) -> dict:
+    """Upstream against ours, on the same slice (>1: ours is faster / smaller)."""
+    out = {}
+    for ours, theirs in (("convert-q8_0", "upstream-q8_0"), ("quantize", "llama-quantize")):
+        if ours in stages and theirs in stages:
+            a, b = stages[theirs], stages[ours]
+            out[f"{theirs} / {ours}"] = {"wall": round(a["wall_s"] / b["wall_s"], 2),
+                                         "peak_rss": round(a["peak_rss_bytes"] / b["peak_rss_bytes"], 2)}
+    pipeline = [stages.get(n) for n in ("upstream-bf16", "llama-quantize", "convert-q4_protected")]
+    if all(pipeline):
+        up_bf16, lq, ours = pipeline
+        out["upstream-bf16 + llama-quantize / convert-q4_protected"] = {
+            "wall": round((up_bf16["wall_s"] + lq["wall_s"]) / ours["wall_s"], 2),
+            "peak_rss": round(max(up_bf16["peak_rss_bytes"], lq["peak_rss_bytes"]) / ours["peak_rss_bytes"], 2),
+            "bytes_written": round((up_bf16["bytes_written"] + lq["bytes_written"]) / ours["bytes_written"], 2)}
+    return out
+
+
+def merge(res: dict, source: str, new: dict, previous: Path) -> None:
+    """`res`'s entry for `source`: the stages of an earlier results file with the same expert count, updated
+    with this run's (a `--stages` run refreshes only those)."""
+    old = json.loads(previous.read_text()).get("sources", {}).get(source, {}) if previous.is_file() else {}
+    if old.get("slice", {}).get("experts") != new.get("slice", {}).get("experts", old.get("slice", {}).get("experts")):
+        old = {}
+    entry = {**old, **{k: v for k, v in new.items() if k != "stages"}}
+    entry["stages"] = {**old.get("stages", {}), **new["stages"]}
+    entry["ratios"] = ratios(entry["stages"])
+    res["sources"][source] = entry
+
+
+def write_calibration(path: Path, max_bytes: int = 200_000) -> Path:
+    """Calibration text: the standard library's source (what the testbeds train on), enough for --tokens."""
+    from glmgguf.testbed import stdlib_corpus
+
+    path.write_text("\n\n".join(stdlib_corpus("train", max_bytes=max_bytes)))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--experts", type=int, default=256, help="routed experts of the slice's MoE layer")
+    ap.add_argument("--sources", nargs="+", choices=["fp8", "bf16"], default=["fp8", "bf16"])
+    ap.add_argument("--stages", default=",".join(BY_NAME), help=f"comma-separated subset of {','.join(BY_NAME)}")
+    ap.add_argument("--tokens", type=int, default=512, help="calibration tokens of reap observe / kd teacher")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "glmgguf-scale")
+    ap.add_argument("--keep-slice", action="store_true", help="keep the slice after its last stage")
+    ap.add_argument("--json", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.stages.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        ap.error(f"unknown stage(s) {unknown}; choose from {list(BY_NAME)}")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    calib = write_calibration(args.work_dir / "calibration.txt")
+    res = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "machine": {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",
+                       "cpus": os.cpu_count(), "ram_gib": round(os.sysconf("SC_PAGE_SIZE")
+                                                                  * os.sysconf("SC_PHYS_PAGES") / GiB, 1)},
+           "threads": args.threads, "tokens": args.tokens, "seq_len": args.seq_len,
+           "formula": "glm52_s = wall_s * (76 * B_moe + 3 * B_dense + B_global) / B_slice; "
+                      "per_moe_layer_s = wall_s * B_moe / B_slice",
+           "sources": json.loads(args.json.read_text()).get("sources", {}) if args.json.is_file() else {}}
+    for source in args.sources:
+        merge(res, source, run_source(source, names, args, calib), args.json)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(portable(res), indent=1) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
