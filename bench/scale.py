@@ -12,7 +12,12 @@ disk. FP8 is how the release stores it (`zai-org/GLM-5.2-FP8`); BF16 is the othe
 
 Each stage runs in a fresh, measured process (`bench/upstream.measure`: wall, user+sys CPU, peak RSS from the OS,
 bytes written), and its output is deleted once no later stage reads it; the slice itself is deleted after the last
-stage that reads it unless `--keep-slice`. The upstream converter and `llama-quantize` run on the same slice beside
+stage that reads it unless `--keep-slice`. Disk at 256 experts (FP8): the slice is 14 GB, the upstream BF16
+GGUF that `llama-quantize` and `glmgguf quantize` read 25 GB and the NVFP4 export dequantized to BF16 22 GB; to
+stay within ~40 GB run `upstream-bf16,llama-quantize,quantize` on their own (the slice is then deleted only after
+`upstream-bf16`, i.e. it coexists with the BF16 GGUF only while that is written) or with fewer `--experts`.
+Results are keyed by source and expert count (`fp8-256`); a run updates only the stages it ran.
+The upstream converter and `llama-quantize` run on the same slice beside
 ours. Per stage the results file holds: wall, CPU, peak RSS, bytes read (the stage's input files) and written
 (its output files), GB/s (read / wall), the machine's load average around the run, and the extrapolation to
 GLM-5.2:
@@ -35,8 +40,10 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +95,7 @@ class Stage:
     build: Callable[[Context], tuple[list[str], list[Path], Path, dict[str, str]]]
     reads: tuple[str, ...] = ("slice",)  # "slice" or the names of the stages whose output it reads
     sources: tuple[str, ...] = ("fp8", "bf16")
+    expect_failure: bool = False  # bad input: one clear error, no output and no `.partial` left
 
 
 def _glmgguf(*args: object) -> list[str]:
@@ -177,8 +185,30 @@ def _nvfp4_dequantize(ctx: Context) -> tuple:
     return _glmgguf("nvfp4", "dequantize", src, out, "--dtype", "bf16", "--force"), [src], out, {}
 
 
+def _truncated(ctx: Context) -> tuple:
+    """`convert` of the slice with its last shard cut in the middle of a tensor (the other files linked)."""
+    from glmgguf.io.reader import read_header
+
+    bad = ctx.out("truncated")
+    remove(bad)
+    bad.mkdir()
+    shards = sorted(ctx.slice_dir.glob("*.safetensors"))
+    for f in ctx.slice_dir.iterdir():
+        if f != shards[-1]:
+            (bad / f.name).symlink_to(f)
+    infos, _ = read_header(shards[-1])
+    cut = max(infos.values(), key=lambda i: i.nbytes)
+    size = cut.offset + cut.nbytes // 2
+    with open(shards[-1], "rb") as src, open(bad / shards[-1].name, "wb") as dst:
+        while dst.tell() < size:
+            dst.write(src.read(min(1 << 24, size - dst.tell())))
+    out = ctx.out("truncated.gguf")
+    return _glmgguf("convert", bad, out, "--recipe", RECIPE, "--force"), [bad], out, {}
+
+
 STAGES: list[Stage] = [
     Stage("convert-q4_protected", _convert(["--recipe", RECIPE], RECIPE)),
+    Stage("truncated-shard", _truncated, expect_failure=True),
     Stage("inspect", _inspect, reads=("convert-q4_protected",)),
     Stage("llama-server", _serve, reads=("convert-q4_protected",)),
     Stage("convert-q8_0", _convert(["--outtype", "q8_0"], "q8_0")),
@@ -187,10 +217,10 @@ STAGES: list[Stage] = [
     Stage("kd-teacher", _text_run("teacher", "teacher"), sources=("fp8",)),
     Stage("reap-prune", _prune, reads=("slice", "reap-observe"), sources=("fp8",)),
     Stage("nvfp4-export", _nvfp4_export, reads=("slice", "reap-observe"), sources=("fp8",)),
+    Stage("nvfp4-dequantize", _nvfp4_dequantize, reads=("nvfp4-export",), sources=("fp8",)),
     Stage("upstream-bf16", _upstream("bf16"), sources=("fp8",)),
     Stage("llama-quantize", _llama_quantize, reads=("upstream-bf16",), sources=("fp8",)),
     Stage("quantize", _quantize, reads=("upstream-bf16",), sources=("fp8",)),
-    Stage("nvfp4-dequantize", _nvfp4_dequantize, reads=("nvfp4-export",), sources=("fp8",)),
 ]
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -241,11 +271,49 @@ def build_slice(ctx: Context) -> dict:
     return run_measured("testbed", cmd, [], ctx.slice_dir, {}, ctx)
 
 
+@contextmanager
+def rss_guard(limit: int) -> Iterator[dict]:
+    """Kill this process's descendants if their resident memory together exceeds `limit` bytes (the machine is
+    shared: a stage that would not fit is stopped and recorded, not left to the OOM killer)."""
+    import psutil
+
+    state = {"killed_at_bytes": None}
+    stop = threading.Event()
+
+    def watch() -> None:
+        me = psutil.Process()
+        while not stop.wait(0.5):
+            procs = me.children(recursive=True)
+            rss = 0
+            for p in procs:
+                with suppress(psutil.Error):
+                    rss += p.memory_info().rss
+            if rss > limit:
+                state["killed_at_bytes"] = rss
+                for p in procs:
+                    with suppress(psutil.Error):
+                        p.kill()
+                return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        stop.set()
+        thread.join()
+
+
 def run_measured(name: str, cmd: list[str], inputs: list[Path], out: Path | None, env: dict[str, str],
                  ctx: Context) -> dict:
     log = ctx.work / "logs" / f"{ctx.source}-{name}.log"
     load_before = os.getloadavg()
-    stats = measure(cmd, {**os.environ, **env}, log)
+    with rss_guard(int(ctx.args.rss_limit * GiB)) as guard:
+        stats = measure(cmd, {**os.environ, **env}, log)
+    if guard["killed_at_bytes"] is not None:
+        print(f"[{ctx.source}] {name}: stopped at {guard['killed_at_bytes'] / GiB:.1f} GiB resident", flush=True)
+        return {"killed_at_rss_gib": round(guard["killed_at_bytes"] / GiB, 2), "wall_s": stats["wall_s"],
+                "rss_limit_gib": ctx.args.rss_limit}
     if stats["returncode"] != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise RuntimeError(f"{name} exited with {stats['returncode']} (log {log}):\n{tail}")
@@ -257,6 +325,19 @@ def run_measured(name: str, cmd: list[str], inputs: list[Path], out: Path | None
                  read_gb_per_s=round(read / stats["wall_s"] / GB, 4) if read else None,
                  peak_rss_gib=round(stats["peak_rss_bytes"] / GiB, 3))
     return stats
+
+
+def failed_run(name: str, cmd: list[str], inputs: list[Path], out: Path, ctx: Context) -> dict:
+    """Run a command that must fail: its exit code, last line, time to fail, and what it left behind."""
+    log = ctx.work / "logs" / f"{ctx.source}-{name}.log"
+    stats = measure(cmd, dict(os.environ), log)
+    lines = log.read_text(errors="replace").strip().splitlines()
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(out.name)]
+    return {"returncode": stats["returncode"], "wall_s": round(stats["wall_s"], 2),
+            "peak_rss_gib": round(stats["peak_rss_bytes"] / GiB, 3), "last_line": lines[-1] if lines else "",
+            "output_left": [n for n in leftovers if not n.endswith(".lock")],
+            "input": {"shards": len(list(inputs[0].glob("*.safetensors"))),
+                      "bytes": sum(p.stat().st_size for p in inputs[0].iterdir())}}
 
 
 def extrapolate(stats: dict, parts: dict[str, int], reads_slice: bool) -> dict:
@@ -306,12 +387,22 @@ def run_stage(stage: Stage, ctx: Context, parts: dict[str, int], res: dict) -> N
     cmd, inputs, out, env = stage.build(ctx)
     free = shutil.disk_usage(ctx.work).free
     print(f"[{ctx.source}] {stage.name} ({free / GB:.1f} GB free) ...", flush=True)
+    if stage.expect_failure:
+        res["stages"][stage.name] = failed_run(stage.name, cmd, inputs, out, ctx)
+        print(f"[{ctx.source}] {stage.name}: {res['stages'][stage.name]}", flush=True)
+        remove(inputs[0])
+        return
     stats = run_measured(stage.name, cmd, inputs, out, env, ctx)
+    res["stages"][stage.name] = stats
+    if "killed_at_rss_gib" in stats:
+        if out is not None:
+            for p in out.parent.glob(out.name + "*"):
+                remove(p)
+        return
     stats["extrapolation"] = extrapolate(stats, parts, stage.reads == ("slice",))
     stats.update(extra_result(stage.name, out))
     if out is not None:
         ctx.files[stage.name] = out
-    res["stages"][stage.name] = stats
     print(f"[{ctx.source}] {stage.name}: {stats['wall_s']:.1f} s wall, {stats['cpu_s']:.1f} s CPU, "
           f"peak RSS {stats['peak_rss_gib']:.2f} GiB, read {stats['bytes_read'] / GB:.2f} GB, "
           f"wrote {stats['bytes_written'] / GB:.2f} GB", flush=True)
@@ -328,12 +419,12 @@ def ratios(stages: dict) -> dict:
     """Upstream against ours, on the same slice (>1: ours is faster / smaller)."""
     out = {}
     for ours, theirs in (("convert-q8_0", "upstream-q8_0"), ("quantize", "llama-quantize")):
-        if ours in stages and theirs in stages:
+        if all("peak_rss_bytes" in stages.get(n, {}) for n in (ours, theirs)):
             a, b = stages[theirs], stages[ours]
             out[f"{theirs} / {ours}"] = {"wall": round(a["wall_s"] / b["wall_s"], 2),
                                          "peak_rss": round(a["peak_rss_bytes"] / b["peak_rss_bytes"], 2)}
-    pipeline = [stages.get(n) for n in ("upstream-bf16", "llama-quantize", "convert-q4_protected")]
-    if all(pipeline):
+    pipeline = [stages.get(n, {}) for n in ("upstream-bf16", "llama-quantize", "convert-q4_protected")]
+    if all("peak_rss_bytes" in st for st in pipeline):
         up_bf16, lq, ours = pipeline
         out["upstream-bf16 + llama-quantize / convert-q4_protected"] = {
             "wall": round((up_bf16["wall_s"] + lq["wall_s"]) / ours["wall_s"], 2),
@@ -342,16 +433,32 @@ def ratios(stages: dict) -> dict:
     return out
 
 
-def merge(res: dict, source: str, new: dict, previous: Path) -> None:
-    """`res`'s entry for `source`: the stages of an earlier results file with the same expert count, updated
-    with this run's (a `--stages` run refreshes only those)."""
-    old = json.loads(previous.read_text()).get("sources", {}).get(source, {}) if previous.is_file() else {}
-    if old.get("slice", {}).get("experts") != new.get("slice", {}).get("experts", old.get("slice", {}).get("experts")):
-        old = {}
+def merge(res: dict, key: str, new: dict) -> None:
+    """`res`'s entry `key` (source and expert count): the stages it had (from an earlier results file) updated
+    with this run's, so a `--stages` run refreshes only those."""
+    old = res["sources"].get(key, {})
     entry = {**old, **{k: v for k, v in new.items() if k != "stages"}}
     entry["stages"] = {**old.get("stages", {}), **new["stages"]}
     entry["ratios"] = ratios(entry["stages"])
-    res["sources"][source] = entry
+    entry["table"] = table(entry)
+    res["sources"][key] = entry
+
+
+def table(entry: dict) -> str:
+    """The README's table of one source: per stage the slice's measurements and the GLM-5.2 extrapolation."""
+    rows = ["| stage | wall (slice) | CPU | peak RSS | read | GLM-5.2, extrapolated |", "|---|---|---|---|---|---|"]
+    for name, st in entry["stages"].items():
+        if "killed_at_rss_gib" in st:
+            rows.append(f"| `{name}` | did not fit: stopped at {st['killed_at_rss_gib']:.1f} GiB resident | | | | |")
+        if "cpu_s" not in st:
+            continue
+        x = st.get("extrapolation", {})
+        rate = f"{st['read_gb_per_s']:.3f} GB/s" if st.get("read_gb_per_s") else "-"
+        glm = (f"{x['glm52_h']:.1f} h ({x['glm52_cpu_core_h']:.1f} core-h)" if "glm52_h" in x
+               else "(reads another stage's output)")
+        rows.append(f"| `{name}` | {st['wall_s']:.0f} s | {st['cpu_s']:.0f} s | {st['peak_rss_gib']:.2f} GiB | "
+                    f"{rate} | {glm} |")
+    return "\n".join(rows)
 
 
 def write_calibration(path: Path, max_bytes: int = 200_000) -> Path:
@@ -371,9 +478,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "glmgguf-scale")
+    ap.add_argument("--rss-limit", type=float, default=18.0,
+                    help="GiB: a stage whose processes together hold more is stopped and recorded as not fitting")
     ap.add_argument("--keep-slice", action="store_true", help="keep the slice after its last stage")
     ap.add_argument("--json", type=Path, default=RESULTS)
+    ap.add_argument("--report-only", action="store_true", help="recompute the ratios and tables of --json")
     args = ap.parse_args(argv)
+    if args.report_only:
+        res = json.loads(args.json.read_text())
+        for key, entry in res["sources"].items():
+            merge(res, key, {**entry, "stages": {}})
+        args.json.write_text(json.dumps(res, indent=1) + "\n")
+        return 0
     names = [n.strip() for n in args.stages.split(",") if n.strip()]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
@@ -389,9 +505,10 @@ def main(argv: list[str] | None = None) -> int:
                       "per_moe_layer_s = wall_s * B_moe / B_slice",
            "sources": json.loads(args.json.read_text()).get("sources", {}) if args.json.is_file() else {}}
     for source in args.sources:
-        merge(res, source, run_source(source, names, args, calib), args.json)
+        merge(res, f"{source}-{args.experts}", run_source(source, names, args, calib))
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(portable(res), indent=1) + "\n")
+        text = json.dumps(portable(res), indent=1).replace(str(args.work_dir), "<work-dir>")
+        args.json.write_text(text + "\n")
     print(f"wrote {args.json}")
     return 0
 
