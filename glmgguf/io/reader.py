@@ -6,7 +6,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -194,6 +194,31 @@ class CheckpointReader:
         """The stored bytes of `info` (a weight's codes or its scale) in pieces of at most `chunk_bytes`."""
         for start in range(0, info.nbytes, chunk_bytes):
             yield self._read(info, start, min(chunk_bytes, info.nbytes - start))
+
+    def get_rows(self, name: str, ids: Sequence[int]) -> torch.Tensor:
+        """Rows `ids` (sorted, distinct) of a tensor in its stored dtype, read run by run: an embedding lookup
+        without the whole table (GLM-5.2's is 1.9 GB). Block-FP8 weights come dequantized, read whole."""
+        import torch
+
+        info = self.info(name)
+        if name in self.scales:
+            return self.get(name)[torch.tensor(list(ids), dtype=torch.long)]
+        row_bytes = info.nbytes // max(1, info.shape[0])
+        buf = bytearray(len(ids) * row_bytes)
+        view, pos, i = memoryview(buf), 0, 0
+        with open(info.shard, "rb") as f:
+            while i < len(ids):
+                j = i + 1
+                while j < len(ids) and ids[j] == ids[j - 1] + 1:
+                    j += 1
+                n = (j - i) * row_bytes
+                f.seek(info.offset + ids[i] * row_bytes)
+                if f.readinto(view[pos:pos + n]) != n:
+                    raise CheckpointError(f"{info.shard}: truncated while reading {name}")
+                pos, i = pos + n, j
+        if not buf:
+            return torch.empty((0, *info.shape[1:]), dtype=info.torch_dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(info.torch_dtype).reshape(len(ids), *info.shape[1:])
 
     def row_block(self, name: str) -> int:
         """The row granularity of `row_words`: a block-FP8 weight's block height, else 1."""
