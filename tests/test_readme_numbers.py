@@ -121,6 +121,22 @@ def _convert(d: dict) -> dict:
             "same": d["comparison"]["tensors"]["identical"]}
 
 
+def _scale(d: dict) -> dict:
+    full, small = d["sources"]["fp8-256"], d["sources"]["fp8-32"]
+    st, sm = full["stages"], small["stages"]
+    ratio = small["ratios"]["upstream-q8_0 / convert-q8_0"]
+    return {"gb": full["slice"]["bytes"] / 1e9, "q4_cpu": st["convert-q4_protected"]["cpu_s"],
+            "q4_core_h": st["convert-q4_protected"]["extrapolation"]["glm52_cpu_core_h"],
+            "q4_rss": st["convert-q4_protected"]["peak_rss_gib"],
+            "prune_s": st["reap-prune"]["wall_s"], "prune_h": st["reap-prune"]["extrapolation"]["glm52_h"],
+            "prune_rss": st["reap-prune"]["peak_rss_gib"],
+            "nv_cpu": st["nvfp4-export"]["cpu_s"], "nv_core_h": st["nvfp4-export"]["extrapolation"]["glm52_cpu_core_h"],
+            "nv_rss": st["nvfp4-export"]["peak_rss_gib"], "obs_rss": st["reap-observe"]["peak_rss_gib"],
+            "killed": st["upstream-q8_0"]["killed_at_rss_gib"], "up_rss": sm["upstream-q8_0"]["peak_rss_gib"],
+            "ours_rss": sm["convert-q8_0"]["peak_rss_gib"], "x": ratio["wall"], "m": ratio["peak_rss"],
+            "trunc_s": st["truncated-shard"]["wall_s"]}
+
+
 # (README phrase with {fields}, the JSON it comes from, the fields read from that JSON)
 CLAIMS: list[tuple[str, str, Callable[[dict], dict]]] = [
     ("each in a fresh process, {runs}: upstream {u:.1f} s / {um:.0f} MiB peak RSS, glmgguf {o:.1f} s / {om:.0f} "
@@ -204,6 +220,7 @@ TABLE_SECTIONS = {  # README heading -> the JSONs its tables come from
     "## Evaluation": ["eval_loops"],
     "### MTP drafting (`--draft-mtp`)": ["mtp_acceptance"],
     "### The patch series": ["patches_parity"],
+    "### Measured at real width (`bench/scale.py`)": ["scale"],
 }
 SCALES = (1, 100, 1 / MIB, 1 / 1e9, 1 / 1e6, 1 / 60, 1 / 3600)
 CONSTANTS = {  # numbers in those tables that are settings, not measurements
