@@ -2,7 +2,8 @@
 """Every stage at GLM-5.2's real width, measured: a slice with the released dimensions on this machine.
 
     python bench/scale.py [--experts 256] [--sources fp8 bf16] [--stages convert-q4_protected,reap-observe]
-                          [--tokens 512] [--threads N] [--work-dir DIR] [--keep-slice]
+                          [--tokens 512] [--threads N] [--work-dir DIR] [--keep-slice] [--rss-limit 18]
+    python bench/scale.py --report-only   # recompute the ratios and tables of the results file
 
 The slice (`glmgguf testbed --size glm52-slice --layers 1 --dense-layers 1`) is one dense layer plus the MTP layer:
 embeddings and head at the full 154,880 x 6144, one dense layer of width 12288 and one full MoE layer (256 experts
@@ -11,16 +12,19 @@ MoE layer like the 75 trunk ones, so one slice measures the per-MoE-layer cost w
 disk. FP8 is how the release stores it (`zai-org/GLM-5.2-FP8`); BF16 is the other official build.
 
 Each stage runs in a fresh, measured process (`bench/upstream.measure`: wall, user+sys CPU, peak RSS from the OS,
-bytes written), and its output is deleted once no later stage reads it; the slice itself is deleted after the last
-stage that reads it unless `--keep-slice`. Disk at 256 experts (FP8): the slice is 14 GB, the upstream BF16
-GGUF that `llama-quantize` and `glmgguf quantize` read 25 GB and the NVFP4 export dequantized to BF16 22 GB; to
-stay within ~40 GB run `upstream-bf16,llama-quantize,quantize` on their own (the slice is then deleted only after
-`upstream-bf16`, i.e. it coexists with the BF16 GGUF only while that is written) or with fewer `--experts`.
-Results are keyed by source and expert count (`fp8-256`); a run updates only the stages it ran.
-The upstream converter and `llama-quantize` run on the same slice beside
-ours. Per stage the results file holds: wall, CPU, peak RSS, bytes read (the stage's input files) and written
-(its output files), GB/s (read / wall), the machine's load average around the run, and the extrapolation to
-GLM-5.2:
+bytes written); its output is deleted once no later stage reads it, and the slice after the last stage that reads
+it unless `--keep-slice`. The upstream converter and `llama-quantize` run on the same slice beside ours. A stage
+whose processes hold more than `--rss-limit` GiB is stopped and recorded as not fitting (the machine is shared).
+Results are keyed by source and expert count (`fp8-256`) and saved after every stage; a run updates only the
+stages it ran. Disk at 256 experts (FP8): the slice is 14 GB, the upstream BF16 GGUF that `llama-quantize` and
+`glmgguf quantize` read 25 GB, the NVFP4 export dequantized to BF16 22 GB: to stay within ~40 GB, run
+`upstream-bf16,llama-quantize,quantize` on their own (the slice then goes right after `upstream-bf16`) or compare
+them with fewer `--experts` (no extrapolation then). `truncated-shard` converts the slice with its last shard cut
+in the middle of a tensor and records the error, the time to it and what was left on disk.
+
+Per stage the results file holds wall, CPU, peak RSS, bytes read (the stage's input files) and written (its output
+files), GB/s (read / wall), the machine's load average around the run and the CPU time other processes took, and
+the extrapolation to GLM-5.2:
 
     glm52_s = wall_s x B_glm52 / B_slice,   B_glm52 = 76 x B_moe + 3 x B_dense + B_global
 
@@ -367,9 +371,23 @@ def extra_result(name: str, out: Path | None) -> dict:
     return {}
 
 
-def run_source(source: str, names: list[str], args: argparse.Namespace, calib: Path) -> dict:
+def with_inputs(stages: list[Stage]) -> list[Stage]:
+    """`stages` in order, each preceded by the stages whose output it reads (when not selected before it)."""
+    out: list[Stage] = []
+    for stage in stages:
+        for dep in stage.reads:
+            if dep != "slice" and BY_NAME[dep] not in out:
+                out += with_inputs([BY_NAME[dep]])
+        if stage not in out:
+            out.append(stage)
+    return out
+
+
+def run_source(source: str, names: list[str], args: argparse.Namespace, calib: Path,
+               save: Callable[[dict], None]) -> dict:
+    """Run the selected stages on one source's slice; `save(results so far)` after each stage."""
     ctx = Context(source, args.work_dir / f"slice-{source}-{args.experts}", args.work_dir, args, calib)
-    selected = [BY_NAME[n] for n in names if source in BY_NAME[n].sources]
+    selected = with_inputs([BY_NAME[n] for n in names if source in BY_NAME[n].sources])
     res: dict = {"stages": {}}
     if not selected:
         return res
@@ -381,10 +399,8 @@ def run_source(source: str, names: list[str], args: argparse.Namespace, calib: P
                     "experts": args.experts, "layers": "1 dense + the MTP (MoE) layer"}
     last_slice = max(i for i, s in enumerate(selected) if "slice" in s.reads)
     for i, stage in enumerate(selected):
-        for dep in stage.reads:
-            if dep != "slice" and dep not in ctx.files:
-                run_stage(BY_NAME[dep], ctx, res)
         run_stage(stage, ctx, res)
+        save(res)
         drop_unread(ctx, selected[i + 1:])
         if i == last_slice and not args.keep_slice:
             remove(ctx.slice_dir)
@@ -518,11 +534,17 @@ def main(argv: list[str] | None = None) -> int:
            "formula": "glm52_s = wall_s * (76 * B_moe + 3 * B_dense + B_global) / B_slice; "
                       "per_moe_layer_s = wall_s * B_moe / B_slice",
            "sources": json.loads(args.json.read_text()).get("sources", {}) if args.json.is_file() else {}}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     for source in args.sources:
-        merge(res, f"{source}-{args.experts}", run_source(source, names, args, calib))
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(portable(res), indent=1).replace(str(args.work_dir), "<work-dir>")
-        args.json.write_text(text + "\n")
+        key, before = f"{source}-{args.experts}", json.loads(json.dumps(res["sources"]))
+
+        def save(partial: dict, key: str = key, before: dict = before) -> None:
+            res["sources"] = json.loads(json.dumps(before))
+            merge(res, key, partial)
+            text = json.dumps(portable(res), indent=1).replace(str(args.work_dir), "<work-dir>")
+            args.json.write_text(text + "\n")
+
+        save(run_source(source, names, args, calib, save))
     print(f"wrote {args.json}")
     return 0
 
