@@ -272,12 +272,21 @@ class StreamingRunner:
             p.visitor.restore_layer(self.layout.layers[idx], p.record.layer_state(idx))
         return cur, topk
 
+    def _embedding_rows(self, p: _Pass, name: str, chunks: Sequence[torch.Tensor]) -> Callable[[torch.Tensor],
+                                                                                              torch.Tensor]:
+        """The embedding lookup of the tokens in `chunks`, with only their rows of table `name` read (GLM-5.2's
+        table is 1.9 GB; a calibration set uses a small part of the vocabulary)."""
+        ids = torch.unique(torch.cat([c.reshape(-1) for c in chunks])) if chunks else torch.empty(0, dtype=torch.long)
+        rows = self.reader.take_rows(name, ids.tolist()).to(device=p.device, dtype=self.options.dtype)
+        ids = ids.to(p.device)
+        return lambda tokens: nn.functional.embedding(torch.searchsorted(ids, tokens.to(p.device)), rows)
+
     def _embed(self, p: _Pass) -> ActivationStore:
         """The token embeddings of every chunk: the input of layer 0."""
-        emb = self.reader.get("model.embed_tokens.weight").to(device=p.device, dtype=self.options.dtype)
+        embed = self._embedding_rows(p, "model.embed_tokens.weight", p.chunks)
         cur = p.store("acts-embed")
         for i, c in enumerate(p.chunks):
-            cur.put(i, {"hidden": nn.functional.embedding(c.to(p.device), emb)})
+            cur.put(i, {"hidden": embed(c)})
         return cur
 
     def _trunk_layer(self, p: _Pass, info: LayerInfo, cur: ActivationStore, topk: ActivationStore | None
@@ -324,30 +333,29 @@ class StreamingRunner:
             return
         info = pending[0]
         streamed = self.streams_experts(info)
-        module, emb = self._open_mtp(p, info, streamed)
+        module, embed = self._open_mtp(p, info, streamed)
 
         def run_chunk(i: int) -> torch.Tensor:
             ids = p.chunks[i].to(p.device)
             hn = norm(cur.get(i, p.device)["hidden"])
-            out = mtp_block_forward(module, hn[:, :-1], nn.functional.embedding(ids[:, 1:], emb), self.config,
-                                    p.rotary)
+            out = mtp_block_forward(module, hn[:, :-1], embed(ids[:, 1:]), self.config, p.rotary)
             p.advance(info.index, ids[:, 1:].numel())
             return out
 
         with_next = [i for i, c in enumerate(p.chunks) if c.shape[1] > 1]
         for _ in self._through_block(p, module, streamed, run_chunk, with_next):
             pass
-        module = emb = None  # freed (run_chunk holds the names, not the tensors)
+        module = embed = None  # freed (run_chunk holds the names, not the tensors)
         p.finish(info, None, None)
 
-    def _open_mtp(self, p: _Pass, info: LayerInfo, streamed: bool) -> tuple[nn.Module, torch.Tensor]:
-        """The MTP block (without its head) and the embedding table its next-token input reads."""
+    def _open_mtp(self, p: _Pass, info: LayerInfo, streamed: bool
+                  ) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+        """The MTP block (without its head) and the embedding lookup of its next-token input."""
         module = load_decoder_layer(self.reader, self.layout, self.config, info.index, self.options.dtype,
                                     p.device, load_head=False, experts_on_disk=streamed)
-        emb = self.reader.get(mtp_embedding_name(self.reader, info.index)).to(device=p.device,
-                                                                                dtype=self.options.dtype)
+        embed = self._embedding_rows(p, mtp_embedding_name(self.reader, info.index), [c[:, 1:] for c in p.chunks])
         p.visitor.begin_layer(info, module)
-        return module, emb
+        return module, embed
 
 
 def release_memory() -> None:

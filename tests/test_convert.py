@@ -248,3 +248,22 @@ def test_chunks_match_whole_tensor_encoding(tiny_testbed_dir):
     streamed = np.concatenate(list(tensor_chunks(ckpt, t)))
     whole = quants.quantize(_reference_tensor(ckpt.reader, ckpt.layout, t).reshape(-1, t.row_size).numpy(), Q.Q8_0)
     assert np.array_equal(streamed, whole.reshape(-1))
+
+
+@pytest.mark.parametrize("source", ["bf16", "fp8"])
+def test_row_blocks_match_whole_tensor_encoding(tmp_path, monkeypatch, tiny_testbed_dir, tiny_fp8_testbed_dir,
+                                                source):
+    """Sources above ROW_CHUNK_BYTES (GLM-5.2's 3.8 GB embedding and head as float32) are read and quantized in
+    row blocks, FP8 weights in whole 128-row scale blocks: the same bytes as one whole-tensor pass."""
+    import glmgguf.gguf.convert as conv
+
+    src = tiny_fp8_testbed_dir if source == "fp8" else tiny_testbed_dir
+    whole = convert(src, tmp_path / "whole.gguf", outtype_chooser("q8_0"), progress=False).path
+    monkeypatch.setattr(conv, "ROW_CHUNK_BYTES", 64 * 1024)
+    ckpt = open_checkpoint(src)
+    assert any(len(conv._row_ranges(ckpt, n)) > 1 for n in ckpt.reader.names() if ckpt.reader.is_fp8(n)) \
+        or source == "bf16"
+    blocked = convert(src, tmp_path / "blocked.gguf", outtype_chooser("q8_0"), progress=False).path
+    a, b = GGUFReader(whole).tensors, GGUFReader(blocked).tensors
+    assert [t.name for t in a] == [t.name for t in b]
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(a, b, strict=True))

@@ -121,6 +121,29 @@ def _convert(d: dict) -> dict:
             "same": d["comparison"]["tensors"]["identical"]}
 
 
+def _scale(d: dict) -> dict:
+    full, small = d["sources"]["fp8-256"], d["sources"]["fp8-32"]
+    st, sm = full["stages"], small["stages"]
+    ratio = small["ratios"]["upstream-q8_0 / convert-q8_0"]
+    return {"gb": full["slice"]["bytes"] / 1e9, "q4_cpu": st["convert-q4_protected"]["cpu_s"],
+            "q4_core_h": st["convert-q4_protected"]["extrapolation"]["glm52_cpu_core_h"],
+            "q4_rss": st["convert-q4_protected"]["peak_rss_gib"],
+            "prune_s": st["reap-prune"]["wall_s"], "prune_h": st["reap-prune"]["extrapolation"]["glm52_h"],
+            "prune_rss": st["reap-prune"]["peak_rss_gib"],
+            "nv_cpu": st["nvfp4-export"]["cpu_s"],
+            "nv_core_h": st["nvfp4-export"]["extrapolation"]["glm52_cpu_core_h"],
+            "nv_rss": st["nvfp4-export"]["peak_rss_gib"], "obs_rss": st["reap-observe"]["peak_rss_gib"],
+            "killed": st["upstream-q8_0"]["killed_at_rss_gib"], "up_rss": sm["upstream-q8_0"]["peak_rss_gib"],
+            "ours_rss": sm["convert-q8_0"]["peak_rss_gib"], "x": ratio["wall"], "m": ratio["peak_rss"],
+            "trunc_s": st["truncated-shard"]["wall_s"], **_scale_pipeline(small["ratios"])}
+
+
+def _scale_pipeline(r: dict) -> dict:
+    pipe, q = r["upstream-bf16 + llama-quantize / convert-q4_protected"], r["llama-quantize / quantize"]
+    return {"pw": pipe["wall"], "pm": pipe["peak_rss"], "pb": pipe["bytes_written"], "qw": 1 / q["wall"],
+            "qm": q["peak_rss"]}
+
+
 # (README phrase with {fields}, the JSON it comes from, the fields read from that JSON)
 CLAIMS: list[tuple[str, str, Callable[[dict], dict]]] = [
     ("each in a fresh process, {runs}: upstream {u:.1f} s / {um:.0f} MiB peak RSS, glmgguf {o:.1f} s / {om:.0f} "
@@ -170,6 +193,21 @@ CLAIMS: list[tuple[str, str, Callable[[dict], dict]]] = [
     ("within KL {gguf_nvfp4_experts_vs_f32_gguf} of its F32 GGUF (top-1 {gguf_nvfp4_experts_vs_f32_gguf_top1:.1f}%;"
      " `q4_protected` on the same 160 held-out tokens: {gguf_q4_protected_vs_f32_gguf}, top-1 "
      "{gguf_q4_protected_vs_f32_gguf_top1:.1f}%)", "nvfp4_quality", _nvfp4_kl),
+    ("I/O bound: {prune_h:.1f} h at the rate measured on the real-width slice ({prune_s:.0f} s for {gb:.1f} GB, one "
+     "tensor at a time in {prune_rss:.2f} GiB", "scale", _scale),
+    ("q4_protected from GLM-5.2-FP8: {q4_core_h:.1f} core-hours of CPU, extrapolated per MoE layer from the "
+     "real-width slice ({q4_cpu:.0f} CPU-seconds for {gb:.1f} GB)", "scale", _scale),
+    ("CPU: {nv_core_h:.1f} core-hours for GLM-5.2, extrapolated per MoE layer from the real-width slice ({nv_cpu:.0f} "
+     "CPU-seconds)", "scale", _scale),
+    ("`convert --recipe q4_protected` {q4_rss:.2f} GiB, `reap observe --streaming` {obs_rss:.2f} GiB, `nvfp4 export` "
+     "{nv_rss:.2f} GiB, `reap prune` {prune_rss:.2f} GiB", "scale", _scale),
+    ("at 256 experts it passed {killed:.1f} GiB resident and was stopped", "scale", _scale),
+    ("it took **{x:.1f}x our wall time and {m:.1f}x our peak RSS** ({up_rss:.2f} GiB against {ours_rss:.2f} GiB)",
+     "scale", _scale),
+    ("ends `convert` after {trunc_s:.1f} s with one error", "scale", _scale),
+    ("took {pw:.2f}x the wall time of `glmgguf convert --recipe q4_protected`, {pm:.1f}x its peak RSS and wrote "
+     "{pb:.2f}x the bytes; `glmgguf quantize` on the same BF16 GGUF took {qw:.2f}x the wall time of `llama-quantize` "
+     "with {qm:.1f}x less peak RSS", "scale", _scale),
     ("{gbs:.3f} GB/s of experts end to end, {cpu:.3f} GB per CPU second, i.e. GLM-5.2's {tb:.2f} TB of expert "
      "weights in ~{core_h:.1f} core-hours of CPU ({h:.1f} h on this contended machine)", "nvfp4_export", _nvfp4),
     ("{tables}", "loop_detection", lambda d: {"tables": " ".join(d["tables"].split())}),
@@ -207,6 +245,7 @@ TABLE_SECTIONS = {  # README heading -> the JSONs its tables come from
     "### MTP drafting (`--draft-mtp`)": ["mtp_acceptance"],
     "### The patch series": ["patches_parity"],
     "### Scaling and memory (`bench/dist_scaling.py`)": ["dist_scaling"],
+    "### Measured at real width (`bench/scale.py`)": ["scale"],
 }
 SCALES = (1, 100, 1 / MIB, 1 / 1e9, 1 / 1e6, 1 / 60, 1 / 3600)
 CONSTANTS = {  # numbers in those tables that are settings, not measurements

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -84,28 +85,49 @@ def count_nonfinite(words: np.ndarray, dtype: str) -> int:
     return int(np.count_nonzero((bits & view(absmask)) >= inf))
 
 
-def _read_words(ckpt: GlmCheckpoint, name: str, allow_nonfinite: bool) -> tuple[np.ndarray, Q]:
-    """A tensor's stored words and their type, refusing NaN/Inf unless allowed. Block-FP8 weights come
-    dequantized to F32 exactly as the upstream converter dequantizes them (no torch); other stored types are
-    widened to F32 through torch."""
+ROW_CHUNK_BYTES = 256 * 2**20  # a source larger than this as float32 is read and encoded in row blocks
+
+
+def _row_ranges(ckpt: GlmCheckpoint, name: str) -> list[tuple[int, int] | None]:
+    """The row blocks a source is read in: [None] (whole) unless it is larger than `ROW_CHUNK_BYTES` as float32
+    (GLM-5.2's 154,880 x 6144 embedding and head: 3.8 GB), in which case quantizing row blocks gives the same
+    bytes (ggml quantizes rows independently) with one block in memory."""
     info = ckpt.reader.info(name)
-    if ckpt.reader.is_fp8(name):
-        words, dtype = ckpt.reader.get_f32(name), "F32"
+    rows = info.shape[0] if info.shape else 0
+    if len(info.shape) < 2 or math.prod(info.shape) * 4 <= ROW_CHUNK_BYTES:
+        return [None]
+    block = ckpt.reader.row_block(name)
+    step = max(block, ROW_CHUNK_BYTES // (4 * math.prod(info.shape[1:])) // block * block)
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def _read_words(ckpt: GlmCheckpoint, name: str, allow_nonfinite: bool,
+                rows: tuple[int, int] | None = None) -> tuple[np.ndarray, Q]:
+    """A tensor's stored words (only `rows` [start, stop) when given) and their type, refusing NaN/Inf unless
+    allowed. Block-FP8 weights come dequantized to F32 exactly as the upstream converter dequantizes them (no
+    torch); other stored types are widened to F32 through torch."""
+    reader = ckpt.reader
+    info = reader.info(name)
+    if rows is not None:
+        words, dtype = reader.row_words(name, *rows), "F32" if reader.is_fp8(name) else info.dtype
+    elif reader.is_fp8(name):
+        words, dtype = reader.get_f32(name), "F32"
     elif info.dtype in _WORD_TYPES:
-        words, dtype = ckpt.reader.get_words(name), info.dtype
+        words, dtype = reader.get_words(name), info.dtype
     else:
-        words, dtype = ckpt.reader.get(name).float().numpy(), "F32"
+        words, dtype = reader.get(name).float().numpy(), "F32"
     bad = count_nonfinite(words, dtype)
     if bad:
+        where = name if rows is None else f"{name} rows {rows[0]}-{rows[1]}"
         if not allow_nonfinite:
-            raise CheckpointError(f"{name} has {bad} NaN/Inf values (use --allow-nonfinite to convert anyway)")
-        log.warning("%s has %d NaN/Inf values", name, bad)
+            raise CheckpointError(f"{where} has {bad} NaN/Inf values (use --allow-nonfinite to convert anyway)")
+        log.warning("%s has %d NaN/Inf values", where, bad)
     return words, _WORD_TYPES[dtype]
 
 
 def tensor_chunks(ckpt: GlmCheckpoint, t: PlannedTensor, allow_nonfinite: bool = False,
                   imatrix: np.ndarray | None = None, threads: int = 1) -> Iterator[np.ndarray]:
-    """The encoded bytes of one planned tensor, one source tensor (one expert) at a time.
+    """The encoded bytes of one planned tensor, one source tensor (one expert) or one row block at a time.
 
     Reads the stored words with numpy (no torch for F32/F16/BF16 checkpoints). `imatrix` ([n_matrices,
     n_per_row], e.g. one row per expert) goes to the quantizer, expert e getting row e.
@@ -114,9 +136,10 @@ def tensor_chunks(ckpt: GlmCheckpoint, t: PlannedTensor, allow_nonfinite: bool =
     match t.transform:
         case Transform.COPY | Transform.STACK_EXPERTS:
             for i, src in enumerate(t.sources):
-                words, src_type = _read_words(ckpt, src, allow_nonfinite)
                 im = None if imatrix is None else imatrix[i]
-                yield encode_words(words, src_type, t.ggml_type, imatrix=im, threads=threads)
+                for rows in _row_ranges(ckpt, src):
+                    words, src_type = _read_words(ckpt, src, allow_nonfinite, rows)
+                    yield encode_words(words, src_type, t.ggml_type, imatrix=im, threads=threads)
         case Transform.SPLIT_K_B | Transform.SPLIT_V_B:
             words, src_type = _read_words(ckpt, t.sources[0], allow_nonfinite)
             kv_b = words.reshape(lay.n_heads, lay.qk_nope_head_dim + lay.v_head_dim, lay.kv_lora_rank)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -191,6 +192,58 @@ class CheckpointReader:
                 raise CheckpointError(f"{info.shard}: truncated while reading {info.name}")
         self.bytes_read += n
         return buf
+
+    def stored_chunks(self, info: TensorInfo, chunk_bytes: int = 64 * 2**20) -> Iterator[bytearray]:
+        """The stored bytes of `info` (a weight's codes or its scale) in pieces of at most `chunk_bytes`."""
+        for start in range(0, info.nbytes, chunk_bytes):
+            yield self._read(info, start, min(chunk_bytes, info.nbytes - start))
+
+    def take_rows(self, name: str, ids: Sequence[int]) -> torch.Tensor:
+        """Rows `ids` (sorted, distinct) of a tensor in its stored dtype, read run by run: an embedding lookup
+        without the whole table (GLM-5.2's is 1.9 GB). Block-FP8 weights come dequantized, read whole."""
+        import torch
+
+        info = self.info(name)
+        if name in self.scales:
+            return self.get(name)[torch.tensor(list(ids), dtype=torch.long)]
+        row_bytes = info.nbytes // max(1, info.shape[0])
+        buf = bytearray(len(ids) * row_bytes)
+        view, pos, i = memoryview(buf), 0, 0
+        with open(info.shard, "rb") as f:
+            while i < len(ids):
+                j = i + 1
+                while j < len(ids) and ids[j] == ids[j - 1] + 1:
+                    j += 1
+                n = (j - i) * row_bytes
+                f.seek(info.offset + ids[i] * row_bytes)
+                if f.readinto(view[pos:pos + n]) != n:
+                    raise CheckpointError(f"{info.shard}: truncated while reading {name}")
+                pos, i = pos + n, j
+        if not buf:
+            return torch.empty((0, *info.shape[1:]), dtype=info.torch_dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(info.torch_dtype).reshape(len(ids), *info.shape[1:])
+
+    def row_block(self, name: str) -> int:
+        """The row granularity of `row_words`: a block-FP8 weight's block height, else 1."""
+        return self.fp8.block[0] if name in self.scales and self.fp8 is not None else 1
+
+    def row_words(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor (first axis) without reading the rest: its stored words as `get_words`
+        gives them, a block-FP8 weight dequantized to float32 (`start` then a multiple of `row_block`)."""
+        info = self.info(name)
+        row_bytes = info.nbytes // max(1, info.shape[0])
+        shape = (stop - start, *info.shape[1:])
+        raw = self._read(info, start * row_bytes, (stop - start) * row_bytes)
+        if name not in self.scales:
+            if info.dtype not in NUMPY_WORDS:
+                raise CheckpointError(f"{name}: dtype {info.dtype} has no numpy view")
+            return np.frombuffer(raw, dtype=NUMPY_WORDS[info.dtype]).reshape(shape)
+        assert self.fp8 is not None
+        block = self.fp8.block[0]
+        if start % block:
+            raise ValueError(f"{name}: row {start} is not on a {block}-row FP8 block boundary")
+        scale = self._scale_words(name)[start // block:math.ceil(stop / block)]
+        return fp8.dequantize(np.frombuffer(raw, dtype=np.uint8).reshape(shape), scale, self.fp8.block)
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor from disk: a new, writable tensor in the stored dtype (float32 for FP8 weights)."""

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO
@@ -76,23 +76,39 @@ class ShardedWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next planned tensor; name, shape and dtype must match the plan."""
-        if self._next >= len(self.plan):
-            raise ValueError(f"tensor {name} is not in the write plan")
-        exp_name, exp_shape, exp_code = self.plan[self._next]
-        if name != exp_name:
-            raise ValueError(f"write plan expects {exp_name} next, got {name}")
+        self._expect(name)
+        _, exp_shape, exp_code = self.plan[self._next]
         if tuple(tensor.shape) != exp_shape or torch_to_safetensors()[tensor.dtype] != exp_code:
             raise ValueError(
                 f"{name}: planned {exp_code}{list(exp_shape)}, got {tensor.dtype}{list(tensor.shape)}"
             )
+        self._write_next([tensor_bytes(tensor)])
+
+    def add_bytes(self, name: str, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Append the next planned tensor from its raw bytes in pieces (a copy that never holds the whole)."""
+        self._expect(name)
+        self._write_next(chunks)
+
+    def _expect(self, name: str) -> None:
+        if self._next >= len(self.plan):
+            raise ValueError(f"tensor {name} is not in the write plan")
+        if name != self.plan[self._next][0]:
+            raise ValueError(f"write plan expects {self.plan[self._next][0]} next, got {name}")
+
+    def _write_next(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        name, shape, code = self.plan[self._next]
         s = self.shard_of[self._next]
         if self._next == self.shards[s][0]:
             self.close_shard()
             self._open_shard(s)
         assert self._file is not None
-        data = tensor_bytes(tensor)
-        self._file.write(data)
-        self.total_size += data.nbytes
+        written = 0
+        for chunk in chunks:
+            self._file.write(chunk)
+            written += memoryview(chunk).nbytes
+        if written != math.prod(shape) * element_size(code):
+            raise ValueError(f"{name}: wrote {written} bytes, planned {math.prod(shape) * element_size(code)}")
+        self.total_size += written
         self._next += 1
 
     def close_shard(self) -> None:

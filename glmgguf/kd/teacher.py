@@ -168,16 +168,19 @@ def _load_teacher(model_dir, dtype, device_map, reader: CheckpointReader):
 
 
 class _HeadVisitor(LayerVisitor):
-    """Streaming: the LM head on each chunk's final hidden states, the logits into the cache writer."""
+    """Streaming: the LM head on each chunk's final hidden states, the logits into the cache writer; the head
+    (GLM-5.2's is 1.9 GB) is freed after the last chunk, before the MTP block loads."""
 
-    def __init__(self, reader: CheckpointReader, writer: _ShardWriter | _RankTargets, top_k: int):
-        self.reader, self.writer, self.top_k = reader, writer, top_k
+    def __init__(self, reader: CheckpointReader, writer: _ShardWriter | _RankTargets, top_k: int, n_chunks: int):
+        self.reader, self.writer, self.top_k, self.n_chunks = reader, writer, top_k, n_chunks
         self.head: torch.Tensor | None = None
 
     def final_hidden(self, chunk: int, ids: torch.Tensor, hidden: torch.Tensor) -> None:
         if self.head is None:
             self.head = self.reader.get("lm_head.weight").to(device=hidden.device, dtype=hidden.dtype)
         self.writer.add(ids, torch.nn.functional.linear(hidden, self.head), self.top_k)
+        if chunk == self.n_chunks - 1:
+            self.head = None
 
 
 def _run_streaming(model_dir: Path, chunks: list[torch.Tensor], writer: _ShardWriter | _RankTargets, top_k: int,
@@ -186,7 +189,7 @@ def _run_streaming(model_dir: Path, chunks: list[torch.Tensor], writer: _ShardWr
     runner = StreamingRunner(model_dir, options)
     # the experts kernel transformers picks for the in-memory model: both modes give the same numbers
     runner.config._experts_implementation = default_experts_implementation()
-    report = runner.run(chunks, _HeadVisitor(runner.reader, writer, top_k), progress)
+    report = runner.run(chunks, _HeadVisitor(runner.reader, writer, top_k, len(chunks)), progress)
     return {"mode": "streaming", "device": options.device, "layers_resumed": report.layers_skipped}
 
 

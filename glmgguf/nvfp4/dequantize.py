@@ -52,7 +52,7 @@ def dequantize_export(src: str | os.PathLike, out: str | os.PathLike, dtype: tor
             for name, _, _ in plan:
                 m = deq.get(name)
                 if m is None:
-                    writer.add(name, reader.get(name))
+                    writer.add_bytes(name, reader.stored_chunks(reader.info(name)))
                     continue
                 s2 = fmt.multiplier(reader.get(f"{m}.{sfx[2]}").float())
                 writer.add(name, nq.dequantize(reader.get(f"{m}.{sfx[0]}"), reader.get(f"{m}.{sfx[1]}"), s2, dtype))

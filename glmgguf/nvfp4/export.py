@@ -328,9 +328,13 @@ class _StepRunner:
         self.expert_seconds = 0.0
 
     def load(self, step: Step):
+        """An expert's weights, a block-FP8 weight as BF16, or (any other tensor, copied as stored) a lazy reader
+        of its bytes: GLM-5.2's embedding is 1.9 GB, never held whole."""
         if isinstance(step, ExpertStep):
             return {proj: self.reader.get(name) for proj, name in step.sources.items()}
-        return self.reader.get(step).to(torch.bfloat16) if self.reader.is_fp8(step) else self.reader.get(step)
+        if self.reader.is_fp8(step):
+            return self.reader.get(step).to(torch.bfloat16)
+        return self.reader.stored_chunks(self.reader.info(step))
 
     def step_bytes(self, step: Step) -> int:
         names = step.sources.values() if isinstance(step, ExpertStep) else [step]
@@ -338,7 +342,10 @@ class _StepRunner:
 
     def write(self, step: Step, data) -> None:
         if not isinstance(step, ExpertStep):
-            self.writer.add(step, data)
+            if isinstance(data, torch.Tensor):
+                self.writer.add(step, data)
+            else:
+                self.writer.add_bytes(step, data)
             return
         ts = time.perf_counter()
         L, E, fmt = step.layer, step.expert, self.plan.format

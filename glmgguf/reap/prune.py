@@ -296,9 +296,10 @@ def prune_checkpoint(src: str | os.PathLike, plan: PrunePlan, out: str | os.Path
         with ShardedWriter(tmp, [(w.out, w.shape, w.dtype) for w in writes], max_shard_bytes=limit,
                            metadata=metadata) as writer:
             for i, w in enumerate(writes):
-                t = w.tensor(reader)
-                writer.add(w.out, t)
-                del t
+                if w.read is Read.STORED and w.rows is None:  # copied as stored, a piece at a time
+                    writer.add_bytes(w.out, reader.stored_chunks(reader.info(w.src)))
+                else:
+                    writer.add(w.out, w.tensor(reader))
                 if progress:
                     progress(i + 1, len(writes))
         cfg = pruned_config(reader.config, layout, plan, dequantize is not None)
