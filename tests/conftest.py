@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from glmgguf.llama import Toolchain, ensure_toolchain
 
@@ -40,3 +41,13 @@ def trained_testbed_dir():
     from glmgguf.testbed import trained_testbed
 
     return trained_testbed("tiny")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module: on shared CI cores small tensors run several times faster than with
+    threads waiting on each other, and torchrun starts every rank with one thread, so references match."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -24,13 +24,7 @@ SEQ_LEN = 48
 TEXT = ["--seq-len", str(SEQ_LEN), "--num-samples", "6", "--batch-size", "2", "--dtype", "f32"]  # 3 batches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """torchrun starts every rank with one thread; the one-process reference runs the same kernels."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ from glmgguf.nvfp4.dequantize import dequantize_export
 from glmgguf.nvfp4.export import MANIFEST_NAME, ExportError, export_nvfp4, plan_export
 from glmgguf.nvfp4.formats import HF_QUANT_CONFIG, summarize_exclude
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small tensors on a shared CPU: one torch thread is several times faster than threads waiting on each other."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 MODELOPT_NVFP4 = "modelopt.torch.quantization.qtensor.nvfp4_tensor"
