@@ -268,14 +268,9 @@ class CheckpointReader:
                 return torch.empty(shape, dtype=info.torch_dtype)
             raw = self._read(info, start * row_bytes, (stop - start) * row_bytes)
             return torch.frombuffer(raw, dtype=torch.uint8).view(info.torch_dtype).reshape(shape)
-        assert self.fp8 is not None
-        br = self.fp8.block[0]
-        first, last = start // br, -(-stop // br)  # the block rows holding [start, stop)
-        r0, r1 = first * br, min(last * br, rows)
-        cols = info.shape[1]
-        codes = np.frombuffer(self._read(info, r0 * cols, (r1 - r0) * cols), dtype=np.uint8).reshape(r1 - r0, cols)
-        values = fp8.dequantize(codes, self._scale_words(name)[first:last], self.fp8.block)
-        return torch.from_numpy(values[start - r0:stop - r0])
+        br = self.row_block(name)
+        r0, r1 = start // br * br, min(-(-stop // br) * br, rows)  # the block rows holding [start, stop)
+        return torch.from_numpy(self.row_words(name, r0, r1)[start - r0:stop - r0])
 
     def get_stored(self, name: str) -> torch.Tensor:
         """One tensor exactly as stored (FP8 codes for a block-FP8 weight)."""
