@@ -29,20 +29,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reap_memory import glm52_layout, layer_params  # noqa: E402
+from reap_memory import glm52_layout  # noqa: E402
 from upstream import measure  # noqa: E402
+
+from glmgguf.pipeline.fsdp_estimate import GPUS, FsdpAssumptions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dist_scaling.json"
 GB = 10**9
-ASSUME = {
-    "gpus": {  # BF16 dense TFLOP/s, memory GB, NVLink GB/s per direction per GPU, host->GPU GB/s
-        "H100": {"tflops": 989.0, "memory_gb": 80, "nvlink_gbs": 450, "pcie_gbs": 25},
-        "H200": {"tflops": 989.0, "memory_gb": 141, "nvlink_gbs": 450, "pcie_gbs": 25},
-        "B200": {"tflops": 2250.0, "memory_gb": 192, "nvlink_gbs": 900, "pcie_gbs": 50},
-    },
-    "n_gpus": 8, "mfu": 0.35, "keep": 168, "batch": 8, "seq_len": 2048, "steps": 1000,
-    "layer_working_set_gb": 3.0,  # attention scores of one layer's recomputation and its MoE intermediates
-    "gathers_per_step": 3,  # forward, recomputed forward, backward
+ASSUME = {  # the run the bench models; the GPUs and the model's constants are glmgguf.pipeline.fsdp_estimate's
+    "n_gpus": 8, "keep": 168, "batch": 8, "seq_len": 2048, "steps": 1000,
+    **{k: v for k, v in vars(FsdpAssumptions()).items()},
+    "gpus": {name: vars(g) for name, g in GPUS.items()},
 }
 
 
@@ -93,44 +90,29 @@ def measured(ranks: int, tmp: Path) -> dict:
 
 
 def glm52_memory() -> dict:
-    """Per-GPU memory and time per step of FSDP Router-KD of GLM-5.2 pruned to ASSUME['keep'] experts."""
+    """Per-GPU memory and time per step of FSDP Router-KD of GLM-5.2 pruned to ASSUME['keep'] experts: the model of
+    `glmgguf.pipeline.fsdp_estimate`, which `pipeline --dry-run` prints for a plan with [launch]."""
     from glmgguf.pipeline.estimate import pruned_layout, tensor_bytes
+    from glmgguf.pipeline.fsdp_estimate import GPUS, fsdp_kd_estimate, fsdp_kd_parts
 
     a = ASSUME
     lay = pruned_layout(glm52_layout(), a["keep"], None)
-    pp = layer_params(lay)
-    n = a["n_gpus"]
+    n, batch, seq = a["n_gpus"], a["batch"], a["seq_len"]
+    parts = fsdp_kd_parts(lay, n, batch, seq)
     weights = tensor_bytes(lay)[0]
-    largest_unit = max(v["params"] for v in pp["layers"].values()) * 2
-    root = pp["global"] * 2
-    routers = sum(x.n_experts * lay.hidden_size for x in lay.moe_layers)
-    tokens_per_gpu = a["batch"] // n * a["seq_len"]
-    hidden = tokens_per_gpu * lay.hidden_size * 2 * (lay.n_layers + lay.n_mtp)
-    logits = tokens_per_gpu * lay.vocab_size * 4 * 3  # logits, log-softmax, their gradient (float32)
-    act = hidden + logits + a["layer_working_set_gb"] * GB
-    active = pp["trunk_active_per_token"] + pp["layers"][lay.n_layers]["active_params"]
-    step_flops = a["batch"] * a["seq_len"] * 2 * active * 3
-    out = {"student_bf16_gb": weights / GB, "largest_unit_gb": largest_unit / GB, "root_unit_gb": root / GB,
-           "activations_gb": act / GB, "gates_with_adamw_gb_per_gpu": routers * 16 / n / GB, "gpus": {}}
-    for gpu, g in a["gpus"].items():
-        shard = weights / n
-        working = 2 * largest_unit + root + act + routers * 16 / n
-        compute_s = step_flops / (n * g["tflops"] * 1e12 * a["mfu"])
-        gather_bytes = a["gathers_per_step"] * weights * (n - 1) / n
-        out["gpus"][gpu] = {
-            "memory_gb": g["memory_gb"],
-            "per_gpu_gb": (shard + working) / GB,
-            "per_gpu_gb_cpu_offload": working / GB,
-            "host_gb_per_node_cpu_offload": weights / GB,
-            "fits": (shard + working) / GB < 0.9 * g["memory_gb"],
-            "fits_cpu_offload": working / GB < 0.9 * g["memory_gb"],
-            "compute_s_per_step": compute_s,
-            "s_per_step": max(compute_s, gather_bytes / (g["nvlink_gbs"] * GB)),
-            "s_per_step_cpu_offload": max(compute_s, a["gathers_per_step"] * shard / (g["pcie_gbs"] * GB)),
-        }
-        v = out["gpus"][gpu]
-        v["hours"] = v["s_per_step"] * a["steps"] / 3600 if v["fits"] else None
-        v["hours_cpu_offload"] = v["s_per_step_cpu_offload"] * a["steps"] / 3600
+    out = {"student_bf16_gb": weights / GB, "largest_unit_gb": parts["gathered_units"] / 2 / GB,
+           "root_unit_gb": parts["root_unit"] / GB, "activations_gb": parts["activations"] / GB,
+           "gates_with_adamw_gb_per_gpu": parts["gates_adamw"] / GB, "gpus": {}}
+    offloaded = {e.gpu: e for e in fsdp_kd_estimate(lay, n, batch, seq, cpu_offload=True)}
+    for e in fsdp_kd_estimate(lay, n, batch, seq, cpu_offload=False):
+        o = offloaded[e.gpu]
+        out["gpus"][e.gpu] = {
+            "memory_gb": GPUS[e.gpu].memory_gb, "per_gpu_gb": e.per_gpu_bytes / GB,
+            "per_gpu_gb_cpu_offload": o.per_gpu_bytes / GB, "host_gb_per_node_cpu_offload": weights / GB,
+            "fits": e.fits, "fits_cpu_offload": o.fits, "compute_s_per_step": e.compute_seconds,
+            "s_per_step": e.seconds_per_step,
+            "s_per_step_cpu_offload": o.seconds_per_step,
+            "hours": e.hours(a["steps"]) if e.fits else None, "hours_cpu_offload": o.hours(a["steps"])}
     return out
 
 

@@ -25,8 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reap_memory import glm52_layout, layer_params, testbed_dir  # noqa: E402
+from reap_memory import glm52_layout, testbed_dir  # noqa: E402
 from upstream import measure  # noqa: E402
+
+from glmgguf.pipeline.fsdp_estimate import param_counts  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kd_cost.json"
 GB = 10**9
@@ -80,7 +82,7 @@ def glm52_extrapolation() -> dict:
     from glmgguf.pipeline.estimate import pruned_layout, tensor_bytes
 
     lay = pruned_layout(glm52_layout(), ASSUME["keep"], None)
-    pp = layer_params(lay)
+    pp = param_counts(lay)
     tokens = ASSUME["steps"] * ASSUME["batch"] * ASSUME["seq_len"]
     active = pp["trunk_active_per_token"] + pp["layers"][lay.n_layers]["active_params"]
     flops = tokens * 2 * active * 3  # forward, backward through activations, recomputed forward

@@ -21,8 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
+
+from glmgguf.pipeline.fsdp_estimate import param_counts
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reap_memory.json"
 MiB, GB = 2**20, 1e9
@@ -71,34 +72,6 @@ def run_child(mode: str, model: Path, calib: Path, dtype: str, out: Path, work: 
 # Layer arithmetic (shared by the measured model and the GLM-5.2 extrapolation)
 # ---------------------------------------------------------------------------------------------------------------
 
-def layer_params(layout) -> dict:
-    """Parameter counts per block: total, routed-expert share, and active per token."""
-    from glmgguf.layout import parse_hf_name
-
-    total: dict = defaultdict(int)
-    experts: dict = defaultdict(int)
-    for name, shape in layout.expected_hf_tensors(mtp_indexer=True).items():
-        n = 1
-        for d in shape:
-            n *= d
-        p = parse_hf_name(name)
-        key = p.layer if p is not None and p.layer is not None else "global"
-        total[key] += n
-        if p is not None and p.expert is not None:
-            experts[key] += n
-    per_layer = {}
-    for info in layout.layers:
-        L = info.index
-        active = total[L] - experts[L]
-        if info.n_experts:
-            active += experts[L] * layout.experts_per_tok // info.n_experts
-        per_layer[L] = {"params": total[L], "expert_params": experts[L], "active_params": active}
-    return {"global": total["global"], "layers": per_layer,
-            "total": sum(total.values()),
-            "trunk_active_per_token": sum(v["active_params"] for k, v in per_layer.items() if k < layout.n_layers)
-            + total["global"] // 2}  # embedding lookup is free; the LM head is a matmul (half of "global")
-
-
 def glm52_layout():
     """GLM-5.2's layout, from the config the example plan uses (examples/glm52_config.json)."""
     from glmgguf.layout import GlmLayout
@@ -120,7 +93,7 @@ ASSUME = {
 
 def extrapolate(n_samples: int = 1024, seq_len: int = 2048) -> dict:
     lay = glm52_layout()
-    pp = layer_params(lay)
+    pp = param_counts(lay)
     tokens = n_samples * seq_len
     bf16 = 2
     h, heads = lay.hidden_size, lay.n_heads
@@ -241,7 +214,7 @@ def main() -> None:
     lay = GlmLayout.from_dir(model)
     tok = AutoTokenizer.from_pretrained(model)
     seqs = pack(stdlib_corpus("train"), tok, args.seq_len, num_samples=args.seqs, seed=0).sequences
-    pp = layer_params(lay)
+    pp = param_counts(lay)
     el = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

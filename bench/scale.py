@@ -20,7 +20,8 @@ stages it ran. Disk at 256 experts (FP8): the slice is 14 GB, the upstream BF16 
 `glmgguf quantize` read 25 GB, the NVFP4 export dequantized to BF16 22 GB: to stay within ~40 GB, run
 `upstream-bf16,llama-quantize,quantize` on their own (the slice then goes right after `upstream-bf16`) or compare
 them with fewer `--experts` (no extrapolation then). `truncated-shard` converts the slice with its last shard cut
-in the middle of a tensor and records the error, the time to it and what was left on disk.
+in the middle of a tensor and records the error, the time to it and what was left on disk; `full-disk` converts
+into a 1 GiB file system that fills mid-way (a tmpfs in a private mount namespace, `unshare --map-root-user`).
 
 Per stage the results file holds wall, CPU, peak RSS, bytes read (the stage's input files) and written (its output
 files), GB/s (read / wall), the machine's load average around the run and the CPU time other processes took, and
@@ -41,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -102,6 +104,7 @@ class Stage:
     sources: tuple[str, ...] = ("fp8", "bf16")
     expect_failure: bool = False  # bad input: one clear error, no output and no `.partial` left
     note: str = ""  # why its time does not extrapolate per MoE layer
+    trunk_only: bool = False  # runs the trunk, not the MTP layer (the KD teacher): extrapolated from the trunk's bytes
 
 
 def _glmgguf(*args: object) -> list[str]:
@@ -212,17 +215,32 @@ def _truncated(ctx: Context) -> tuple:
     return _glmgguf("convert", bad, out, "--recipe", RECIPE, "--force"), [bad], out, {}
 
 
+def _full_disk(ctx: Context) -> tuple:
+    """`convert --recipe q4_protected` of the slice into a 1 GiB file system (a tmpfs mounted in a private mount
+    namespace: no root needed), which fills mid-way; what the output folder holds afterwards is listed into
+    `<name>.listing`, since the file system goes with the namespace."""
+    disk = ctx.out("full-disk")
+    disk.mkdir(exist_ok=True)
+    convert = " ".join(map(shlex.quote, _glmgguf("convert", ctx.slice_dir, disk / "out.gguf", "--recipe", RECIPE,
+                                                 "--threads", ctx.args.threads)))
+    listing = shlex.quote(str(ctx.out("full-disk.listing")))
+    script = (f"mount -t tmpfs -o size=1G tmpfs {shlex.quote(str(disk))} || exit 99; {convert}; rc=$?; "
+              f"ls -A {shlex.quote(str(disk))} > {listing}; exit $rc")
+    return ["unshare", "--mount", "--map-root-user", "sh", "-c", script], [ctx.slice_dir], disk / "out.gguf", {}
+
+
 STAGES: list[Stage] = [
     Stage("convert-q4_protected", _convert(["--recipe", RECIPE], RECIPE)),
     Stage("truncated-shard", _truncated, expect_failure=True),
+    Stage("full-disk", _full_disk, expect_failure=True),
     Stage("inspect", _inspect, reads=("convert-q4_protected",)),
     Stage("llama-server", _serve, reads=("convert-q4_protected",)),
     Stage("convert-q8_0", _convert(["--outtype", "q8_0"], "q8_0")),
     Stage("upstream-q8_0", _upstream("q8_0")),
     Stage("reap-observe", _text_run("observe", "reap_stats.safetensors"), sources=("fp8",)),
-    Stage("kd-teacher", _text_run("teacher", "teacher"), sources=("fp8",),
+    Stage("kd-teacher", _text_run("teacher", "teacher"), sources=("fp8",), trunk_only=True,
           note="the teacher runs the trunk, which in this slice is its dense layer (the MoE layer is the MTP "
-               "block): its MoE-layer cost is reap-observe's"),
+               "block): see the slice with an MoE trunk layer (--dense-layers 0)"),
     Stage("reap-prune", _prune, reads=("slice", "reap-observe"), sources=("fp8",)),
     Stage("nvfp4-export", _nvfp4_export, reads=("slice", "reap-observe"), sources=("fp8",)),
     Stage("nvfp4-dequantize", _nvfp4_dequantize, reads=("nvfp4-export",), sources=("fp8",)),
@@ -248,14 +266,16 @@ def remove(path: Path) -> None:
 
 
 def slice_parts(slice_dir: Path) -> dict[str, int]:
-    """The slice's stored bytes: its MoE layer, its dense layer, the tensors outside layers (FP8 scales included)."""
+    """The slice's stored bytes: its MoE layers, its dense layers, the tensors outside layers (FP8 scales included),
+    and how many layers of each kind it has."""
     from glmgguf.io import CheckpointReader
     from glmgguf.layout import GlmLayout, parse_hf_name
 
     reader = CheckpointReader(slice_dir)
     layout = GlmLayout.from_config(reader.config)
     moe = {x.index for x in layout.moe_layers}
-    parts = {"moe": 0, "dense": 0, "global": 0}
+    parts = {"moe": 0, "dense": 0, "global": 0, "moe_layers": len(moe),
+             "dense_layers": len(layout.layers) - len(moe)}
     infos = [*reader.tensors.values(), *reader.scales.values()]
     for info in infos:
         p = parse_hf_name(info.name.removesuffix("_scale_inv"))
@@ -264,15 +284,22 @@ def slice_parts(slice_dir: Path) -> dict[str, int]:
     return parts
 
 
+def stored_bytes(parts: dict[str, int]) -> int:
+    return parts["moe"] + parts["dense"] + parts["global"]
+
+
 def glm52_bytes(parts: dict[str, int]) -> int:
-    return GLM52_MOE_LAYERS * parts["moe"] + GLM52_DENSE_LAYERS * parts["dense"] + parts["global"]
+    """GLM-5.2's stored bytes: the slice's per-layer bytes times GLM-5.2's layer counts, plus the global tensors."""
+    dense = GLM52_DENSE_LAYERS * parts["dense"] / parts["dense_layers"] if parts.get("dense_layers") else 0
+    return round(GLM52_MOE_LAYERS * parts["moe"] / parts.get("moe_layers", 1) + dense + parts["global"])
 
 
 def build_slice(ctx: Context) -> dict:
     """Build the slice in a measured process (skipped when it is there)."""
     if (ctx.slice_dir / "config.json").is_file():
         return {}
-    cmd = _glmgguf("testbed", ctx.slice_dir, "--size", "glm52-slice", "--layers", 1, "--dense-layers", 1,
+    cmd = _glmgguf("testbed", ctx.slice_dir, "--size", "glm52-slice", "--layers", 1,
+                   "--dense-layers", ctx.args.dense_layers,
                    "--experts", ctx.args.experts, "--real-tokenizer", "5.2", "--force",
                    *(["--fp8"] if ctx.source == "fp8" else []))
     print(f"[{ctx.source}] building the slice into {ctx.slice_dir} ...", flush=True)
@@ -342,7 +369,13 @@ def failed_run(name: str, cmd: list[str], inputs: list[Path], out: Path, ctx: Co
     log = ctx.work / "logs" / f"{ctx.source}-{name}.log"
     stats = measure(cmd, dict(os.environ), log)
     lines = log.read_text(errors="replace").strip().splitlines()
-    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(out.name)]
+    listing = out.parent.with_name(out.parent.name + ".listing")
+    if listing.is_file():  # the output's file system is gone: what it held at the end
+        leftovers = listing.read_text().split()
+        listing.unlink()
+        out.parent.rmdir()
+    else:
+        leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(out.name)]
     return {"returncode": stats["returncode"], "wall_s": round(stats["wall_s"], 2),
             "peak_rss_gib": round(stats["peak_rss_bytes"] / GiB, 3), "last_line": lines[-1] if lines else "",
             "output_left": [n for n in leftovers if not n.endswith(".lock")],
@@ -355,11 +388,16 @@ def extrapolate(name: str, stats: dict, parts: dict[str, int]) -> dict:
     stage = BY_NAME.get(name)
     if stage is None or "slice" not in stage.reads:
         return {"note": "not a pass over the slice: scale it with what it reads"}
-    if stage.note:
+    moe_layer = parts["moe"] / parts.get("moe_layers", 1)
+    slice_bytes, glm52 = stored_bytes(parts), glm52_bytes(parts)
+    if stage.trunk_only:  # neither the slice's nor GLM-5.2's MTP layer is run
+        if parts.get("moe_layers", 1) < 2:
+            return {"note": stage.note}
+        slice_bytes, glm52 = slice_bytes - moe_layer, glm52 - moe_layer
+    elif stage.note:
         return {"note": stage.note}
-    slice_bytes = sum(parts.values())
-    factor = glm52_bytes(parts) / slice_bytes
-    return {"per_moe_layer_s": round(stats["wall_s"] * parts["moe"] / slice_bytes, 1),
+    factor = glm52 / slice_bytes
+    return {"per_moe_layer_s": round(stats["wall_s"] * moe_layer / slice_bytes, 1),
             "glm52_s": round(stats["wall_s"] * factor, 1), "glm52_h": round(stats["wall_s"] * factor / 3600, 2),
             "glm52_cpu_core_h": round(stats["cpu_s"] * factor / 3600, 2)}
 
@@ -386,7 +424,8 @@ def with_inputs(stages: list[Stage]) -> list[Stage]:
 def run_source(source: str, names: list[str], args: argparse.Namespace, calib: Path,
                save: Callable[[dict], None]) -> dict:
     """Run the selected stages on one source's slice; `save(results so far)` after each stage."""
-    ctx = Context(source, args.work_dir / f"slice-{source}-{args.experts}", args.work_dir, args, calib)
+    ctx = Context(source, args.work_dir / f"slice-{source}-{args.experts}{trunk_suffix(args)}", args.work_dir, args,
+                  calib)
     selected = with_inputs([BY_NAME[n] for n in names if source in BY_NAME[n].sources])
     res: dict = {"stages": {}}
     if not selected:
@@ -395,8 +434,9 @@ def run_source(source: str, names: list[str], args: argparse.Namespace, calib: P
     if built:
         res["stages"]["testbed"] = built
     parts = slice_parts(ctx.slice_dir)
-    res["slice"] = {"bytes": sum(parts.values()), "parts": parts, "glm52_bytes": glm52_bytes(parts),
-                    "experts": args.experts, "layers": "1 dense + the MTP (MoE) layer"}
+    trunk = "1 dense" if args.dense_layers else "1 MoE"
+    res["slice"] = {"bytes": stored_bytes(parts), "parts": parts, "glm52_bytes": glm52_bytes(parts),
+                    "experts": args.experts, "layers": f"{trunk} + the MTP (MoE) layer"}
     last_slice = max(i for i, s in enumerate(selected) if "slice" in s.reads)
     for i, stage in enumerate(selected):
         run_stage(stage, ctx, res)
@@ -416,7 +456,8 @@ def run_stage(stage: Stage, ctx: Context, res: dict) -> None:
     if stage.expect_failure:
         res["stages"][stage.name] = failed_run(stage.name, cmd, inputs, out, ctx)
         print(f"[{ctx.source}] {stage.name}: {res['stages'][stage.name]}", flush=True)
-        remove(inputs[0])
+        if inputs[0] != ctx.slice_dir:
+            remove(inputs[0])
         return
     stats = run_measured(stage.name, cmd, inputs, out, env, ctx)
     res["stages"][stage.name] = stats
@@ -490,6 +531,11 @@ def table(entry: dict) -> str:
     return "\n".join(rows)
 
 
+def trunk_suffix(args: argparse.Namespace) -> str:
+    """The results key's suffix of a slice whose one trunk layer is an MoE layer (none for the default dense one)."""
+    return "" if args.dense_layers else "-moe-trunk"
+
+
 def write_calibration(path: Path, max_bytes: int = 200_000) -> Path:
     """Calibration text: the standard library's source (what the testbeds train on), enough for --tokens."""
     from glmgguf.testbed import stdlib_corpus
@@ -504,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="routed experts of the slice's MoE layer (fewer: comparisons only, no extrapolation)")
     ap.add_argument("--sources", nargs="+", choices=["fp8", "bf16"], default=["fp8", "bf16"])
     ap.add_argument("--stages", default=",".join(BY_NAME), help=f"comma-separated subset of {','.join(BY_NAME)}")
+    ap.add_argument("--dense-layers", type=int, choices=[0, 1], default=1,
+                    help="0: the slice's one trunk layer is an MoE layer (the teacher then runs a real-width MoE "
+                         "layer; 24 GB of FP8 disk), keyed `fp8-256-moe-trunk`")
     ap.add_argument("--tokens", type=int, default=512, help="calibration tokens of reap observe / kd teacher")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -536,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
            "sources": json.loads(args.json.read_text()).get("sources", {}) if args.json.is_file() else {}}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     for source in args.sources:
-        key, before = f"{source}-{args.experts}", json.loads(json.dumps(res["sources"]))
+        key, before = f"{source}-{args.experts}{trunk_suffix(args)}", json.loads(json.dumps(res["sources"]))
 
         def save(partial: dict, key: str = key, before: dict = before) -> None:
             res["sources"] = json.loads(json.dumps(before))

@@ -359,12 +359,21 @@ def test_plan_launch_runs_stages_under_torchrun(tmp_path):
 
     path = tmp_path / "plan.toml"
     path.write_text(LAUNCH_PLAN)
-    stages = {s.name: s for s in plan_stages(parse_plan(path))[1]}
+    def stages_of(path):
+        return {s.name: s for s in plan_stages(parse_plan(path))[1]}
+
+    stages = stages_of(path)
     on_ranks = ["--standalone", "--nproc-per-node", "2"]
     assert {n for n, s in stages.items() if s.launcher == on_ranks} == {"observe", "teacher", "teacher-heldout",
                                                                           "kd"}
     assert "--fsdp" in stages["kd"].args and "--eval-cache" not in stages["kd"].args
     assert stages["prune"].launcher == []
+    path.write_text(LAUNCH_PLAN.replace("batch_size = 2\n\n[launch]", "batch_size = 2\ncpu_offload = true\n\n[launch]"))
+    assert stages_of(path)["kd"].args[-2:] == ["--fsdp", "--cpu-offload"]
+    path.write_text(LAUNCH_PLAN.replace("batch_size = 2\n\n[launch]\nnproc_per_node = 2",
+                                        "batch_size = 2\ncpu_offload = true"))
+    with pytest.raises(PlanError, match=r"\[kd\] cpu_offload is for FSDP2, which runs under \[launch\]"):
+        parse_plan(path)
     path.write_text(LAUNCH_PLAN.replace("nproc_per_node = 2", "nproc_per_node = 2\nnnodes = 2"))
     with pytest.raises(PlanError, match=r"plan.toml:26: \[launch\] nnodes > 1 needs rdzv_endpoint"):
         parse_plan(path)

@@ -114,6 +114,28 @@ def test_dry_run_glm52_example():
     assert "| 1.0 TB |" in rows["prune"]  # 168/256 of the experts + everything else
     assert "streaming: one layer resident" in rows["observe"]
     assert {"teacher", "kd", "gguf-q4_protected", "gguf-q3_protected", "nvfp4", "eval-raw", "eval-report"} <= set(rows)
+    # [launch] with 8 ranks and cpu_offload: KD's memory is per GPU (FSDP2 gathers, root unit, activations, gates),
+    # its time per GPU kind; the student's 1.0 TB sits in host memory
+    assert "| 39.3 GB | per GPU: FSDP2 over 8 ranks (below) |" in rows["kd"]
+    assert "host memory 1002 GB in all" in res.output
+    assert rows["H100"] == "| H100 | 80 GB | 39 GB | yes | 15.0 | 4.2 h |"
+    assert rows["B200"] == "| B200 | 192 GB | 39 GB | yes | 7.5 | 2.1 h |"
+
+
+def test_fsdp_estimate_without_offload():
+    """Without offload each GPU also holds its 1/8 shard of the 1.0 TB student: it fits a B200, not an H100."""
+    import json
+
+    from glmgguf.layout import GlmLayout
+    from glmgguf.pipeline.estimate import pruned_layout
+    from glmgguf.pipeline.fsdp_estimate import fsdp_kd_estimate, fsdp_kd_parts
+
+    lay = pruned_layout(GlmLayout.from_config(json.loads((EXAMPLES / "glm52_config.json").read_text())), 168, None)
+    parts = fsdp_kd_parts(lay, 8, 8, 2048)
+    assert round(parts["shard"] / 1e9, 1) == 125.2  # 1001.7 GB / 8
+    est = {e.gpu: e for e in fsdp_kd_estimate(lay, 8, 8, 2048, cpu_offload=False)}
+    assert est["B200"].fits and not est["H200"].fits and not est["H100"].fits
+    assert round(est["H100"].per_gpu_bytes / 1e9) == 164 and round(est["H100"].seconds_per_step, 1) == 5.8
 
 
 def test_gguf_estimate_matches_conversion(trained_testbed_dir, tmp_path):

@@ -97,6 +97,12 @@ def _kd_cost(d: dict) -> dict:
             "h200": g["gpus"]["H200"]["hours_device_map_auto"], "b200": g["gpus"]["B200"]["hours_device_map_auto"]}
 
 
+def _fsdp_hours(d: dict) -> dict:
+    g = d["glm52_fsdp_kd"]["gpus"]
+    assert g["H100"]["hours_cpu_offload"] == g["H200"]["hours_cpu_offload"]
+    return {"h100": g["H100"]["hours_cpu_offload"], "b200": g["B200"]["hours"], "b200o": g["B200"]["hours_cpu_offload"]}
+
+
 def _sizes(d: dict) -> dict:
     m = d["models"]["unpruned"]
     q4 = m["recipes"]["q4_protected"]
@@ -177,7 +183,8 @@ CLAIMS: list[tuple[str, str, Callable[[dict], dict]]] = [
     ("{flops} FLOPs (forward", "kd_cost", _kd_cost),
     ("{trainable:.1f} M trainable parameters", "kd_cost", _kd_cost),
     ("one GPU at a time: {h200:.1f} h on 8 x H200, {b200:.1f} h on 8 x B200", "kd_cost", _kd_cost),
-    ("| {h200:.1f} h on 8 x H200, {b200:.1f} h on 8 x B200 at 35% MFU", "kd_cost", _kd_cost),
+    ("| {h100:.1f} h on 8 x H100 or H200 offloaded, {b200:.1f} h on 8 x B200 ({b200o:.1f} h offloaded)",
+     "dist_scaling", _fsdp_hours),
     ("| in-memory | {in_memory:.0f} MiB | {in_memory_up:.0f} MiB |", "reap_memory", _memory),
     ("| `--streaming` (activations in RAM) | {streaming:.0f} MiB | {streaming_up:.0f} MiB |", "reap_memory", _memory),
     ("| `--streaming`, spilled to disk | {streaming_spill:.0f} MiB | {streaming_spill_up:.0f} MiB |", "reap_memory",
@@ -225,10 +232,15 @@ def test_readme_phrase_matches_its_json(phrase, name, fields):
 
 
 def test_no_time_for_a_student_that_does_not_fit():
-    """kd_cost: the 8 x H100 row has no time (the student needs CPU offload); the README gives none either."""
-    h100 = _json("kd_cost")["glm52"]["gpus"]["H100"]
-    assert not h100["fits_8_gpus"] and h100["hours_device_map_auto"] is None
-    assert "8 x H100: the student needs CPU offload, not estimated" in _readme()
+    """Where the student does not fit the GPUs, no time is given: kd_cost's 8 x H100 with device_map "auto", and
+    dist_scaling's FSDP2 without offload on 8 x H100 / H200; the README gives none either."""
+    assert _json("kd_cost")["glm52"]["gpus"]["H100"]["hours_device_map_auto"] is None
+    assert "8 x H100 (640 GB) needs CPU offload: no time without it here" in _readme()
+    g = _json("dist_scaling")["glm52_fsdp_kd"]["gpus"]
+    for gpu in ("H100", "H200"):
+        assert not g[gpu]["fits"] and g[gpu]["hours"] is None
+        row = f"| {gpu} | {g[gpu]['memory_gb']} GB | {g[gpu]['per_gpu_gb']:.0f} GB (does not fit) | - | - |"
+        assert row in _readme()
 
 
 # --- the scan: every number in the README's benchmark tables is a value of the section's JSON ------------------

@@ -35,11 +35,25 @@ def dry_run_lines(plan: Plan, model_config: Path | None) -> list[str]:
         total += e.disk
         lines.append(f"| {s.name} | {status} | {s.output.relative_to(plan.workdir)} | {format_size(e.disk)} | "
                      f"{format_size(e.memory)} | {e.note} |")
-    lines += ["", f"disk for all stages: {format_size(total)} (plus the source model, {format_size(src)})", "",
-              "commands:"]
+    lines += ["", f"disk for all stages: {format_size(total)} (plus the source model, {format_size(src)})", ""]
+    if plan.kd is not None and plan.launch is not None:
+        lines += [*fsdp_lines(plan, layout), ""]
+    lines += ["commands:"]
     lines += [f"  [{s.name}] {'torchrun ' + ' '.join(s.launcher) + ' -m ' if s.launcher else ''}glmgguf "
               f"{' '.join(s.args)}" for s in stages]
     return lines
+
+
+def fsdp_lines(plan: Plan, layout) -> list[str]:
+    """Per-GPU memory and time of the plan's `kd train --fsdp` on H100 / H200 / B200 (`fsdp_estimate`)."""
+    from glmgguf.pipeline.estimate import DTYPE_BYTES, pruned_layout
+    from glmgguf.pipeline.fsdp_estimate import fsdp_kd_lines
+
+    k, la = plan.kd, plan.launch
+    assert k is not None and la is not None
+    final = pruned_layout(layout, plan.reap.keep, plan.reap.ratio) if plan.reap is not None else layout
+    return fsdp_kd_lines(final, la.world, k.batch_size, plan.data.seq_len, k.steps, k.cpu_offload,
+                         DTYPE_BYTES[k.dtype])
 
 
 @click.command("pipeline")

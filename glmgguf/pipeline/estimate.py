@@ -149,8 +149,16 @@ def estimate_stages(plan: Plan, layout: GlmLayout, recipes: dict) -> dict[str, E
             out["teacher-heldout"] = Estimate(per_seq * (d.heldout_samples or 0), out["teacher"].memory)
         student = tensor_bytes(final, DTYPE_BYTES[k.dtype])[0]
         routers = sum(layer.n_experts * layout.hidden_size for layer in final.moe_layers) * 4
-        out["kd"] = Estimate(tensor_bytes(final, fp8=fp8)[0] + 3 * routers, student + k.batch_size * hidden_act,
-                             "the frozen student resident (across GPUs with device_map 'auto')")
+        if plan.launch is not None:
+            from glmgguf.pipeline.fsdp_estimate import fsdp_kd_parts
+
+            parts = fsdp_kd_parts(final, plan.launch.world, k.batch_size, d.seq_len, DTYPE_BYTES[k.dtype])
+            memory = sum(v for name, v in parts.items() if not (k.cpu_offload and name == "shard"))
+            note = f"per GPU: FSDP2 over {plan.launch.world} ranks (below)"
+        else:
+            memory = student + k.batch_size * hidden_act
+            note = "the frozen student resident (across GPUs with device_map 'auto')"
+        out["kd"] = Estimate(tensor_bytes(final, fp8=fp8)[0] + 3 * routers, memory, note)
     for g in plan.gguf:
         size = gguf_bytes(final, recipes[g.name])
         out[f"gguf-{g.name}"] = Estimate(size, 3 * tensor_bytes(final, 4)[2], "one tensor at a time")

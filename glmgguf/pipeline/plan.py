@@ -113,6 +113,7 @@ class KdSection:
     teacher_device: str = "cpu"
     save_every: int = 50
     teacher_spill_threshold: str = "4G"
+    cpu_offload: bool = False  # with [launch] (FSDP2): the parameter shards in host memory (8 x 80 GB GPUs)
 
 
 @dataclass
@@ -347,6 +348,8 @@ def _check_structure(plan: Plan) -> None:
             raise fail("data", key, f"[data] {key} must be positive")
     if plan.launch is not None:
         _check_launch(plan, fail)
+    elif plan.kd is not None and plan.kd.cpu_offload:
+        raise fail("kd", "cpu_offload", "[kd] cpu_offload is for FSDP2, which runs under [launch]")
     _check_sizes(plan, fail)
 
 

@@ -154,7 +154,7 @@ def _kd_stages(c: _Chain) -> list[Stage]:
         args.append("--train-bias")
     launcher = _torchrun(c.plan)
     if launcher:
-        args.append("--fsdp")
+        args += ["--fsdp", *(["--cpu-offload"] if k.cpu_offload else [])]
     stages = [teacher]
     heldout = c.data.get("heldout") or []
     if heldout:
