@@ -225,7 +225,8 @@ def _manifest(plan: GptqPlan, res: ExportResult, settings: GptqSettings, dev: to
     return {
         "producer": {"name": "glmgguf", "version": __version__},
         "format": plan.format.name,
-        "scheme": {"bits": gq.BITS, "group_size": gq.GROUP_SIZE, "symmetric": True, "actorder": settings.actorder,
+        "scheme": {"method": "rtn" if settings.rtn else "gptq", "bits": gq.BITS, "group_size": gq.GROUP_SIZE,
+                   "symmetric": True, "actorder": settings.actorder,
                    "dampening_frac": settings.damp, "block_size": settings.block_size,
                    "min_expert_tokens": settings.min_tokens, "activations": "bf16"},
         "source": str(plan.src),
@@ -253,11 +254,12 @@ def copy_extra_files(reader: CheckpointReader, out: Path) -> None:
 
 
 def export_gptq(plan: GptqPlan, out: str | os.PathLike, chunks: Sequence[torch.Tensor],
-                settings: GptqSettings = GptqSettings(), device: str | torch.device = "cpu",
+                settings: GptqSettings | None = None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.bfloat16, force: bool = False, max_shard_bytes: int = 5 * 1024**3,
                 calib: dict | None = None, progress: ProgressFn | None = None) -> ExportResult:
     """Quantize and write the planned export into `out` (atomically), calibrating on token chunks [B, S]."""
     dev = resolve_device(device)
+    settings = settings or GptqSettings()
     out = Path(out)
     if out.resolve() == plan.src.resolve():
         raise ExportError("the output directory is the source checkpoint")

@@ -39,6 +39,10 @@ class GptqFormat:
         """The stored tensors of one quantized weight, in `suffixes` order (CPU)."""
         raise NotImplementedError
 
+    def shape(self, reader, module: str) -> tuple[int, int]:
+        """The weight shape [N, K] of a stored module."""
+        raise NotImplementedError
+
     def read(self, get, module: str) -> gq.Int4Weight:
         """The quantized weight back from its stored tensors (`get(name)` reads one)."""
         raise NotImplementedError
@@ -63,6 +67,10 @@ class PackQuantized(GptqFormat):
     def tensors(self, q: gq.Int4Weight) -> list[torch.Tensor]:
         return [pack.pack_rows(q.codes).cpu(), q.scale.to(torch.bfloat16).cpu(),
                 torch.tensor(list(q.codes.shape), dtype=torch.int64)]
+
+    def shape(self, reader, module: str) -> tuple[int, int]:
+        n, k = (int(v) for v in reader.get(f"{module}.weight_shape"))
+        return n, k
 
     def read(self, get, module: str) -> gq.Int4Weight:
         codes = pack.unpack_rows(get(f"{module}.weight_packed"))
@@ -102,6 +110,9 @@ class AutoGptq(GptqFormat):
             raise ExportError("a scale does not fit float16 (the gptq format's scale type)")
         return [qweight, pack.pack_unsigned_rows(zeros), scales.to(torch.float16),
                 (torch.arange(k, dtype=torch.int32) // gq.GROUP_SIZE)]
+
+    def shape(self, reader, module: str) -> tuple[int, int]:
+        return reader.info(f"{module}.qweight").shape[1], reader.info(f"{module}.g_idx").shape[0]
 
     def read(self, get, module: str) -> gq.Int4Weight:
         codes = pack.unpack_rows(get(f"{module}.qweight").t())

@@ -43,6 +43,7 @@ class GptqSettings:
     block_size: int = gq.BLOCK_SIZE
     actorder: bool = True
     min_tokens: int = 64  # a routed expert with fewer calibration tokens is rounded to nearest
+    rtn: bool = False  # round every weight to nearest (the baseline; same format and scales)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class GptqReport:
     """What the run did per quantized module (counts in `summary`)."""
 
     gptq: list[str] = field(default_factory=list)
+    rtn: list[str] = field(default_factory=list)  # rounded to nearest on purpose (`GptqSettings.rtn`)
     rtn_few_tokens: list[str] = field(default_factory=list)  # routed experts below min_tokens (modules)
     rtn_no_input: list[str] = field(default_factory=list)  # modules calibration never ran (e.g. unused indexer)
     rtn_cholesky: list[str] = field(default_factory=list)  # Hessian not positive definite even dampened
@@ -57,7 +59,7 @@ class GptqReport:
     loss: float = 0.0  # sum of GPTQ's proxy losses
 
     def summary(self) -> dict:
-        return {"gptq": len(self.gptq), "rtn_few_tokens": len(self.rtn_few_tokens),
+        return {"gptq": len(self.gptq), "rtn": len(self.rtn), "rtn_few_tokens": len(self.rtn_few_tokens),
                 "rtn_no_input": len(self.rtn_no_input), "rtn_cholesky": len(self.rtn_cholesky)}
 
 
@@ -79,7 +81,10 @@ class BlockQuantizer:
         """Quantize `module`'s weight w, hand it to the sink; returns the dequantized weight (run dtype)."""
         w = w.to(device=self.device, dtype=QUANT_DTYPE)
         s = self.settings
-        if hess is None or hess.rows == 0 or few:
+        if s.rtn:
+            q = gq.round_to_nearest(w)
+            self.report.rtn.append(module)
+        elif hess is None or hess.rows == 0 or few:
             q = gq.round_to_nearest(w)
             (self.report.rtn_few_tokens if few else self.report.rtn_no_input).append(module)
         else:
