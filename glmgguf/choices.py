@@ -9,6 +9,7 @@ REAP_METRICS = ("reap", "frequency", "ean", "random")  # saliency that ranks exp
 REAP_PER_LAYER = ("uniform", "global")  # the same keep count in every layer, or per-layer counts
 KD_SCHEDULES = ("constant", "cosine")  # learning rate after warmup
 NVFP4_FORMATS = ("modelopt", "compressed-tensors")  # `glmgguf.nvfp4.formats` has one object per name
+GPTQ_FORMATS = ("compressed-tensors", "gptq")  # `glmgguf.gptq.formats` has one object per name
 GGUF_OUTTYPES = tuple(sorted(OUTTYPES))
 GGUF_MTP = tuple(m.value for m in MtpMode)
 GGUF_INDEXER = tuple(m.value for m in IndexerMode)

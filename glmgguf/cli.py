@@ -17,6 +17,7 @@ COMMANDS = {  # name -> "module:attribute"
     "convert": "glmgguf.gguf.cli:convert_cmd",
     "demo": "glmgguf.demo:demo",
     "eval": "glmgguf.eval.cli:eval_group",
+    "gptq": "glmgguf.gptq.cli:gptq",
     "imatrix": "glmgguf.gguf.cli:imatrix_group",
     "inspect": "glmgguf.gguf.cli:inspect_cmd",
     "kd": "glmgguf.kd.cli:kd",

@@ -31,10 +31,10 @@ def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     return apply
 
 
-def text_options(what: str) -> Callable[[F], F]:
-    """--data, --seq-len, --max-tokens, --num-samples, --seed, --text-field, --batch-size."""
+def text_options(what: str, flag: str = "--data") -> Callable[[F], F]:
+    """--data (or `flag`), --seq-len, --max-tokens, --num-samples, --seed, --text-field, --batch-size."""
     return _stack(
-        click.option("--data", "data", multiple=True, required=True,
+        click.option(flag, "data", multiple=True, required=True,
                      type=click.Path(dir_okay=False, path_type=Path),
                      help=f"{what}: .txt, .jsonl or .parquet with 'text' or chat 'messages' (repeatable)."),
         click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2),

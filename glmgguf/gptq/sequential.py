@@ -192,7 +192,7 @@ def _embedding(reader: CheckpointReader, name: str, chunks: Sequence[torch.Tenso
     ids = torch.unique(torch.cat([c.reshape(-1) for c in chunks]))
     rows = reader.take_rows(name, ids.tolist()).to(device=device, dtype=dtype)
     ids = ids.to(device)
-    return lambda tokens: F.embedding(torch.searchsorted(ids, tokens.to(device)), rows)
+    return lambda tokens: F.embedding(torch.searchsorted(ids, tokens.to(device).contiguous()), rows)
 
 
 def run_sequential(reader: CheckpointReader, chunks: Sequence[torch.Tensor], targets: set[str],
