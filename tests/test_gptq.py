@@ -343,3 +343,21 @@ def test_cli(trained_testbed_dir, tmp_path):
     assert CheckpointReader(tmp_path / "deq").info("model.layers.1.mlp.experts.0.up_proj.weight").dtype == "F32"
     r = run.invoke(main, ["gptq", "dequantize", str(trained_testbed_dir), str(tmp_path / "x")])
     assert r.exit_code == 1 and "not a GPTQ export" in r.output
+
+
+def test_pruned_source(trained_testbed_dir, calib_chunks, tmp_path):
+    """A REAP-pruned checkpoint (12 of 16 experts per layer) exports like any other."""
+    from glmgguf.layout import GlmLayout
+    from glmgguf.reap.observe import observe
+    from glmgguf.reap.prune import plan_prune, prune_checkpoint
+
+    stats = observe(trained_testbed_dir, calib_chunks[:1], streaming=False, dtype=torch.float32)
+    plan = plan_prune(GlmLayout.from_dir(trained_testbed_dir), stats, keep=12)
+    pruned = prune_checkpoint(trained_testbed_dir, plan, tmp_path / "pruned", stats=stats).out
+    res = _export(pruned, calib_chunks[:1], tmp_path / "out")
+    rd = CheckpointReader(res.out)
+    assert "model.layers.4.mlp.experts.11.down_proj.weight_packed" in rd
+    assert not any(".experts.12." in n for n in rd.names())
+    doc = json.loads((res.out / MANIFEST_NAME).read_text())
+    assert {len(c) for c in doc["expert_tokens"].values()} == {12}
+    assert json.loads((res.out / "config.json").read_text())["n_routed_experts"] == 12
