@@ -30,7 +30,6 @@ class GptqFormat:
 
     name: ClassVar[str]
     suffixes: ClassVar[tuple[str, ...]]
-    extra_files: ClassVar[tuple[str, ...]] = ()
 
     def entries(self, module: str, shape: tuple[int, int]) -> list[PlanEntry]:
         raise NotImplementedError
@@ -91,7 +90,6 @@ class PackQuantized(GptqFormat):
 class AutoGptq(GptqFormat):
     name = "gptq"
     suffixes = ("qweight", "qzeros", "scales", "g_idx")
-    extra_files = ("quantize_config.json",)
     ZERO = pack.OFFSET - 1  # v1 checkpoints store zero point - 1
 
     def entries(self, module: str, shape: tuple[int, int]) -> list[PlanEntry]:

@@ -63,13 +63,6 @@ class Int4Weight:
         return dequantize(self.codes, self.scale, dtype)
 
 
-@dataclass(frozen=True)
-class GptqResult:
-    weights: list[Int4Weight]
-    rtn_fallback: list[bool]  # Cholesky failed: round-to-nearest instead of GPTQ
-    losses: list[float]  # GPTQ's proxy loss sum((w - q)^2 / [H^-1]_jj) / 2 per weight
-
-
 def group_scales(w: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
     """Symmetric INT4 scales of w [..., N, K] per `group_size` columns, in w's dtype: amax / 7.5."""
     if w.shape[-1] % group_size:
@@ -156,8 +149,3 @@ def gptq_one(w: torch.Tensor, h: torch.Tensor, group_size: int = GROUP_SIZE, blo
         codes = codes[:, torch.argsort(perm)]
     return Int4Weight(codes.to(torch.int8), scale), fallback, float(loss.sum())
 
-
-def gptq(weights: list[torch.Tensor], hessians: list[torch.Tensor], **kw) -> GptqResult:
-    """GPTQ of several weights, each with its own Hessian (see `gptq_one` for the settings)."""
-    out = [gptq_one(w, h, **kw) for w, h in zip(weights, hessians, strict=True)]
-    return GptqResult([q for q, _, _ in out], [f for _, f, _ in out], [loss for _, _, loss in out])
