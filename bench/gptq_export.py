@@ -5,10 +5,10 @@
 
 1. End to end on the trained tiny testbed (16 x 128 calibration tokens): seconds and tokens/s.
 2. The two costs that dominate at GLM-5.2's width, measured on its expert shapes (hidden 6144, moe_intermediate
-   2048, BF16): GPTQ of one weight (gate/up [2048, 6144], down [6144, 2048]: Cholesky, blockwise updates) and
+   2048, BF16): GPTQ of one expert's weights (gate and up stacked [4096, 6144], down [6144, 2048]) and
    Hessian accumulation per routed token (x x^T for K = 6144 and 2048).
 3. Extrapolation to the routed experts of GLM-5.2 at 168 experts (75 MoE layers + the MTP block, top-8 routing):
-   per layer 168 x (gate + up + down) GPTQ and each calibration token's 8 routed Hessian updates. Attention,
+   per layer 168 x (gate/up + down) GPTQ and each calibration token's 8 routed Hessian updates. Attention,
    dense layers, shared experts and the model forward are left out (a few percent of the expert work).
 Writes bench/results/gptq_export.json.
 """
@@ -70,9 +70,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         e2e = testbed_export(Path(d))
     print(f"testbed export: {e2e}", flush=True)
-    gate, down = time_gptq(INTER, HIDDEN), time_gptq(HIDDEN, INTER)
+    gate, down = time_gptq(2 * INTER, HIDDEN), time_gptq(HIDDEN, INTER)
     print(f"GLM-5.2 expert shapes: {gate} {down}", flush=True)
-    per_layer_gptq = EXPERTS * (2 * gate["gptq_s"] + down["gptq_s"])
+    per_layer_gptq = EXPERTS * (gate["gptq_s"] + down["gptq_s"])
     per_layer_hessian = args.calib_tokens * TOP_K * (gate["hessian_s_per_token"] + down["hessian_s_per_token"])
     hours = MOE_LAYERS * (per_layer_gptq + per_layer_hessian) / 3600
     result = {

@@ -7,10 +7,11 @@ calibration chunk in memory (one layer's activations):
      attention gives the residual and the MLP's input.
   2. MLP, per expert: the dense MLP, the shared expert and each routed expert (weights read from the checkpoint
      one expert at a time) get gate/up's Hessian from their tokens only (a routed expert: the tokens the router
-     sends to it), are quantized, and down's Hessian comes from the activations of the QUANTIZED gate/up. An expert
-     with fewer than `min_tokens` tokens is rounded to nearest (its Hessian would describe a handful of tokens);
-     so is a weight whose Hessian Cholesky rejects. The quantized expert's output (router-weighted) is summed
-     into the block's output, so the next block sees the quantized model.
+     sends to it), are quantized (gate and up stacked: one Hessian, one factorization), and down's Hessian comes
+     from the activations of the QUANTIZED gate/up. An expert with fewer than `min_tokens` tokens is rounded to
+     nearest (its Hessian would describe a handful of tokens); so is a weight whose Hessian Cholesky rejects.
+     The quantized expert's output (router-weighted) is summed into the block's output, so the next block sees
+     the quantized model.
 The MTP block runs last on the quantized trunk's final hidden states (its `eh_proj` stays BF16).
 """
 
@@ -76,24 +77,29 @@ class BlockQuantizer:
         self.device, self.dtype = device, dtype
         self.report = GptqReport()
 
-    # -- one weight ------------------------------------------------------------------------------------------------
-    def quantize(self, module: str, w: torch.Tensor, hess: gq.Hessian | None, few: bool = False) -> torch.Tensor:
-        """Quantize `module`'s weight w, hand it to the sink; returns the dequantized weight (run dtype)."""
-        w = w.to(device=self.device, dtype=QUANT_DTYPE)
-        s = self.settings
+    # -- weights sharing one input -----------------------------------------------------------------------------
+    def quantize(self, modules: list[str], weights: list[torch.Tensor], hess: gq.Hessian | None,
+                 few: bool = False) -> list[torch.Tensor]:
+        """Quantize weights that read the same input (one Hessian) as one stacked weight, their rows being
+        independent given H (gate and up: one factorization); hand each to the sink; returns them dequantized."""
+        w = torch.cat([x.to(device=self.device, dtype=QUANT_DTYPE) for x in weights])
+        s, r = self.settings, self.report
         if s.rtn:
-            q = gq.round_to_nearest(w)
-            self.report.rtn.append(module)
+            q, kind = gq.round_to_nearest(w), r.rtn
         elif hess is None or hess.rows == 0 or few:
-            q = gq.round_to_nearest(w)
-            (self.report.rtn_few_tokens if few else self.report.rtn_no_input).append(module)
+            q, kind = gq.round_to_nearest(w), (r.rtn_few_tokens if few else r.rtn_no_input)
         else:
-            q, failed, loss = gq.gptq_one(w, hess.value(), block_size=s.block_size, damp=s.damp,
-                                          actorder=s.actorder)
-            (self.report.rtn_cholesky if failed else self.report.gptq).append(module)
-            self.report.loss += loss
-        self.sink(module, q)
-        return q.dequantize(self.dtype)
+            q, failed, loss = gq.gptq_one(w, hess.value(), block_size=s.block_size, damp=s.damp, actorder=s.actorder)
+            kind = r.rtn_cholesky if failed else r.gptq
+            r.loss += loss
+        out, start = [], 0
+        for module, x in zip(modules, weights, strict=True):
+            part = gq.Int4Weight(q.codes[start:start + x.shape[0]], q.scale[start:start + x.shape[0]])
+            start += x.shape[0]
+            kind.append(module)
+            self.sink(module, part)
+            out.append(part.dequantize(self.dtype))
+        return out
 
     # -- attention -------------------------------------------------------------------------------------------------
     def attention(self, prefix: str, block: nn.Module, run: Callable[[], None]) -> None:
@@ -110,24 +116,25 @@ class BlockQuantizer:
                 h.remove()
         for name in sorted(linears):
             m = linears[name]
-            m.weight.data = self.quantize(name, m.weight.data, hess.pop(name))
+            m.weight.data = self.quantize([name], [m.weight.data], hess.pop(name))[0]
 
     # -- MLPs ------------------------------------------------------------------------------------------------------
     def mlp(self, prefix: str, weights: dict[str, torch.Tensor], act: Callable, x: torch.Tensor,
             few: bool = False) -> torch.Tensor:
         """A gate/up/down MLP `prefix` on its tokens x [T, H]: quantized when targeted; returns its output."""
         dev = {p: w.to(device=self.device, dtype=self.dtype) for p, w in weights.items()}
-        if f"{prefix}gate_proj" in self.targets or f"{prefix}up_proj" in self.targets:
+        pair = [p for p in ("gate_proj", "up_proj") if f"{prefix}{p}" in self.targets]
+        if pair:
             hess = gq.Hessian(x.shape[-1], self.device)
             hess.add(x)
-            for p in ("gate_proj", "up_proj"):
-                if f"{prefix}{p}" in self.targets:
-                    dev[p] = self.quantize(f"{prefix}{p}", weights[p], hess, few)
+            for p, w in zip(pair, self.quantize([prefix + p for p in pair], [weights[p] for p in pair], hess, few),
+                            strict=True):
+                dev[p] = w
         a = act(F.linear(x, dev["gate_proj"])) * F.linear(x, dev["up_proj"])
         if f"{prefix}down_proj" in self.targets:
             hess = gq.Hessian(a.shape[-1], self.device)
             hess.add(a)
-            dev["down_proj"] = self.quantize(f"{prefix}down_proj", weights["down_proj"], hess, few)
+            dev["down_proj"] = self.quantize([f"{prefix}down_proj"], [weights["down_proj"]], hess, few)[0]
         return F.linear(a, dev["down_proj"])
 
     def moe(self, prefix: str, info: LayerInfo, moe: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +237,16 @@ def run_sequential(reader: CheckpointReader, chunks: Sequence[torch.Tensor], tar
         release_memory()
         if progress is not None:
             progress(n_done + 1, len(blocks))
+    _warn(q.report)
     return q.report
+
+
+def _warn(r: GptqReport) -> None:
+    for what, mods in (("the dampened Hessian is not positive definite (raise the dampening)", r.rtn_cholesky),
+                       ("calibration never reached them", r.rtn_no_input)):
+        if mods:
+            log.warning("%d module(s) rounded to nearest because %s: %s%s", len(mods), what, ", ".join(mods[:5]),
+                        ", ..." if len(mods) > 5 else "")
 
 
 def _mtp_block(q: BlockQuantizer, reader: CheckpointReader, config, rotary: nn.Module, info: LayerInfo,
