@@ -7,9 +7,12 @@
 2. The two costs that dominate at GLM-5.2's width, measured on its expert shapes (hidden 6144, moe_intermediate
    2048, BF16): GPTQ of one expert's weights (gate and up stacked [4096, 6144], down [6144, 2048]) and
    Hessian accumulation per routed token (x x^T for K = 6144 and 2048).
-3. Extrapolation to the routed experts of GLM-5.2 at 168 experts (75 MoE layers + the MTP block, top-8 routing):
-   per layer 168 x (gate/up + down) GPTQ and each calibration token's 8 routed Hessian updates. Attention,
-   dense layers, shared experts and the model forward are left out (a few percent of the expert work).
+3. Extrapolation to GLM-5.2 REAP-pruned to 168 experts (78 layers + the MTP block; top-8 routing) with a cost
+   model: the experts' measured times as they are; any other weight [N, K] a*(N*K^2 + K^3) seconds (blockwise
+   updates, factorization; a fitted to the two expert shapes), a Hessian update c*K^2 per token. Counted: routed
+   experts (each token's 8 routed updates), shared experts, dense layers, attention and indexer projections (one
+   Hessian per module, as the run does).
+   Not counted: the calibration forward passes (attention twice per block) and I/O.
 Writes bench/results/gptq_export.json.
 """
 
@@ -24,7 +27,10 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gptq_export.json"
-MOE_LAYERS, EXPERTS, TOP_K, HIDDEN, INTER = 76, 168, 8, 6144, 2048
+MOE_LAYERS, EXPERTS, TOP_K, HIDDEN, INTER = 76, 168, 8, 6144, 2048  # 75 MoE trunk layers + the MTP block
+DENSE_LAYERS, FULL_INDEXERS, DENSE_INTER = 3, 22, 12288
+ATTENTION = [(2048, 6144), (16384, 2048), (576, 6144), (28672, 512), (6144, 16384)]  # q_a, q_b, kv_a, kv_b, o
+INDEXER = [(4096, 2048), (128, 6144)]  # wq_b, wk (full-indexer layers and the MTP block)
 
 
 def testbed_export(tmp: Path) -> dict:
@@ -59,6 +65,38 @@ def time_gptq(n: int, k: int, rows: int = 4096) -> dict:
     return {"shape": [n, k], "gptq_s": round(time.perf_counter() - t0, 3), "hessian_s_per_token": t_h}
 
 
+def cost_model(gate: dict, down: dict) -> dict:
+    """a of t = a*(N*K^2 + K^3) (least squares over the two measured shapes); c of t = c*K^2 per token."""
+    work = [n * k * k + k**3 for n, k in (gate["shape"], down["shape"])]
+    secs = [gate["gptq_s"], down["gptq_s"]]
+    a = sum(w * t for w, t in zip(work, secs, strict=True)) / sum(w * w for w in work)
+    return {"a": a, "c": gate["hessian_s_per_token"] / gate["shape"][1] ** 2,
+            "expert_s": gate["gptq_s"] + down["gptq_s"]}
+
+
+def glm52_hours(m: dict, tokens: int) -> dict[str, float]:
+    """Hours per part of the model (see the module docstring)."""
+    def gptq(shapes: list[tuple[int, int]]) -> float:
+        return sum(m["a"] * (n * k * k + k**3) for n, k in shapes)
+
+    def hess(shapes: list[tuple[int, int]]) -> float:
+        return tokens * m["c"] * sum(k * k for _, k in shapes)
+
+    expert = [(2 * INTER, HIDDEN), (HIDDEN, INTER)]
+    dense = [(2 * DENSE_INTER, HIDDEN), (HIDDEN, DENSE_INTER)]
+    blocks = DENSE_LAYERS + MOE_LAYERS
+    parts = {
+        "routed_experts_gptq": MOE_LAYERS * EXPERTS * m["expert_s"],
+        "routed_experts_hessian": MOE_LAYERS * TOP_K * hess(expert),
+        "attention_gptq": blocks * gptq(ATTENTION) + FULL_INDEXERS * gptq(INDEXER),
+        "attention_hessian": blocks * hess(ATTENTION) + FULL_INDEXERS * hess(INDEXER),
+        "shared_and_dense": MOE_LAYERS * (m["expert_s"] + hess(expert)) + DENSE_LAYERS * (gptq(dense) + hess(dense)),
+    }
+    out = {k: round(v / 3600, 1) for k, v in parts.items()}
+    out["total"] = round(sum(parts.values()) / 3600, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -72,22 +110,19 @@ def main() -> None:
     print(f"testbed export: {e2e}", flush=True)
     gate, down = time_gptq(2 * INTER, HIDDEN), time_gptq(HIDDEN, INTER)
     print(f"GLM-5.2 expert shapes: {gate} {down}", flush=True)
-    per_layer_gptq = EXPERTS * (gate["gptq_s"] + down["gptq_s"])
-    per_layer_hessian = args.calib_tokens * TOP_K * (gate["hessian_s_per_token"] + down["hessian_s_per_token"])
-    hours = MOE_LAYERS * (per_layer_gptq + per_layer_hessian) / 3600
+    model = cost_model(gate, down)
+    parts = glm52_hours(model, args.calib_tokens)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "torch": torch.__version__},
         "testbed_export": e2e,
         "glm52_expert_gate_up": gate,
         "glm52_expert_down": down,
-        "glm52_168_experts": {"calib_tokens": args.calib_tokens, "moe_layers": MOE_LAYERS,
-                              "gptq_hours": round(MOE_LAYERS * per_layer_gptq / 3600, 1),
-                              "hessian_hours": round(MOE_LAYERS * per_layer_hessian / 3600, 1),
-                              "total_hours": round(hours, 1)},
+        "cost_model": model,
+        "glm52_168_experts_hours": {"calib_tokens": args.calib_tokens, **parts},
     }
-    print(f"GLM-5.2 at {EXPERTS} experts, {args.calib_tokens} calibration tokens, {args.threads} CPU thread(s): "
-          f"~{hours:.0f} h of expert GPTQ + Hessians (forward passes and attention not included)")
+    print(f"GLM-5.2 at {EXPERTS} experts, {args.calib_tokens} calibration tokens, {args.threads} CPU thread(s), "
+          f"hours: {parts} (forward passes and I/O not included)")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
 
