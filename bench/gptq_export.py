@@ -11,7 +11,7 @@
    model: the experts' measured times as they are; any other weight [N, K] a*(N*K^2 + K^3) seconds (blockwise
    updates, factorization; a fitted to the two expert shapes), a Hessian update c*K^2 per token. Counted: routed
    experts (each token's 8 routed updates), shared experts, dense layers, attention and indexer projections (one
-   Hessian per module, as the run does).
+   Hessian per input: q_a, kv_a and wk share one, q_b and wq_b another, as the run does).
    Not counted: the calibration forward passes (attention twice per block) and I/O.
 Writes bench/results/gptq_export.json.
 """
@@ -31,6 +31,7 @@ MOE_LAYERS, EXPERTS, TOP_K, HIDDEN, INTER = 76, 168, 8, 6144, 2048  # 75 MoE tru
 DENSE_LAYERS, FULL_INDEXERS, DENSE_INTER = 3, 22, 12288
 ATTENTION = [(2048, 6144), (16384, 2048), (576, 6144), (28672, 512), (6144, 16384)]  # q_a, q_b, kv_a, kv_b, o
 INDEXER = [(4096, 2048), (128, 6144)]  # wq_b, wk (full-indexer layers and the MTP block)
+ATTENTION_INPUTS = [6144, 2048, 512, 16384]  # one Hessian per distinct input: hidden, q_resid, kv latent, heads
 
 
 def testbed_export(tmp: Path) -> dict:
@@ -82,6 +83,9 @@ def glm52_hours(m: dict, tokens: int) -> dict[str, float]:
     def hess(shapes: list[tuple[int, int]]) -> float:
         return tokens * m["c"] * sum(k * k for _, k in shapes)
 
+    def hess_inputs(widths: list[int]) -> float:
+        return tokens * m["c"] * sum(k * k for k in widths)
+
     expert = [(2 * INTER, HIDDEN), (HIDDEN, INTER)]
     dense = [(2 * DENSE_INTER, HIDDEN), (HIDDEN, DENSE_INTER)]
     blocks = DENSE_LAYERS + MOE_LAYERS
@@ -89,7 +93,7 @@ def glm52_hours(m: dict, tokens: int) -> dict[str, float]:
         "routed_experts_gptq": MOE_LAYERS * EXPERTS * m["expert_s"],
         "routed_experts_hessian": MOE_LAYERS * TOP_K * hess(expert),
         "attention_gptq": blocks * gptq(ATTENTION) + FULL_INDEXERS * gptq(INDEXER),
-        "attention_hessian": blocks * hess(ATTENTION) + FULL_INDEXERS * hess(INDEXER),
+        "attention_hessian": blocks * hess_inputs(ATTENTION_INPUTS),
         "shared_and_dense": MOE_LAYERS * (m["expert_s"] + hess(expert)) + DENSE_LAYERS * (gptq(dense) + hess(dense)),
     }
     out = {k: round(v / 3600, 1) for k, v in parts.items()}

@@ -378,3 +378,16 @@ def test_cuda_export_close_to_cpu(trained_testbed_dir, calib_chunks, exports, tm
             same, total = same + int((ca == cb).sum()), total + ca.numel()
     print(f"CUDA vs CPU: {same / total:.4f} of the codes equal")
     assert same / total > 0.98
+
+
+def test_stacked_weights_equal_separate():
+    """Weights reading one input (gate and up; q_a, kv_a and wk) are quantized stacked: rows are independent given
+    H, and the stacked result is bit for bit the separate ones (one Hessian and one factorization instead of two)."""
+    w, x = _weights_and_inputs(96, 384, 500, seed=3)
+    h = gq.Hessian(384)
+    h.add(x)
+    both, _, _ = gq.gptq_one(w, h.value())
+    top, _, _ = gq.gptq_one(w[:40], h.value())
+    rest, _, _ = gq.gptq_one(w[40:], h.value())
+    assert torch.equal(both.codes, torch.cat([top.codes, rest.codes]))
+    assert torch.equal(both.scale, torch.cat([top.scale, rest.scale]))

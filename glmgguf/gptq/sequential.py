@@ -103,20 +103,25 @@ class BlockQuantizer:
 
     # -- attention -------------------------------------------------------------------------------------------------
     def attention(self, prefix: str, block: nn.Module, run: Callable[[], None]) -> None:
-        """Calibrate (one `run()` of every chunk) and quantize the targeted linears under `block.self_attn`."""
+        """Calibrate (one `run()` of every chunk) and quantize the targeted linears under `block.self_attn`;
+        linears that read the same tensor (q_a, kv_a and the indexer's wk; q_b and wq_b) share one Hessian and
+        are quantized stacked."""
         linears = {f"{prefix}self_attn.{n}": m for n, m in block.self_attn.named_modules()
                    if isinstance(m, nn.Linear) and f"{prefix}self_attn.{n}" in self.targets}
-        hess = {name: gq.Hessian(m.in_features, self.device) for name, m in linears.items()}
-        hooks = [m.register_forward_hook(lambda _m, args, _out, h=hess[name]: h.add(args[0]))
-                 for name, m in linears.items()]
+        shared = _SharedInputs(self.device)
+        hooks = [block.self_attn.register_forward_pre_hook(lambda *_: shared.new_call())]
+        hooks += [m.register_forward_hook(lambda _m, args, _out, name=name: shared.add(name, args[0]))
+                  for name, m in linears.items()]
         try:
             run()
         finally:
             for h in hooks:
                 h.remove()
-        for name in sorted(linears):
-            m = linears[name]
-            m.weight.data = self.quantize([name], [m.weight.data], hess.pop(name))[0]
+        groups = shared.groups() + [([n], None) for n in sorted(linears) if n not in shared.hessian]
+        for names, hess in groups:
+            deq = self.quantize(names, [linears[n].weight.data for n in names], hess)
+            for n, w in zip(names, deq, strict=True):
+                linears[n].weight.data = w
 
     # -- MLPs ------------------------------------------------------------------------------------------------------
     def mlp(self, prefix: str, weights: dict[str, torch.Tensor], act: Callable, x: torch.Tensor,
@@ -191,6 +196,37 @@ class BlockQuantizer:
             outs.append((r + y[start:start + n].view_as(r)).cpu())
             start += n
         return outs, [t.cpu() if t is not None else None for t in topk]
+
+
+class _SharedInputs:
+    """Hessians of modules keyed by the tensor they read: modules fed the same tensor in a call share one."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.hessian: dict[str, gq.Hessian] = {}  # module -> its group's Hessian (fixed by the first call)
+        self.seen: dict[tuple, gq.Hessian] = {}  # this call: input identity -> Hessian
+        self.added: set[int] = set()  # this call: Hessians the input was added to
+
+    def new_call(self) -> None:
+        self.seen.clear()
+        self.added.clear()
+
+    def add(self, module: str, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape), x._version)
+        h = self.hessian.get(module)
+        if h is None:
+            h = self.hessian[module] = self.seen.get(key) or gq.Hessian(x.shape[-1], self.device)
+        self.seen[key] = h
+        if id(h) not in self.added:
+            h.add(x)
+            self.added.add(id(h))
+
+    def groups(self) -> list[tuple[list[str], gq.Hessian]]:
+        """(modules, their Hessian) per group, modules and groups in name order."""
+        by_id: dict[int, list[str]] = {}
+        for m in sorted(self.hessian):
+            by_id.setdefault(id(self.hessian[m]), []).append(m)
+        return [(names, self.hessian[names[0]]) for names in by_id.values()]
 
 
 def _embedding(reader: CheckpointReader, name: str, chunks: Sequence[torch.Tensor], device: torch.device,
