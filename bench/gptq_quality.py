@@ -3,8 +3,8 @@
 
     python bench/gptq_quality.py
 
-Every export is dequantized and run in transformers (float32) on the held-out batch the tests use (4 x 127
-tokens). Two coverages: every linear GPTQ quantizes by default (attention, indexer, MLPs, experts), and the routed
+Every export is dequantized and run in transformers (float32) on the held-out batch the tests use (16 x 128
+positions). Two coverages: every linear GPTQ quantizes by default (attention, indexer, MLPs, experts), and the routed
 experts only (everything else BF16), which is NVFP4's coverage. Bits per quantized weight: INT4 group 128 with BF16
 scales 4.125, NVFP4 4.5. Calibration: 16 x 128 tokens of the training split (GPTQ's Hessians; NVFP4's input scales
 come from REAP statistics of the same tokens). Writes bench/results/gptq_quality.json.
@@ -42,7 +42,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(src)
     seqs = pack([d[:20000] for d in stdlib_corpus("train")[:40]], tok, 128, num_samples=16, seed=1).sequences
     chunks = chunk_sequences(seqs, 4)
-    ids = heldout_batch(4, 128)[:, :-1]
+    ids = heldout_batch(16, 128)[:, :-1]
 
     def logits(d):
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
