@@ -354,7 +354,10 @@ def test_pruned_source(trained_testbed_dir, calib_chunks, tmp_path):
     stats = observe(trained_testbed_dir, calib_chunks[:1], streaming=False, dtype=torch.float32)
     plan = plan_prune(GlmLayout.from_dir(trained_testbed_dir), stats, keep=12)
     pruned = prune_checkpoint(trained_testbed_dir, plan, tmp_path / "pruned", stats=stats).out
-    res = _export(pruned, calib_chunks[:1], tmp_path / "out")
+    calls = []
+    res = _export(pruned, calib_chunks[:1], tmp_path / "out", progress=lambda d, t: calls.append((d, t)))
+    n = len(res.plan.targets)
+    assert calls == [(i, n) for i in range(1, n + 1)]  # one call per quantized module
     rd = CheckpointReader(res.out)
     assert "model.layers.4.mlp.experts.11.down_proj.weight_packed" in rd
     assert not any(".experts.12." in n for n in rd.names())

@@ -71,7 +71,7 @@ def export_cmd(src: Path, out: Path, data: tuple[Path, ...], seq_len: int, max_t
     click.echo(f"calibration: {text.sequences.shape[0]} x {text.sequences.shape[1]} tokens from "
                f"{text.documents_used} of {text.documents_total} documents on {dev}")
     settings = GptqSettings(damp=damp, actorder=not no_actorder, min_tokens=min_tokens, rtn=method == "rtn")
-    bar = tqdm(total=len(plan.checkpoint.layout.layers), unit="block", desc="gptq", dynamic_ncols=True)
+    bar = tqdm(total=len(plan.targets), unit="module", desc="gptq", dynamic_ncols=True)
     prev = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from glmgguf.checkpoint import GlmCheckpoint, open_checkpoint
 from glmgguf.gptq import quant as gq
 from glmgguf.gptq.errors import ExportError
 from glmgguf.gptq.formats import GptqFormat, get_format
-from glmgguf.gptq.sequential import GptqReport, GptqSettings, ProgressFn, run_sequential
+from glmgguf.gptq.sequential import GptqReport, GptqSettings, run_sequential
 from glmgguf.io import CheckpointReader, ShardedWriter, atomic_dir
 from glmgguf.io.writer import PlanEntry
 from glmgguf.layout import parse_hf_name, released_as_fp8
@@ -163,12 +163,16 @@ def plan_export(src: str | os.PathLike, fmt: str = "compressed-tensors", exclude
 # Execute
 # ----------------------------------------------------------------------------------------------------------------
 
+ProgressFn = Callable[[int, int], None]  # (modules quantized, modules to quantize)
+
+
 class OrderedSink:
     """Writes the plan's items in order: copies straight from the source, quantized modules as they arrive
     (held until their turn: at most one block's attention projections wait)."""
 
-    def __init__(self, plan: GptqPlan, writer: ShardedWriter):
-        self.plan, self.writer = plan, writer
+    def __init__(self, plan: GptqPlan, writer: ShardedWriter, progress: ProgressFn | None = None):
+        self.plan, self.writer, self.progress = plan, writer, progress
+        self.received = 0
         self.reader = plan.checkpoint.reader
         self.pending: dict[str, gq.Int4Weight] = {}
         self.next = 0
@@ -178,6 +182,9 @@ class OrderedSink:
         if module not in self.plan.targets:
             raise ExportError(f"{module} was quantized but is not in the plan")
         self.pending[module] = q
+        self.received += 1
+        if self.progress is not None:
+            self.progress(self.received, len(self.plan.targets))
         self.flush()
 
     def flush(self) -> None:
@@ -257,7 +264,8 @@ def export_gptq(plan: GptqPlan, out: str | os.PathLike, chunks: Sequence[torch.T
                 settings: GptqSettings | None = None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.bfloat16, force: bool = False, max_shard_bytes: int = 5 * 1024**3,
                 calib: dict | None = None, progress: ProgressFn | None = None) -> ExportResult:
-    """Quantize and write the planned export into `out` (atomically), calibrating on token chunks [B, S]."""
+    """Quantize and write the planned export into `out` (atomically), calibrating on token chunks [B, S];
+    `progress(done, total)` after each quantized module."""
     dev = resolve_device(device)
     settings = settings or GptqSettings()
     out = Path(out)
@@ -270,9 +278,9 @@ def export_gptq(plan: GptqPlan, out: str | os.PathLike, chunks: Sequence[torch.T
     with atomic_dir(out, force=force, inputs=[plan.src]) as tmp:
         meta = {"quantization": f"gptq-w4a16-{plan.format.name}"}
         with ShardedWriter(tmp, plan.entries, max_shard_bytes=max_shard_bytes, metadata=meta) as writer:
-            sink = OrderedSink(plan, writer)
+            sink = OrderedSink(plan, writer, progress)
             with torch.no_grad():
-                report = run_sequential(reader, chunks, set(plan.targets), settings, sink, dev, dtype, progress)
+                report = run_sequential(reader, chunks, set(plan.targets), settings, sink, dev, dtype)
             sink.check_done()
         cfg = {**reader.config, "quantization_config": plan.format.quantization_config(plan.ignore)}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

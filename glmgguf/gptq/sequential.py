@@ -65,7 +65,6 @@ class GptqReport:
 
 
 Sink = Callable[[str, gq.Int4Weight], None]  # (module name, quantized weight)
-ProgressFn = Callable[[int, int], None]  # (blocks done, blocks)
 
 
 class BlockQuantizer:
@@ -239,8 +238,7 @@ def _embedding(reader: CheckpointReader, name: str, chunks: Sequence[torch.Tenso
 
 
 def run_sequential(reader: CheckpointReader, chunks: Sequence[torch.Tensor], targets: set[str],
-                   settings: GptqSettings, sink: Sink, device: torch.device, dtype: torch.dtype,
-                   progress: ProgressFn | None = None) -> GptqReport:
+                   settings: GptqSettings, sink: Sink, device: torch.device, dtype: torch.dtype) -> GptqReport:
     """Quantize every targeted module of the checkpoint block by block over token chunks [B, S]."""
     from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaRotaryEmbedding
 
@@ -252,7 +250,7 @@ def run_sequential(reader: CheckpointReader, chunks: Sequence[torch.Tensor], tar
     hidden = [embed(c).cpu() for c in chunks]
     topk: list[torch.Tensor | None] = [None] * len(chunks)
     blocks = layout.layers
-    for n_done, info in enumerate(blocks):
+    for info in blocks:
         layer = load_decoder_layer(reader, layout, config, info.index, dtype, device, load_head=False,
                                    experts_on_disk=True)
         if info.is_mtp:
@@ -271,8 +269,6 @@ def run_sequential(reader: CheckpointReader, chunks: Sequence[torch.Tensor], tar
             topk = new_topk if not shared else topk
         del layer
         release_memory()
-        if progress is not None:
-            progress(n_done + 1, len(blocks))
     _warn(q.report)
     return q.report
 
