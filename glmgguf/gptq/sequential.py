@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -142,7 +143,8 @@ class BlockQuantizer:
         return F.linear(a, dev["down_proj"])
 
     def moe(self, prefix: str, info: LayerInfo, moe: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Shared expert, then every routed expert on its own tokens (weights read one expert at a time)."""
+        """Shared expert, then every routed expert on its own tokens (weights read one expert at a time, the next
+        one on a background thread)."""
         shared = moe.shared_experts
         out = self.mlp(f"{prefix}mlp.shared_experts.", {p: getattr(shared, p).weight.data for p in PROJS},
                        shared.act_fn, x)
@@ -152,15 +154,23 @@ class BlockQuantizer:
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=info.n_experts).tolist()
         self.report.expert_tokens[info.index] = counts
+
+        def load(e: int) -> dict[str, torch.Tensor]:
+            return {p: self.reader.get(f"{prefix}mlp.experts.{e}.{p}.weight") for p in PROJS}
+
         start = 0
-        for e, c in enumerate(counts):
-            pairs = order[start:start + c]
-            start += c
-            tokens, slots = pairs // k, pairs % k
-            base = f"{prefix}mlp.experts.{e}."
-            weights = {p: self.reader.get(f"{base}{p}.weight") for p in PROJS}
-            y = self.mlp(base, weights, moe.experts.act_fn, x[tokens], few=c < self.settings.min_tokens)
-            out.index_add_(0, tokens, (y * topk_weights[tokens, slots, None]).to(out.dtype))
+        with ThreadPoolExecutor(1, thread_name_prefix="gptq-read") as pool:  # the next expert reads meanwhile
+            ahead = pool.submit(load, 0)
+            for e, c in enumerate(counts):
+                weights = ahead.result()
+                if e + 1 < len(counts):
+                    ahead = pool.submit(load, e + 1)
+                pairs = order[start:start + c]
+                start += c
+                tokens, slots = pairs // k, pairs % k
+                y = self.mlp(f"{prefix}mlp.experts.{e}.", weights, moe.experts.act_fn, x[tokens],
+                             few=c < self.settings.min_tokens)
+                out.index_add_(0, tokens, (y * topk_weights[tokens, slots, None]).to(out.dtype))
         return out
 
     # -- a decoder block -------------------------------------------------------------------------------------------
