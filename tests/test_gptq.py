@@ -394,3 +394,31 @@ def test_stacked_weights_equal_separate():
     rest, _, _ = gq.gptq_one(w[40:], h.value())
     assert torch.equal(both.codes, torch.cat([top.codes, rest.codes]))
     assert torch.equal(both.scale, torch.cat([top.scale, rest.scale]))
+
+
+def test_bad_input(trained_testbed_dir, calib_chunks, tmp_path):
+    with pytest.raises(ExportError, match="nothing to quantize"):
+        plan_export(trained_testbed_dir, exclude=["*"])
+    with pytest.raises(ExportError, match="unknown format"):
+        plan_export(trained_testbed_dir, fmt="awq")
+    plan = plan_export(trained_testbed_dir)
+    with pytest.raises(ExportError, match="no calibration tokens"):
+        export_gptq(plan, tmp_path / "out", [])
+    with pytest.raises(ExportError, match="is the source checkpoint"):
+        export_gptq(plan, trained_testbed_dir, calib_chunks)
+    if not torch.cuda.is_available():
+        with pytest.raises(ExportError, match="CUDA is not available"):
+            export_gptq(plan, tmp_path / "out", calib_chunks, device="cuda")
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_export_leaves_nothing(trained_testbed_dir, calib_chunks, tmp_path, monkeypatch):
+    from glmgguf.gptq import sequential
+
+    def boom(*a, **kw):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(sequential.gq, "gptq_one", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _export(trained_testbed_dir, calib_chunks[:1], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
