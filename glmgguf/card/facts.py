@@ -54,7 +54,7 @@ class CacheDims:
     mla_width: int  # kv_lora_rank + qk_rope_head_dim: the compressed latent and the shared RoPE key
     n_full_indexer: int  # layers whose indexer keeps a key cache ("full"); shared layers reuse its top-k
     indexer_width: int  # index_head_dim
-    max_context: int
+    max_context: int | None  # the config's max_position_embeddings (None: not in the config)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from glmgguf.gguf.inspect import GgufSummary, read_summary
 from glmgguf.gguf.keys import Arch, Keys, Provenance, arch_key
 from glmgguf.io import CheckpointReader
 from glmgguf.io.reader import INDEX_NAME, SINGLE_NAME
-from glmgguf.layout import GlmLayout, LayerKind, parse_hf_name
+from glmgguf.layout import GlmLayout, parse_hf_name
 from glmgguf.pipeline.manifest import read_json
 
 EXPERT_ROLES = ("expert_gate", "expert_up", "expert_down")
@@ -89,15 +89,18 @@ def checkpoint_model(ckpt: Path) -> ModelFacts:
         else:
             dense += n
     active = dense + sum(n * layout.experts_per_tok // layout.layers[i].n_experts for i, n in routed.items())
-    trunk_moe = [x for x in layout.moe_layers if not x.is_mtp]
-    cache = CacheDims(n_layers=layout.n_layers, n_mtp=layout.n_mtp,
-                      mla_width=layout.kv_lora_rank + layout.qk_rope_head_dim,
-                      n_full_indexer=sum(x.indexer == "full" for x in layout.layers if not x.is_mtp),
-                      indexer_width=layout.index_head_dim,
-                      max_context=int(layout.config.get("max_position_embeddings") or 0))
     return ModelFacts(experts=layout.uniform_experts, experts_per_tok=layout.experts_per_tok,
-                      moe_layers=sum(x.kind is LayerKind.MOE for x in trunk_moe), total_params=total,
-                      active_params=active, cache=cache)
+                      moe_layers=sum(not x.is_mtp for x in layout.moe_layers), total_params=total,
+                      active_params=active, cache=cache_dims(layout))
+
+
+def cache_dims(layout: GlmLayout) -> CacheDims:
+    """The KV-cache widths of a config (what the converter writes as `attention.key_length` and indexer keys)."""
+    return CacheDims(n_layers=layout.n_layers, n_mtp=layout.n_mtp,
+                     mla_width=layout.kv_lora_rank + layout.qk_rope_head_dim,
+                     n_full_indexer=sum(x.indexer == "full" for x in layout.layers if not x.is_mtp),
+                     indexer_width=layout.index_head_dim,
+                     max_context=layout.config.get("max_position_embeddings"))
 
 
 def checkpoint_storage(ckpt: Path) -> str:

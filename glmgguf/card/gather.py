@@ -14,19 +14,19 @@ def _shipped_recipes() -> dict[str, tuple[str, str]]:
     return {name: (r.sha256, r.description) for name in builtin_recipes() if (r := load_recipe(name))}
 
 
-def gather(output: Path, base_model: str | None = None, license: str | None = None, source: str | None = None,
+def gather(output: Path, base_model: str | None = None, license: str | None = None,
            kld: Path | None = None) -> F.BuildFacts:
     """The facts of the pipeline output `output` (a GGUF file or split folder, an NVFP4 folder, a checkpoint).
 
-    `base_model` / `license` / `source` (its name) override what the source model's folder says (a Hugging Face
-    cache path names its repository, its README's front matter its license); `kld` is a `glmgguf kld --json`
+    `base_model` / `license` override what the source model's folder says (a Hugging Face cache path names its
+    repository, its README's front matter its license); `kld` is a `glmgguf kld --json`
     file that may hold this GGUF's KL divergence.
     """
     rec = F.find_stage(output)
     records = F.lineage(rec)
     src = F.source_model_path(records)
     ckpt = F.checkpoint_dir(records)
-    common = {"name": rec.name, "output": rec.output, "source": source or (src.name if src else None),
+    common = {"name": rec.name, "output": rec.output, "source": src.name if src else None,
               "base_model": base_model or F.hub_id(src),
               "license": license or (F.front_matter_value(src / "README.md", "license") if src else None),
               "prune": F.prune_facts(ckpt), "kd": F.kd_facts(ckpt), "workdir": rec.dir.parent}

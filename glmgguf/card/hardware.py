@@ -59,14 +59,19 @@ def kv_bytes_per_token(c: CacheDims, drafting: bool = False) -> int:
     return rows * KV_ELEMENT_BYTES
 
 
-def largest_context(weights: int, per_token: int, s: DeviceSet, max_context: int) -> int:
-    """The longest context (up to the model's maximum) that fits `s`; 0 when the weights alone do not fit."""
+def largest_context(weights: int, per_token: int, s: DeviceSet, max_context: int | None) -> int:
+    """The longest context (up to the model's maximum, when known) that fits `s`; 0 when the weights alone do
+    not fit."""
     free = s.capacity - weights
-    return 0 if free <= 0 else min(max_context, free // per_token)
+    if free <= 0:
+        return 0
+    return free // per_token if max_context is None else min(max_context, free // per_token)
 
 
-def contexts(max_context: int) -> list[int]:
+def contexts(max_context: int | None) -> list[int]:
     """The picker's columns: the standard contexts below the model's maximum, then the maximum."""
+    if max_context is None:
+        return list(CONTEXTS)
     return [c for c in CONTEXTS if c < max_context] + [max_context]
 
 

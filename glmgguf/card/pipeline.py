@@ -19,7 +19,7 @@ from glmgguf.pipeline.plan import Plan
 from glmgguf.pipeline.stages import Stage
 
 CARD = "README.md"
-OUTPUT_STAGES = ("prune", "kd", "nvfp4")  # besides every gguf-NAME
+BUILDS = ("prune", "kd", "gguf-", "nvfp4")  # the output stages ("gguf-": every gguf-NAME), in the family's order
 
 log = logging.getLogger(__name__)
 
@@ -29,26 +29,30 @@ def card_path(output: Path) -> Path:
     return output / CARD if output.is_dir() else output.parent / CARD
 
 
-def _is_output(name: str) -> bool:
-    return name in OUTPUT_STAGES or name.startswith("gguf-")
+def _kind(name: str) -> str:
+    return "gguf-" if name.startswith("gguf-") else name
+
+
+def build_order(name: str) -> tuple[int, str]:
+    """The family table's order: pruned, distilled, the GGUFs by name, NVFP4."""
+    return BUILDS.index(_kind(name)), name
 
 
 def workdir_builds(workdir: Path) -> list[StageRecord]:
-    """The finished output stages found in a workdir."""
-    recs = [read_stage(d) for d in sorted(workdir.iterdir()) if d.is_dir() and _is_output(d.name)]
-    return [r for r in recs if r is not None and r.output.exists()]
+    """The finished output stages found in a workdir, in the family table's order."""
+    recs = [read_stage(d) for d in workdir.iterdir() if d.is_dir() and _kind(d.name) in BUILDS]
+    return sorted((r for r in recs if r is not None and r.output.exists()), key=lambda r: build_order(r.name))
 
 
 def write_plan_cards(plan: Plan, stages: list[Stage], echo: Callable[[str], None] = print) -> list[Path]:
     """A card for every finished output stage of the plan; returns their paths."""
     info = plan.card
-    source = plan.model if ":" in plan.model else Path(plan.model).name
     rows = []
-    for s in stages:
-        if not _is_output(s.name) or read_stage(s.dir) is None or not s.output.exists():
+    for s in sorted((s for s in stages if _kind(s.name) in BUILDS), key=lambda s: build_order(s.name)):
+        if read_stage(s.dir) is None or not s.output.exists():
             continue
         try:
-            facts = gather(s.output, info.base_model if info else None, info.license if info else None, source)
+            facts = gather(s.output, info.base_model if info else None, info.license if info else None)
         except (GlmggufError, OSError) as e:
             log.warning("no card for %s: %s", s.name, e)
             continue

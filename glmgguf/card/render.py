@@ -66,24 +66,26 @@ def properties(f: BuildFacts) -> list[str]:
     rows = [("base model", f.base_model or f"{f.source or 'unknown'} (not a Hub repository)"),
             ("made by", _made_by(f))]
     if f.prune:
+        mtp = _mtp_share(f.prune.moe_layers, m.moe_layers)
         rows.append(("routed experts per MoE layer", f"{'/'.join(map(str, f.prune.kept))} of "
-                     f"{'/'.join(map(str, f.prune.source))} ({_moe_layers(f.prune.moe_layers, m.moe_layers)})"))
+                     f"{'/'.join(map(str, f.prune.source))} ({f.prune.moe_layers} MoE layers{', ' * bool(mtp)}{mtp})"))
     elif m.experts is not None:
         rows.append(("routed experts per MoE layer", f"{m.experts} ({m.moe_layers} MoE layers)"))
     rows += [("experts per token", str(m.experts_per_tok)),
              ("parameters", f"{m.total_params:,} stored; {m.active_params:,} active per token "
                             "(routed experts counted by the share a token uses; MTP block not counted)"),
-             ("format", _format(f)), ("size on disk", f"{format_size(f.size_bytes)} ({f.size_bytes:,} bytes)"),
-             ("context length", f"{m.cache.max_context:,} tokens (config)")]
+             ("format", _format(f)), ("size on disk", f"{format_size(f.size_bytes)} ({f.size_bytes:,} bytes)")]
+    if m.cache.max_context:
+        rows.append(("context length", f"{m.cache.max_context:,} tokens (config)"))
     if f.gguf:
         rows += [("MTP block", _MTP.get(f.gguf.mtp or "", "not recorded")),
                  ("DSA indexer", f"converted with `--indexer {f.gguf.indexer}`" if f.gguf.indexer else "not recorded")]
     return ["## Properties", "", "| property | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
 
 
-def _moe_layers(n: int, trunk: int) -> str:
-    """`n` MoE layers, saying when the MTP block is one of them."""
-    return f"{n} MoE layers" + (f" ({n - trunk} of them the MTP block)" if n > trunk else "")
+def _mtp_share(n: int, trunk: int) -> str:
+    """How many of `n` pruned MoE layers are the MTP block ("" when none)."""
+    return f"{n - trunk} of them the MTP block" if n > trunk else ""
 
 
 def _format(f: BuildFacts) -> str:
@@ -100,10 +102,11 @@ def lineage(f: BuildFacts) -> list[str]:
     lines = []
     if f.prune:
         p = f.prune
+        mtp = _mtp_share(p.moe_layers, f.model.moe_layers)
         tokens = f" on {p.calibration_tokens:,} calibration tokens" if p.calibration_tokens else ""
         lines.append(f"- REAP ({p.metric}, {p.per_layer}): kept {'/'.join(map(str, p.kept))} of "
-                     f"{'/'.join(map(str, p.source))} routed experts in each of "
-                     f"{_moe_layers(p.moe_layers, f.model.moe_layers)}{tokens}.")
+                     f"{'/'.join(map(str, p.source))} routed experts in each of {p.moe_layers} MoE layers"
+                     f"{f' ({mtp})' if mtp else ''}{tokens}.")
     if f.kd:
         k = f.kd
         line = f"- Router-KD: {k.steps:,} steps training {k.trainable_params:,} router parameters"
@@ -207,7 +210,8 @@ def hardware(f: BuildFacts) -> list[str]:
     for s in hw.sets_for(f.kind):
         top = hw.largest_context(f.size_bytes, per_token, s, c.max_context)
         cells = " | ".join("yes" if top >= n else "no" for n in cols)
-        rows.append(f"| {s.name} | {format_size(s.memory)} x {s.count} | {cells} | {top:,} |")
+        rows.append(f"| {s.name} | {format_size(s.memory)} x {s.count} | {cells} | "
+                    f"{f'{top:,}' if top else 'does not fit'} |")
     draft = hw.kv_bytes_per_token(c, drafting=True) - per_token
     mtp = f" MTP drafting adds {draft:,} bytes per token for the MTP block's own cache." if draft else ""
     return ["## Hardware", "",
