@@ -10,6 +10,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from glmgguf import __version__
 from glmgguf.card import hardware as hw
 from glmgguf.units import format_size
 
-SHIPPED = Path(__file__).resolve().parent.parent / "glmgguf" / "pipeline" / "plans" / "testbed.toml"
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "glmgguf" / "pipeline" / "plans" / "testbed.toml"
 EXTRA = """
 [[gguf]]
 name = "q8"
@@ -244,6 +246,14 @@ def _gguf_type_lines(files: list[Path]) -> list[str]:
     return lines
 
 
+def _recipe_lines(name: str) -> list[str]:
+    """The recipe's rules as the card lists them, from its TOML file (these recipes match on roles only)."""
+    doc = tomllib.loads((ROOT / "quant_recipes" / f"{name}.toml").read_text())
+    rules = [f"- {', '.join(sorted(r['role'] if isinstance(r['role'], list) else [r['role']]))} -> "
+             f"{r['type'].upper()}" for r in doc.get("rule", [])]
+    return [*rules, f"- anything else -> {doc['default'].upper()}"]
+
+
 def _expected(work: Path) -> dict[str, list[str]]:
     """Per card, lines it must hold verbatim, each built from the files the number comes from."""
     kd_model, prune_model = work / "kd" / "model", work / "prune" / "model"
@@ -263,15 +273,16 @@ def _expected(work: Path) -> dict[str, list[str]]:
     nv = json.loads((work / "nvfp4" / "model" / "nvfp4_export.json").read_text())
     out["nvfp4"].append(f"| format | NVFP4 (modelopt): {nv['experts_nvfp4']:,} routed experts in "
                         f"{len(nv['quantized_layers'])} layers at 4 bits")
-    for name, files in (("gguf-q4_protected", [work / "gguf-q4_protected" / "q4_protected.gguf"]),
-                        ("gguf-q8", sorted((work / "gguf-q8" / "split").glob("*.gguf")))):
+    for name, recipe, files in (
+            ("gguf-q4_protected", "q4_protected", [work / "gguf-q4_protected" / "q4_protected.gguf"]),
+            ("gguf-q8", "q8_0", sorted((work / "gguf-q8" / "split").glob("*.gguf")))):
         total, active[name], kv = _gguf_params(files)
         sizes[name] = sum(f.stat().st_size for f in files)
         out[name] = [f"| parameters | {total:,} stored; {active[name]:,} active per token",
                      f"| size on disk | {format_size(sizes[name])} ({sizes[name]:,} bytes) |",
                      f"| context length | {kv['glm-dsa.context_length']:,} tokens (config) |",
                      f"| experts per token | {kv['glm-dsa.expert_used_count']} |",
-                     *_lineage_lines(work, kd_model, cfg), *_gguf_type_lines(files),
+                     *_lineage_lines(work, kd_model, cfg), *_gguf_type_lines(files), *_recipe_lines(recipe),
                      *_hardware_lines(sizes[name], cfg, "gguf")]
     out["gguf-q4_protected"] += [*_eval_lines(work, ["greedy", "guarded"]), _serve_line(work)]
     made = {"prune": "REAP pruning -> safetensors", "kd": "REAP pruning -> Router-KD -> safetensors",

@@ -101,7 +101,8 @@ class RoleRow:
 class GgufFacts:
     files: tuple[str, ...]
     recipe: str | None
-    recipe_description: str | None  # only when the shipped recipe is the one recorded (same SHA-256)
+    recipe_description: str | None  # these two only when the shipped recipe is the one recorded (same SHA-256)
+    recipe_rules: tuple[str, ...]  # "what -> TYPE", first match wins, then "anything else -> DEFAULT"
     mtp: str | None
     indexer: str | None
     roles: tuple[RoleRow, ...]

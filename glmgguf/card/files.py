@@ -9,6 +9,7 @@ from pathlib import Path
 from glmgguf.card.facts import NVFP4_MANIFEST, CacheDims, GgufFacts, ModelFacts, Nvfp4Facts, RoleRow
 from glmgguf.gguf.inspect import GgufSummary, read_summary
 from glmgguf.gguf.keys import Arch, Keys, Provenance, arch_key
+from glmgguf.gguf.recipe import Recipe
 from glmgguf.io import CheckpointReader
 from glmgguf.io.reader import INDEX_NAME, SINGLE_NAME
 from glmgguf.layout import GlmLayout, parse_hf_name
@@ -48,18 +49,29 @@ def gguf_model(s: GgufSummary) -> ModelFacts:
                       active_params=active, cache=cache)
 
 
-def gguf_facts(output: Path, shipped_recipes: dict[str, tuple[str, str]]) -> tuple[GgufSummary, GgufFacts]:
-    """The GGUF's summary and its card facts; `shipped_recipes`: name -> (sha256, description)."""
+def recipe_rules(recipe: Recipe) -> tuple[str, ...]:
+    """A recipe's rules as `what -> TYPE` lines, in the order they are tried, and its default."""
+    rules = []
+    for r in recipe.rules:
+        what = [*([", ".join(sorted(x.value for x in r.roles))] if r.roles else []),
+                *([f"name /{r.name.pattern}/"] if r.name else []), *([f"blocks {r.layers}"] if r.layers else [])]
+        rules.append(f"{'; '.join(what)} -> {r.qtype.name}")
+    return (*rules, f"anything else -> {recipe.default.name}")
+
+
+def gguf_facts(output: Path, shipped: dict[str, Recipe]) -> tuple[GgufSummary, GgufFacts]:
+    """The GGUF's summary and its card facts; `shipped`: the shipped recipes by name."""
     parts = gguf_parts(output)
     s = read_summary(parts[0])
     prov = s.provenance
-    recipe = prov.get(Provenance.RECIPE)
-    shipped = shipped_recipes.get(str(recipe))
-    description = shipped[1] if shipped and shipped[0] == prov.get(Provenance.RECIPE_SHA256) else None
+    recipe = shipped.get(str(prov.get(Provenance.RECIPE)))
+    if recipe is not None and recipe.sha256 != prov.get(Provenance.RECIPE_SHA256):
+        recipe = None  # a recipe of that name, but not the one the file was made with
     roles = tuple(RoleRow(r.role, tuple(sorted(((q.name, n) for q, n in r.types.items()), key=lambda x: -x[1])),
                           r.n_tensors, r.bpw) for r in s.by_role())
-    facts = GgufFacts(files=tuple(p.name for p in parts), recipe=None if recipe is None else str(recipe),
-                      recipe_description=description, mtp=_str(prov.get(Provenance.MTP)),
+    facts = GgufFacts(files=tuple(p.name for p in parts), recipe=_str(prov.get(Provenance.RECIPE)),
+                      recipe_description=recipe.description if recipe else None,
+                      recipe_rules=recipe_rules(recipe) if recipe else (), mtp=_str(prov.get(Provenance.MTP)),
                       indexer=_str(prov.get(Provenance.INDEXER)), roles=roles,
                       requires_patches=tuple(map(str, s.kv.get(Provenance.REQUIRES_PATCHES) or ())))
     return s, facts

@@ -6,12 +6,11 @@ from pathlib import Path
 
 from glmgguf.card import facts as F
 from glmgguf.card import files
+from glmgguf.gguf.recipe import Recipe, builtin_recipes, load_recipe
 
 
-def _shipped_recipes() -> dict[str, tuple[str, str]]:
-    from glmgguf.gguf.recipe import builtin_recipes, load_recipe
-
-    return {name: (r.sha256, r.description) for name in builtin_recipes() if (r := load_recipe(name))}
+def _shipped_recipes() -> dict[str, Recipe]:
+    return {name: load_recipe(name) for name in builtin_recipes()}
 
 
 def gather(output: Path, base_model: str | None = None, license: str | None = None,

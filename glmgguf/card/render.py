@@ -124,8 +124,11 @@ def tensor_types(f: BuildFacts) -> list[str]:
         return []
     rows = [f"| {r.role} | {r.n_tensors} | {', '.join(f'{q} x {n}' for q, n in r.types)} | {r.bpw:.2f} |"
             for r in f.gguf.roles]
-    return ["## Tensor types", "", "As the file holds them (`glmgguf inspect`): routed experts take the low bits, "
-            "the rest (attention, indexer, shared expert, dense layers, embeddings, head) is protected.", "",
+    rules = []
+    if f.gguf.recipe_rules:
+        rules = [f"Recipe `{f.gguf.recipe}`, first matching rule wins (norms, 1-D tensors, the router and "
+                 "indexer.proj stay F32 whatever a rule says):", "", *[f"- {r}" for r in f.gguf.recipe_rules], ""]
+    return ["## Tensor types", "", *rules, "As the file holds them (`glmgguf inspect`):", "",
             "| role | tensors | types | bits per weight |", "|---|---:|---|---:|", *rows]
 
 
@@ -228,7 +231,7 @@ def family(rows: list[FamilyRow], here: Path) -> list[str]:
     """The plan's builds, each linked to its card (paths relative to this card's folder)."""
     if not rows:
         return []
-    out = ["## Builds of this plan", "", "| build | format | routed experts | active parameters | size | card |",
+    out = ["## Builds of this plan", "", "| build | made by | routed experts | active parameters | size | card |",
            "|---|---|---:|---:|---:|---|"]
     for r in rows:
         m = r.facts.model
