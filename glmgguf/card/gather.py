@@ -18,8 +18,8 @@ def gather(output: Path, base_model: str | None = None, license: str | None = No
     """The facts of the pipeline output `output` (a GGUF file or split folder, an NVFP4 folder, a checkpoint).
 
     `base_model` / `license` override what the source model's folder says (a Hugging Face cache path names its
-    repository, its README's front matter its license); `kld` is a `glmgguf kld --json`
-    file that may hold this GGUF's KL divergence.
+    repository, its README's front matter its license); `kld` is a `glmgguf kld --json` file that may hold this
+    GGUF's KL divergence.
     """
     rec = F.find_stage(output)
     records = F.lineage(rec)

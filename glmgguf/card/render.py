@@ -63,7 +63,7 @@ def _made_by(f: BuildFacts) -> str:
 
 def properties(f: BuildFacts) -> list[str]:
     m = f.model
-    rows = [("base model", f.base_model or f"{f.source or 'unknown'} (not a Hub repository)"),
+    rows = [("base model", f.base_model or f"{f.source or 'not recorded'} (source folder; no Hub repository given)"),
             ("made by", _made_by(f))]
     if f.prune:
         mtp = _mtp_share(f.prune.moe_layers, m.moe_layers)
