@@ -339,7 +339,7 @@ def test_card_of_an_output_with_no_evaluation_says_so(work):
     measured = [line for line in card.splitlines() if re.search(r"loop|EOS|distinct|acceptance", line)]
     assert measured and not [line for line in measured if _numbers(line)], measured
     assert "- loop / natural-EOS / distinct-4 evaluation (`glmgguf eval loops`)" in card
-    assert "- KL divergence against the BF16 model (`glmgguf kld`)" in card
+    assert "- KL divergence against the unquantized model (`glmgguf kld`)" in card
     assert "- MTP draft acceptance" in card
     first = sorted((work / "gguf-q8" / "split").glob("*.gguf"))[0].name
     assert f"llama-server -m {first} -c CONTEXT\n" in card  # no drafting, no sampler: neither was measured
@@ -365,6 +365,28 @@ def test_card_command_writes_the_pipeline_card(work, tmp_path):
     assert res.exit_code == 1 and "neither a GGUF nor a checkpoint" in res.output, res.output
     res = CliRunner().invoke(main, ["card", str(out)])
     assert res.exit_code == 1 and "no stage manifest" in res.output, res.output
+
+
+def test_card_with_a_kld_measurement(work, tmp_path, llama_toolchain):
+    """`glmgguf kld --json` of the GGUF against the F32 conversion of its checkpoint goes on the card as measured."""
+    from click.testing import CliRunner
+
+    from glmgguf.cli import main
+    from glmgguf.gguf.kld import write_heldout_text
+
+    gguf, f32 = work / "gguf-q4_protected" / "q4_protected.gguf", tmp_path / "f32.gguf"
+    for args in (["convert", str(work / "kd" / "model"), str(f32), "--recipe", "f32"],
+                 ["kld", str(f32), str(gguf), "--text", str(write_heldout_text(tmp_path / "heldout.txt", 40000)),
+                  "-c", "128", "--chunks", "8", "-t", "1", "--json", str(tmp_path / "kld.json")],
+                 ["card", str(gguf), "--kld", str(tmp_path / "kld.json"), "--out", str(tmp_path / "README.md")]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "kld.json").read_text())
+    k = doc["results"][0]["kld"]
+    card = (tmp_path / "README.md").read_text()
+    assert (f"KL divergence against f32.gguf at context {doc['ctx']:,}: mean {k['mean_kld']:.6f} ± "
+            f"{k['mean_kld_err']:.6f}, same top token {k['same_top_pct']:.2f}%.") in card
+    assert "glmgguf kld" not in card.split("## Not measured")[1]
 
 
 def test_kv_cache_and_fit_of_glm52():

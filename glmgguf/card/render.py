@@ -246,7 +246,7 @@ def not_measured(f: BuildFacts) -> list[str]:
     """The measurements a card of this kind reports that were not run for this build."""
     missing = []
     if f.kind == "gguf" and f.kld is None:
-        missing.append("KL divergence against the BF16 model (`glmgguf kld`)")
+        missing.append("KL divergence against the unquantized model (`glmgguf kld`)")
     if not f.evals:
         missing.append("loop / natural-EOS / distinct-4 evaluation (`glmgguf eval loops`)")
     missing.append("loop evaluation of the unpruned source model, so no z-test against it")
