@@ -404,3 +404,17 @@ def test_kv_cache_and_fit_of_glm52():
     h100 = next(s for s in hw.DEVICE_SETS if s.name == "8 x H100")
     assert hw.largest_context(325 * 10**9, 95232, h100, dims.max_context) == 1048576  # capped at the config's
     assert hw.largest_context(1500 * 10**9, 95232, h100, dims.max_context) == 0  # BF16 weights alone do not fit
+
+
+def test_base_model_and_license_from_a_hub_download(tmp_path):
+    """A source in a Hugging Face cache names its repository; its README's front matter its license."""
+    from glmgguf.card.facts import front_matter_value, hub_id
+
+    snap = tmp_path / "hub" / "models--zai-org--GLM-5.2-FP8" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (snap / "README.md").write_text("---\nlanguage:\n- en\nlicense: mit\npipeline_tag: text-generation\n---\n\n"
+                                    "license: not-this-one\n")
+    assert hub_id(snap) == "zai-org/GLM-5.2-FP8" and hub_id(tmp_path) is None
+    assert front_matter_value(snap / "README.md", "license") == "mit"
+    assert front_matter_value(snap / "README.md", "base_model") is None
+    assert front_matter_value(tmp_path / "missing.md", "license") is None
