@@ -348,6 +348,24 @@ def test_card_of_an_output_with_no_evaluation_says_so(work):
     assert "- loop evaluation of the unpruned source model, so no z-test against it" in evaluated
 
 
+def test_stale_evaluation_is_left_out(work, tmp_path, caplog):
+    """An evaluation of an earlier GGUF (its recorded upstream fingerprint is not the GGUF's) is not this GGUF's."""
+    from glmgguf.card.gather import gather
+
+    for name in ("gguf-q4_protected", "eval-greedy", "eval-guarded", "eval-report", "kd", "prune"):
+        (tmp_path / name).symlink_to(work / name)
+    manifest = json.loads((work / "eval-guarded" / "manifest.json").read_text())
+    manifest["upstream"]["gguf-q4_protected"] = "0" * 64
+    (tmp_path / "eval-guarded").unlink()
+    (tmp_path / "eval-guarded").mkdir()
+    (tmp_path / "eval-guarded" / "guarded.json").symlink_to(work / "eval-guarded" / "guarded.json")
+    (tmp_path / "eval-guarded" / "manifest.json").write_text(json.dumps(manifest))
+    facts = gather(tmp_path / "gguf-q4_protected")
+    assert [e.preset for e in facts.evals] == ["greedy"]
+    assert "eval-guarded was made from an earlier output of gguf-q4_protected" in caplog.text
+    assert facts.kd is not None and facts.kd.trainable_params > 0  # the lineage is current
+
+
 def test_card_command_writes_the_pipeline_card(work, tmp_path):
     from click.testing import CliRunner
 

@@ -10,6 +10,8 @@ stages whose upstream is the build give the loop measurements.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ KEEP_MAP = "reap_keep_map.json"
 REAP_STATS = "reap_stats.json"
 KD_LOG = "kd_train_log.json"
 NVFP4_MANIFEST = "nvfp4_export.json"
+log = logging.getLogger(__name__)
 _HUB_CACHE = re.compile(r"^models--([^/]+?)--([^/]+)$")  # a Hugging Face cache folder names its repository
 
 
@@ -183,7 +186,7 @@ def read_stage(stage_dir: Path) -> StageRecord | None:
 
 def find_stage(output: Path) -> StageRecord:
     """The stage that wrote `output` (the output itself or its stage directory)."""
-    output = output.resolve()
+    output = Path(os.path.abspath(output))  # symbolic links kept: a workdir may link stages of another
     for d in (output, output.parent):
         rec = read_stage(d)
         if rec is not None and (d == output or rec.output == output):
@@ -203,9 +206,18 @@ def lineage(rec: StageRecord) -> list[StageRecord]:
         out.append(r)
         for name in sorted(r.manifest.get("upstream") or {}):
             up = read_stage(rec.dir.parent / name)
-            if up is not None:
+            if up is not None and made_from(r, up):
                 todo.append(up)
     return out
+
+
+def made_from(child: StageRecord, parent: StageRecord) -> bool:
+    """Whether `child` read `parent`'s present output (not one an earlier run wrote); warns when not."""
+    if (child.manifest.get("upstream") or {}).get(parent.name) == parent.manifest.get("output_fingerprint"):
+        return True
+    log.warning("%s was made from an earlier output of %s: its facts are left out of the card", child.name,
+                parent.name)
+    return False
 
 
 def source_model_path(records: list[StageRecord]) -> Path | None:
@@ -282,7 +294,8 @@ def eval_facts(rec: StageRecord) -> tuple[EvalFacts, ...]:
     """The loop evaluations whose upstream is this stage, in the order the comparison stage lists them."""
     workdir = rec.dir.parent
     runs = [r for d in sorted(workdir.iterdir()) if d.is_dir() and (r := read_stage(d)) is not None
-            and rec.name in (r.manifest.get("upstream") or {}) and r.manifest["command"][1:3] == ["eval", "loops"]]
+            and rec.name in (r.manifest.get("upstream") or {}) and r.manifest["command"][1:3] == ["eval", "loops"]
+            and made_from(r, rec)]
     report = read_stage(workdir / "eval-report")
     order = [Path(a).name for a in report.manifest["command"]] if report else []
     runs.sort(key=lambda r: order.index(r.output.name) if r.output.name in order else len(order))
