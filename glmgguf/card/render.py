@@ -197,8 +197,10 @@ def _serve_gguf(f: BuildFacts) -> list[str]:
     guard = guardrail(f)
     if guard:
         cmd += "".join(f" {_FLAGS[k]} {_num(v)}" for k, v in guard.sampler.items() if k in _FLAGS)
+        first = f.evals[0]
         notes.append(f"Sampler `{guard.preset}`: it looped in {_pct(guard.loops / guard.n)} of prompts against "
-                     f"{_pct(f.evals[0].loops / f.evals[0].n)} for `{f.evals[0].preset}` (quality table).")
+                     f"{_pct(first.loops / first.n)} for `{first.preset}`, and ended by itself (natural EOS) in "
+                     f"{_pct(guard.eos / guard.n)} against {_pct(first.eos / first.n)} (quality table).")
     if f.gguf.requires_patches:
         notes.append(f"Needs llama.cpp with {', '.join(f.gguf.requires_patches)} (`glmgguf llama build` builds it).")
     how = "the command the evaluation ran, as a server" if f.evals else "not run by this build's pipeline"
