@@ -187,9 +187,17 @@ class EvalSection:
     draft_p_min: float = 0.0
 
 
+@dataclass
+class CardSection:
+    """[card]: what the model cards of the outputs say that no manifest records."""
+
+    base_model: str | None = None  # the source model's Hugging Face repository, org/name
+    license: str | None = None  # the license of the source model, e.g. "mit"
+
+
 SECTIONS: dict[str, type] = {"pipeline": PipelineSection, "data": DataSection, "reap": ReapSection,
                              "kd": KdSection, "gguf": GgufOutput, "nvfp4": Nvfp4Section, "eval": EvalSection,
-                             "launch": LaunchSection}
+                             "launch": LaunchSection, "card": CardSection}
 LIST_SECTIONS = frozenset({"gguf"})  # [[gguf]]: several outputs
 
 
@@ -210,6 +218,7 @@ class Plan:
     nvfp4: Nvfp4Section | None = None
     eval: EvalSection | None = None
     launch: LaunchSection | None = None
+    card: CardSection | None = None
 
     def where(self, section: str, key: str | None = None, index: int = 0) -> str:
         """`plan.toml:12` for messages."""
@@ -318,7 +327,7 @@ def parse_plan(path: str | Path, workdir: str | Path | None = None) -> Plan:
     plan = Plan(path=path, text=text, base=base, workdir=Path(workdir or base / pipe.workdir).resolve(),
                 model=pipe.model, threads=pipe.threads, data=sections.get("data") or DataSection(),
                 reap=sections.get("reap"), kd=sections.get("kd"), gguf=gguf, nvfp4=sections.get("nvfp4"),
-                eval=sections.get("eval"), launch=sections.get("launch"))
+                eval=sections.get("eval"), launch=sections.get("launch"), card=sections.get("card"))
     _check_structure(plan)
     return plan
 
