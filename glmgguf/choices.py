@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from glmgguf.gguf.plan import OUTTYPES, IndexerMode, MtpMode
 
 DTYPES = {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}  # option value -> torch dtype name
@@ -13,3 +15,13 @@ GPTQ_FORMATS = ("compressed-tensors", "gptq")  # `glmgguf.gptq.formats` has one 
 GGUF_OUTTYPES = tuple(sorted(OUTTYPES))
 GGUF_MTP = tuple(m.value for m in MtpMode)
 GGUF_INDEXER = tuple(m.value for m in IndexerMode)
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # where a stage computes
+DEVICE_MAP = re.compile(r"cpu|cuda(:\d+)?|auto|balanced|balanced_low_0|sequential")  # also accelerate's placements
+DEVICE_EXAMPLES = {DEVICE.pattern: "cpu, cuda or cuda:N", DEVICE_MAP.pattern: "cpu, cuda, cuda:N or auto"}
+
+
+def device_problem(value: str, pattern: re.Pattern) -> str | None:
+    """Why `value` is not a device `pattern` accepts (None when it is)."""
+    if pattern.fullmatch(value):
+        return None
+    return f"{value!r} is not a device: use {DEVICE_EXAMPLES[pattern.pattern]}"

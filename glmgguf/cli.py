@@ -14,6 +14,7 @@ from glmgguf import __version__
 from glmgguf.errors import install_cli_warnings, sigterm_exits, user_errors
 
 COMMANDS = {  # name -> "module:attribute"
+    "card": "glmgguf.card.cli:card_cmd",
     "convert": "glmgguf.gguf.cli:convert_cmd",
     "demo": "glmgguf.demo:demo",
     "eval": "glmgguf.eval.cli:eval_group",

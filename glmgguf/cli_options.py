@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import click
 
-from glmgguf.choices import DTYPES
+from glmgguf.choices import DEVICE, DEVICE_MAP, DTYPES, device_problem
 
 F = TypeVar("F", bound=Callable)
 
@@ -21,6 +21,24 @@ def parse_size_option(ctx: click.Context, param: click.Parameter, value: str) ->
         return parse_size(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+
+
+class DeviceParam(click.ParamType):
+    """A device (or accelerate device_map) string, checked before any work."""
+
+    name = "device"
+
+    def __init__(self, pattern=DEVICE):
+        self.pattern = pattern
+
+    def convert(self, value, param, ctx):
+        if (problem := device_problem(str(value), self.pattern)) is not None:
+            self.fail(problem, param, ctx)
+        return str(value)
+
+
+DEVICE_PARAM = DeviceParam(DEVICE)
+DEVICE_MAP_PARAM = DeviceParam(DEVICE_MAP)
 
 
 def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
@@ -57,7 +75,7 @@ def streaming_options(dtype_help: str) -> Callable[[F], F]:
         click.option("--streaming", is_flag=True,
                      help="One decoder layer resident at a time, loaded from the shards (for models larger than "
                           "memory)."),
-        click.option("--device", default="cpu", show_default=True,
+        click.option("--device", default="cpu", show_default=True, type=DEVICE_MAP_PARAM,
                      help="Streaming: device of the resident layer (cpu, cuda, cuda:1). In-memory: the device_map "
                           "('auto' spreads the model over all GPUs with accelerate)."),
         click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bf16", show_default=True,

@@ -305,6 +305,39 @@ def test_fsdp_shard_load_equals_whole_load(kd_inputs, tmp_path):
         assert not s["mtp_embed_copy"] and w["mtp_embed_copy"]  # the MTP block reads the sharded trunk embedding
 
 
+def test_fsdp_from_block_fp8_with_bias(trained_testbed_dir, calib, tmp_path):
+    """The release's storage end to end: a block-FP8 student (the trained testbed stored as the FP8 release is,
+    REAP-pruned, FP8 kept) trained with --train-bias on 2 ranks trains what one process trains, and only its gates
+    and correction biases change. --cpu-offload on CPU ranks is ignored with a warning (FSDP's offload pins memory
+    for an accelerator; the shards are in host memory already)."""
+    from glmgguf.io import CheckpointReader
+    from glmgguf.kd.teacher import build_teacher_cache
+    from glmgguf.kd.write import diff_checkpoints
+    from glmgguf.reap.data import load_calibration, load_tokenizer
+    from glmgguf.reap.observe import observe
+    from glmgguf.reap.prune import plan_prune, prune_checkpoint
+    from glmgguf.runner import chunk_sequences
+    from glmgguf.testbed.release_fp8 import write_fp8_copy
+
+    fp8 = write_fp8_copy(trained_testbed_dir, tmp_path / "fp8")
+    seqs = load_calibration([calib], load_tokenizer(fp8), SEQ_LEN, num_samples=6).sequences
+    stats = observe(fp8, chunk_sequences(seqs, 2), streaming=False, dtype=torch.float32)
+    prune_checkpoint(fp8, plan_prune(GlmLayout.from_dir(fp8), stats, keep=8), tmp_path / "student", stats=stats)
+    student = tmp_path / "student"
+    assert any(CheckpointReader(student).is_fp8(n) for n in CheckpointReader(student).tensors)
+    build_teacher_cache(fp8, seqs, tmp_path / "cache", top_k=32, dtype=torch.float32)
+    common = ["kd", "train", str(student), "--teacher-cache", str(tmp_path / "cache"), *KD, "--train-bias"]
+    _one_process([*common, "--out", str(tmp_path / "one")])
+    r = _torchrun([*common, "--out", str(tmp_path / "two"), "--fsdp", "--cpu-offload"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--cpu-offload: the ranks compute on the CPU, where the shards already are; ignored" in r.stderr
+    changed = diff_checkpoints(student, tmp_path / "two")
+    assert changed == diff_checkpoints(student, tmp_path / "one")
+    assert all(n.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias")) for n in changed)
+    assert any(n.endswith("e_score_correction_bias") for n in changed)
+    _assert_same_training(tmp_path / "one", tmp_path / "two")
+
+
 def test_fsdp_bad_launches(kd_inputs, tmp_path):
     """A global batch the ranks cannot share evenly; --fsdp without torchrun; ranks without --fsdp."""
     student, cache = kd_inputs

@@ -36,3 +36,16 @@ def test_errors_become_one_line_for_every_command(tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 1 and result.output.startswith("Error: "), (args, result.output)
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_device_that_is_not_one_is_refused_before_any_work(tmp_path):
+    """A mistyped device is a usage error naming the option and the accepted forms, before any file is read."""
+    for args, words in ((["nvfp4", "export", str(tmp_path), str(tmp_path / "o"), "--device", "cdua"],
+                         "Invalid value for '--device': 'cdua' is not a device: use cpu, cuda or cuda:N"),
+                        (["reap", "observe", str(tmp_path), "--data", "x", "--out", "o", "--device", "gpu0"],
+                         "Invalid value for '--device': 'gpu0' is not a device: use cpu, cuda, cuda:N or auto"),
+                        (["kd", "train", str(tmp_path), "--teacher-cache", str(tmp_path), "--out", "o",
+                          "--device-map", "cuda:x"],
+                         "Invalid value for '--device-map': 'cuda:x' is not a device: use cpu, cuda, cuda:N or auto")):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and words in result.output, (args, result.output)

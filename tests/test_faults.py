@@ -151,6 +151,25 @@ def test_full_disk_removes_every_part_of_a_split_gguf(inputs, tmp_path):
 
 
 @needs_userns
+def test_full_disk_during_a_kd_checkpoint(inputs, tmp_path):
+    """Router-KD's checkpoint (gates, then AdamW state through torch.save, whose own writer would turn ENOSPC into
+    an opaque RuntimeError) on a disk that fills: one line naming the checkpoint, no partial checkpoint left."""
+    from glmgguf.kd.teacher import build_teacher_cache
+
+    ids = torch.randint(0, 4000, (4, 24), generator=torch.Generator().manual_seed(1))
+    build_teacher_cache(inputs["model"], ids, tmp_path / "cache", top_k=8, dtype=torch.float32)
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    # 128 KiB: the float32 gates (64 KiB) fit, their AdamW state (twice that) does not
+    r = _in_tmpfs(mount, "size=128k", "kd", "train", inputs["model"], "--teacher-cache", tmp_path / "cache",
+                  "--out", tmp_path / "out", "--work-dir", mount / "work", "--steps", "2", "--batch-size", "2",
+                  "--save-every", "1")
+    assert r.returncode != 99, r.stderr
+    _one_error_line(r, f"cannot write {mount / 'work' / 'checkpoint-0000001'}: no space left on the device")
+    assert "left: work" in r.stdout and not (tmp_path / "out").exists()
+
+
+@needs_userns
 def test_read_only_filesystem_is_refused_before_any_work(inputs, tmp_path):
     mount = tmp_path / "ro"
     mount.mkdir()

@@ -83,6 +83,8 @@ def _error(tmp_path: Path, text: str) -> str:
     (("dtype = \"f32\"", "dtype = \"fp8\""), 16, "is not one of bf16, f16, f32"),
     (("[reap]\nkeep = 12", "[reap]\nkeep = 12\nratio = 0.5"), 14, "exactly one of keep or ratio"),
     (("dtype = \"f32\"", "dtype = \"f32\"\nspill_threshold = \"lots\""), 17, "invalid size 'lots'"),
+    (("dtype = \"f32\"", "dtype = \"f32\"\ndevice = \"gpu\""), 17,
+     "[reap] device: 'gpu' is not a device: use cpu, cuda, cuda:N or auto"),
 ])
 def test_bad_plans_name_the_line(tmp_path, edit, where, words):
     msg = _error(tmp_path, SMALL_PLAN.replace(*edit))

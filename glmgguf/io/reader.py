@@ -332,7 +332,7 @@ class CheckpointReader:
 
     def extra_files(self) -> list[Path]:
         """Non-weight files that travel with the checkpoint (tokenizer, templates, generation config...)."""
-        skip = {INDEX_NAME, SINGLE_NAME, "config.json"}
+        skip = {INDEX_NAME, SINGLE_NAME, "config.json", "README.md"}  # a model card describes its own folder only
         return sorted(
             p for p in self.root.iterdir()
             if p.is_file() and p.name not in skip and p.suffix != ".safetensors" and not p.name.endswith(".partial")

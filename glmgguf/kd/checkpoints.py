@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -10,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+from glmgguf.errors import storage_errors
 
 LATEST = "LATEST"
 
@@ -53,9 +56,17 @@ def save_checkpoint(work: Path, step: int, params: dict[str, nn.Parameter], opt:
     tmp = work / f"checkpoint-{step:07d}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({n: p.detach().to("cpu").contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+    try:
+        with storage_errors(d):
+            save_file({n: p.detach().to("cpu").contiguous() for n, p in params.items()},
+                      str(tmp / "trainable.safetensors"))
+            buf = io.BytesIO()  # torch.save's file writer hides a full disk behind a RuntimeError: write it here
+            torch.save(opt.state_dict(), buf)
+            (tmp / "optimizer.pt").write_bytes(buf.getbuffer())
+            (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     publish_checkpoint(work, tmp, d)
 
 

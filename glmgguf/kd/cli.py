@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from glmgguf.choices import DTYPES, KD_SCHEDULES
-from glmgguf.cli_options import parse_size_option, streaming_options, text_options
+from glmgguf.cli_options import DEVICE_MAP_PARAM, parse_size_option, streaming_options, text_options
 
 
 def _threads(n: int | None) -> None:
@@ -102,7 +102,7 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
 @click.option("--seed", default=0, show_default=True, help="Seed of the data order.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="f32", show_default=True,
               help="Dtype the frozen model runs in (routers train in float32 either way).")
-@click.option("--device-map", default=None,
+@click.option("--device-map", default=None, type=DEVICE_MAP_PARAM,
               help="accelerate device_map of the student: 'auto' places it across all GPUs, 'cuda', 'cpu' "
                    "[default: cpu].")
 @click.option("--no-gradient-checkpointing", is_flag=True, help="Keep all activations (faster, more memory).")
@@ -191,7 +191,8 @@ def train_cmd(student: Path, cache: Path, out: Path, lr: float, steps: int, batc
               help="The text the cache should have been made from (checked).")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="f32", show_default=True)
-@click.option("--device-map", default=None, help="accelerate device_map ('auto' over all GPUs) [default: cpu].")
+@click.option("--device-map", default=None, type=DEVICE_MAP_PARAM,
+              help="accelerate device_map ('auto' over all GPUs) [default: cpu].")
 @click.option("--no-mtp", is_flag=True, help="Do not measure the MTP head.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result.")
 @_threads_opt

@@ -21,6 +21,7 @@ beside them), so a run resumes on any number of ranks.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -39,6 +40,7 @@ from glmgguf.kd.errors import KdError
 from glmgguf.kd.student import Student
 from glmgguf.modeling import copy_experts, storage_dtype
 
+log = logging.getLogger(__name__)
 DCP_MARKER = ".metadata"  # the file DCP writes last into a checkpoint directory
 
 
@@ -90,6 +92,9 @@ def load_sharded_student(model_dir: str | os.PathLike, dtype: torch.dtype, mtp: 
 
     from glmgguf.kd.routers import free_routers
 
+    if cpu_offload and torch.device(dist.device).type == "cpu":  # FSDP's offload pins memory for an accelerator
+        log.warning("--cpu-offload: the ranks compute on the CPU, where the shards already are; ignored")
+        cpu_offload = False
     student = Student(model_dir, dtype=dtype, mtp=mtp, meta=True)
     names = list(free_routers(student, train_bias))
     root = shard_student(student, dist, dtype, cpu_offload)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from glmgguf.choices import NVFP4_FORMATS
-from glmgguf.cli_options import parse_size_option
+from glmgguf.cli_options import DEVICE_PARAM, parse_size_option
 
 
 @click.group("nvfp4")
@@ -21,7 +21,8 @@ def nvfp4() -> None:
 @click.option("--calib", "calib", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="REAP statistics for the input scales ('reap observe' output; several are merged)  "
                    "[default: SRC/reap_stats.safetensors, which 'reap prune' writes]")
-@click.option("--device", default="cpu", show_default=True, help="Where to quantize: cpu, cuda or cuda:N.")
+@click.option("--device", default="cpu", show_default=True, type=DEVICE_PARAM,
+              help="Where to quantize: cpu, cuda or cuda:N.")
 @click.option("--exclude", multiple=True,
               help="Module name pattern (fnmatch) whose experts stay BF16, e.g. 'model.layers.78.*' for the MTP "
                    "block (repeatable; a whole MoE layer's experts or none).")

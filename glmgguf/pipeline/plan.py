@@ -17,7 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glmgguf.choices import DTYPES, GGUF_INDEXER, GGUF_MTP, KD_SCHEDULES, NVFP4_FORMATS, REAP_METRICS, REAP_PER_LAYER
+from glmgguf.choices import (
+    DEVICE,
+    DEVICE_MAP,
+    DTYPES,
+    GGUF_INDEXER,
+    GGUF_MTP,
+    KD_SCHEDULES,
+    NVFP4_FORMATS,
+    REAP_METRICS,
+    REAP_PER_LAYER,
+    device_problem,
+)
 from glmgguf.errors import GlmggufError
 
 BUILTIN_DATA = ("stdlib:train", "stdlib:heldout")  # the testbed's standard-library text splits
@@ -53,6 +64,11 @@ def line_of(text: str, section: str, key: str | None = None, index: int = 0) -> 
 def _choice(default: str, choices: tuple[str, ...]) -> Any:
     """A string field whose value must be one of `choices` (the same tuple the command-line option offers)."""
     return field(default=default, metadata={"choices": choices})
+
+
+def _device(pattern: re.Pattern = DEVICE) -> Any:
+    """A device string field, checked as the command-line option checks it."""
+    return field(default="cpu", metadata={"device": pattern})
 
 
 DTYPE_CHOICES = tuple(sorted(DTYPES))
@@ -91,7 +107,7 @@ class ReapSection:
     per_layer: str = _choice("uniform", REAP_PER_LAYER)
     metric: str = _choice("reap", REAP_METRICS)
     streaming: bool = False
-    device: str = "cpu"
+    device: str = _device(DEVICE_MAP)
     dtype: str = _choice("bf16", DTYPE_CHOICES)
     spill_threshold: str = "4G"  # streaming: activations above this spill to disk and the pass can resume
 
@@ -107,10 +123,10 @@ class KdSection:
     schedule: str = _choice("constant", KD_SCHEDULES)
     warmup: int = 0
     train_bias: bool = False
-    device_map: str = "cpu"
+    device_map: str = _device(DEVICE_MAP)
     dtype: str = _choice("f32", DTYPE_CHOICES)
     teacher_streaming: bool = False
-    teacher_device: str = "cpu"
+    teacher_device: str = _device(DEVICE_MAP)
     save_every: int = 50
     teacher_spill_threshold: str = "4G"
     cpu_offload: bool = False  # with [launch] (FSDP2): the parameter shards in host memory (8 x 80 GB GPUs)
@@ -148,7 +164,7 @@ class Nvfp4Section:
     """[nvfp4]: an NVFP4 checkpoint of the final model for vLLM / SGLang."""
 
     format: str = _choice("modelopt", NVFP4_FORMATS)
-    device: str = "cpu"
+    device: str = _device()
     exclude: list[str] = field(default_factory=list)
     max_shard_size: str = "5G"
 
@@ -171,9 +187,17 @@ class EvalSection:
     draft_p_min: float = 0.0
 
 
+@dataclass
+class CardSection:
+    """[card]: what the model cards of the outputs say that no manifest records."""
+
+    base_model: str | None = None  # the source model's Hugging Face repository, org/name
+    license: str | None = None  # the license of the source model, e.g. "mit"
+
+
 SECTIONS: dict[str, type] = {"pipeline": PipelineSection, "data": DataSection, "reap": ReapSection,
                              "kd": KdSection, "gguf": GgufOutput, "nvfp4": Nvfp4Section, "eval": EvalSection,
-                             "launch": LaunchSection}
+                             "launch": LaunchSection, "card": CardSection}
 LIST_SECTIONS = frozenset({"gguf"})  # [[gguf]]: several outputs
 
 
@@ -194,6 +218,7 @@ class Plan:
     nvfp4: Nvfp4Section | None = None
     eval: EvalSection | None = None
     launch: LaunchSection | None = None
+    card: CardSection | None = None
 
     def where(self, section: str, key: str | None = None, index: int = 0) -> str:
         """`plan.toml:12` for messages."""
@@ -253,6 +278,8 @@ def _section(raw: dict, name: str, text: str, path: Path, index: int = 0) -> Any
         choices = fields[key].metadata.get("choices")
         if choices and value not in choices:
             raise fail(f"{here} {key} = {value!r} is not one of {', '.join(choices)}", key)
+        if (pattern := fields[key].metadata.get("device")) and (problem := device_problem(value, pattern)):
+            raise fail(f"{here} {key}: {problem}", key)
         out[key] = float(value) if kind is float else value
     for key, f in fields.items():
         if key not in out and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -300,7 +327,7 @@ def parse_plan(path: str | Path, workdir: str | Path | None = None) -> Plan:
     plan = Plan(path=path, text=text, base=base, workdir=Path(workdir or base / pipe.workdir).resolve(),
                 model=pipe.model, threads=pipe.threads, data=sections.get("data") or DataSection(),
                 reap=sections.get("reap"), kd=sections.get("kd"), gguf=gguf, nvfp4=sections.get("nvfp4"),
-                eval=sections.get("eval"), launch=sections.get("launch"))
+                eval=sections.get("eval"), launch=sections.get("launch"), card=sections.get("card"))
     _check_structure(plan)
     return plan
 

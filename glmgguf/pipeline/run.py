@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from glmgguf import __version__
+from glmgguf.card.pipeline import write_plan_cards
 from glmgguf.errors import GlmggufError
 from glmgguf.layout import GlmLayout
 from glmgguf.pipeline.inputs import (
@@ -190,6 +191,7 @@ def run_plan(plan: Plan, quiet: bool = False, echo: Callable[[str], None] = prin
                 continue
             result, upstream[stage.name] = run_stage(stage, plan.workdir, upstream, quiet, echo)
             results.append(result)
+        write_plan_cards(plan, stages, echo)
         return results
 
 
