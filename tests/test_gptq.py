@@ -422,3 +422,11 @@ def test_failed_export_leaves_nothing(trained_testbed_dir, calib_chunks, tmp_pat
     with pytest.raises(RuntimeError, match="interrupted"):
         _export(trained_testbed_dir, calib_chunks[:1], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_a_bad_device(trained_testbed_dir, tmp_path):
+    from glmgguf.cli import main
+
+    r = CliRunner().invoke(main, ["gptq", "export", str(trained_testbed_dir), str(tmp_path / "o"), "--calib",
+                                  str(tmp_path / "none.txt"), "--device", "tpu"])
+    assert r.exit_code == 2 and "--device" in r.output and not (tmp_path / "o").exists()

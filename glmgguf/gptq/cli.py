@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from glmgguf.choices import DTYPES, GPTQ_FORMATS
-from glmgguf.cli_options import parse_size_option, text_options
+from glmgguf.cli_options import DEVICE_PARAM, parse_size_option, text_options
 from glmgguf.gptq import quant as gq
 
 
@@ -25,7 +25,8 @@ def gptq() -> None:
                    "scales/g_idx (vLLM gptq_marlin).")
 @click.option("--exclude", multiple=True,
               help="Module name pattern (fnmatch) kept BF16, e.g. 'model.layers.78.*' (repeatable).")
-@click.option("--device", default="cpu", show_default=True, help="Where to calibrate and quantize: cpu, cuda, cuda:N.")
+@click.option("--device", default="cpu", show_default=True, type=DEVICE_PARAM,
+              help="Where to calibrate and quantize: cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bf16", show_default=True,
               help="Compute dtype of the calibration forward.")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
