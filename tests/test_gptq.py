@@ -212,9 +212,9 @@ def test_dequantized_kl_gptq_beats_round_to_nearest(exports, trained_testbed_dir
     for name in ("gptq", "rtn"):
         kl[name] = kl_stats(ref, _logits(dequantize_export(exports[name].out, tmp_path / name), ids))
         print(f"{name} (INT4 W4A16) vs BF16: {kl[name]}")
-    assert kl["gptq"].mean < 0.02 and kl["gptq"].top1_agreement > 0.88  # measured 0.0182, 0.895
-    assert kl["gptq"].mean < 0.9 * kl["rtn"].mean  # measured 0.0182 vs 0.0224
-    assert kl["gptq"].top1_agreement > kl["rtn"].top1_agreement  # measured 0.895 vs 0.878
+    assert kl["gptq"].mean < 0.02 and kl["gptq"].top1_agreement > 0.88  # measured 0.0160, 0.902
+    assert kl["gptq"].mean < 0.9 * kl["rtn"].mean  # measured 0.0160 vs 0.0195
+    assert kl["gptq"].top1_agreement > kl["rtn"].top1_agreement  # measured 0.902 vs 0.880
 
 
 def test_gptq_format_holds_the_same_weights(exports, tmp_path):
@@ -284,10 +284,12 @@ def test_compressed_tensors_loadability(exports, trained_testbed_dir):
             assert {m in packed for m in (f"{pre}mlp.experts.{e}.{p}" for e in range(layer.n_experts)
                                           for p in ("gate_proj", "up_proj", "down_proj"))} == {True}
             assert _ct_ignored(pre + "mlp.gate", qc["ignore"])
-    # the default targets are exactly the roles the FP8 release stores as FP8, less widths 128 does not divide
+    # the default targets: the roles the FP8 release stores as FP8, less widths 128 does not divide and the
+    # indexer's wk (recent vLLM fuses it with the unquantized weights_proj)
     want = {n.rsplit(".", 1)[0] for n in ckpt.reader.names()
-            if (p := parse_hf_name(n)) and released_as_fp8(p.rule) and ckpt.reader.info(n).shape[-1] % 128 == 0}
-    assert packed == want
+            if (p := parse_hf_name(n)) and released_as_fp8(p.rule) and ckpt.reader.info(n).shape[-1] % 128 == 0
+            and ".indexer.wk." not in n}
+    assert packed == want and {f"model.layers.{i}.self_attn.indexer.wk" for i in (0, 2, 4)} <= set(qc["ignore"])
     assert {m for m in linears if m.endswith("kv_b_proj")} == {f"model.layers.{i}.self_attn.kv_b_proj"
                                                                for i in range(5)}  # kv_lora_rank 64 < 128
 
@@ -332,7 +334,7 @@ def test_cli(trained_testbed_dir, tmp_path):
             "--num-samples", "4", "--threads", "1"]
     r = run.invoke(main, [*args, "--dry-run"])
     assert r.exit_code == 0, r.output
-    assert "233 linear modules to INT4" in r.output and not out.exists()
+    assert "230 linear modules to INT4" in r.output and not out.exists()
     r = run.invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "rounded to nearest for fewer than 64 tokens" in r.output and (out / MANIFEST_NAME).is_file()

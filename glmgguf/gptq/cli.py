@@ -46,7 +46,7 @@ def export_cmd(src: Path, out: Path, data: tuple[Path, ...], seq_len: int, max_t
                num_samples: int | None, seed: int, text_field: str, batch_size: int, fmt: str,
                exclude: tuple[str, ...], device: str, dtype: str, method: str, min_tokens: int, damp: float,
                no_actorder: bool, max_shard: int, threads: int | None, dry_run: bool, force: bool) -> None:
-    """Write SRC with its linear weights (attention, indexer, MLPs, shared and routed experts, MTP block) as
+    """Write SRC with its linear weights (attention, indexer wq_b, MLPs, shared and routed experts, MTP block) as
     GPTQ INT4 to OUT, calibrated layer by layer on the --calib text."""
     import torch
     from tqdm import tqdm

@@ -1,11 +1,11 @@
 """GPTQ W4A16 export of a GLM-5.x checkpoint for vLLM / SGLang.
 
 Plan (headers and config only): the quantized modules are the linear weights the GLM-5.x FP8 release stores as
-FP8 (attention projections, the indexer's wq_b and wk, dense MLPs, shared and routed experts, the MTP block's
-included), minus `--exclude` patterns and minus weights whose input width is not a multiple of the group size
-(128). Everything else (embeddings, lm_head, norms, router, indexer weights_proj, eh_proj) is copied unchanged
-and the config's ignore list names every unquantized linear. A block-FP8 source is read dequantized (its
-unquantized FP8 weights are written as BF16).
+FP8 (attention projections, the indexer's wq_b, dense MLPs, shared and routed experts, the MTP block's included;
+not the indexer's small wk, see `KEPT_BF16`), minus `--exclude` patterns and minus weights whose input width is
+not a multiple of the group size (128). Everything else (embeddings, lm_head, norms, router, indexer wk and
+weights_proj, eh_proj) is copied unchanged and the config's ignore list names every unquantized linear. A
+block-FP8 source is read dequantized (its unquantized FP8 weights are written as BF16).
 
 Execute: `glmgguf.gptq.sequential` quantizes block by block over the calibration text; tensors stream into
 `ShardedWriter` shards in plan order (each block's copied tensors, then its quantized modules as they come);
@@ -38,6 +38,9 @@ from glmgguf.layout import parse_hf_name, released_as_fp8
 MANIFEST_NAME = "gptq_export.json"
 KEPT_FILES = ("quantize_config.json", "hf_quant_config.json", MANIFEST_NAME)  # written anew, never copied
 ALWAYS_IGNORED = ("model.embed_tokens", "lm_head")
+# Kept BF16 although the FP8 release stores it as FP8: recent vLLM runs the indexer's wk fused with weights_proj as
+# one unquantized GEMM, so a packed wk would not load there (it is 128 x hidden: nothing to save).
+KEPT_BF16 = ("*.self_attn.indexer.wk",)
 
 
 def natural_key(name: str) -> tuple:
@@ -103,9 +106,10 @@ def _open_source(src: str | os.PathLike) -> GlmCheckpoint:
 
 
 def _is_candidate(name: str, reader: CheckpointReader) -> bool:
-    """A 2-D weight of a role GPTQ quantizes by default (what the FP8 release stores as FP8)."""
+    """A 2-D weight of a role GPTQ quantizes by default (what the FP8 release stores as FP8, less `KEPT_BF16`)."""
     p = parse_hf_name(name)
-    return p is not None and released_as_fp8(p.rule) and len(reader.info(name).shape) == 2
+    return (p is not None and released_as_fp8(p.rule) and len(reader.info(name).shape) == 2
+            and not any(fnmatch.fnmatchcase(_module(name), k) for k in KEPT_BF16))
 
 
 def _order(names: list[str], targets: dict[str, tuple[int, int]]) -> list[str]:

@@ -104,7 +104,7 @@ class BlockQuantizer:
     # -- attention -------------------------------------------------------------------------------------------------
     def attention(self, prefix: str, block: nn.Module, run: Callable[[], None]) -> None:
         """Calibrate (one `run()` of every chunk) and quantize the targeted linears under `block.self_attn`;
-        linears that read the same tensor (q_a, kv_a and the indexer's wk; q_b and wq_b) share one Hessian and
+        linears that read the same tensor (q_a and kv_a; q_b and the indexer's wq_b) share one Hessian and
         are quantized stacked."""
         linears = {f"{prefix}self_attn.{n}": m for n, m in block.self_attn.named_modules()
                    if isinstance(m, nn.Linear) and f"{prefix}self_attn.{n}" in self.targets}
