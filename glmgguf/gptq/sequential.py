@@ -101,6 +101,14 @@ class BlockQuantizer:
             out.append(part.dequantize(self.dtype))
         return out
 
+    def hessian(self, x: torch.Tensor, few: bool) -> gq.Hessian | None:
+        """The Hessian of inputs x [T, K], unless nothing will use it (rounding to nearest)."""
+        if few or self.settings.rtn:
+            return None
+        hess = gq.Hessian(x.shape[-1], self.device)
+        hess.add(x)
+        return hess
+
     # -- attention -------------------------------------------------------------------------------------------------
     def attention(self, prefix: str, block: nn.Module, run: Callable[[], None]) -> None:
         """Calibrate (one `run()` of every chunk) and quantize the targeted linears under `block.self_attn`;
@@ -130,15 +138,13 @@ class BlockQuantizer:
         dev = {p: w.to(device=self.device, dtype=self.dtype) for p, w in weights.items()}
         pair = [p for p in ("gate_proj", "up_proj") if f"{prefix}{p}" in self.targets]
         if pair:
-            hess = gq.Hessian(x.shape[-1], self.device)
-            hess.add(x)
+            hess = self.hessian(x, few)
             for p, w in zip(pair, self.quantize([prefix + p for p in pair], [weights[p] for p in pair], hess, few),
                             strict=True):
                 dev[p] = w
         a = act(F.linear(x, dev["gate_proj"])) * F.linear(x, dev["up_proj"])
         if f"{prefix}down_proj" in self.targets:
-            hess = gq.Hessian(a.shape[-1], self.device)
-            hess.add(a)
+            hess = self.hessian(a, few)
             dev["down_proj"] = self.quantize([f"{prefix}down_proj"], [weights["down_proj"]], hess, few)[0]
         return F.linear(a, dev["down_proj"])
 
