@@ -196,7 +196,7 @@ class BlockQuantizer:
 
             self.attention(prefix, block, lambda: [None for _ in attention_pass()])
             capture.inputs.clear()
-            residual, topk = zip(*[(h, t) for h, t in attention_pass()], strict=True) if inputs else ((), ())
+            residual, topk = zip(*[(h.cpu(), t) for h, t in attention_pass()], strict=True) if inputs else ((), ())
             x = torch.cat([c.reshape(-1, c.shape[-1]) for c in capture.inputs])
             capture.inputs.clear()
         finally:
@@ -208,7 +208,7 @@ class BlockQuantizer:
         outs, start = [], 0
         for r in residual:
             n = r.numel() // r.shape[-1]
-            outs.append((r + y[start:start + n].view_as(r)).cpu())
+            outs.append(r + y[start:start + n].cpu().view_as(r))
             start += n
         return outs, [t.cpu() if t is not None else None for t in topk]
 
