@@ -94,6 +94,9 @@ class AutoGptq(GptqFormat):
 
     def entries(self, module: str, shape: tuple[int, int]) -> list[PlanEntry]:
         n, k = shape
+        if n % 8:
+            raise ExportError(f"{module}: {n} output rows do not pack into the gptq format's qzeros (8 per word); "
+                              "--exclude it or use --format compressed-tensors")
         groups = k // gq.GROUP_SIZE
         return [(f"{module}.qweight", (k // 8, n), torch.int32), (f"{module}.qzeros", (groups, n // 8), torch.int32),
                 (f"{module}.scales", (groups, n), torch.float16), (f"{module}.g_idx", (k,), torch.int32)]
