@@ -103,6 +103,20 @@ def _fsdp_hours(d: dict) -> dict:
     return {"h100": g["H100"]["hours_cpu_offload"], "b200": g["B200"]["hours"], "b200o": g["B200"]["hours_cpu_offload"]}
 
 
+def _gptq_quality(d: dict) -> dict:
+    return {"ga": d["gptq_all"]["mean_kl"], "gat": d["gptq_all"]["top1_agreement"], "ra": d["rtn_all"]["mean_kl"],
+            "rat": d["rtn_all"]["top1_agreement"], "ge": d["gptq_experts"]["mean_kl"],
+            "re": d["rtn_experts"]["mean_kl"], "ne": d["nvfp4_experts"]["mean_kl"],
+            "q4": d["llama_cpp"]["q4_protected"]["mean_kl"]}
+
+
+def _gptq_export(d: dict) -> dict:
+    m = d["testbed_export"]["modules"]
+    return {"ts": d["testbed_export"]["seconds"], "gu": d["glm52_expert_gate_up"]["gptq_s"],
+            "gd": d["glm52_expert_down"]["gptq_s"], "gh": d["glm52_168_experts_hours"]["total"],
+            "g": m["gptq"], "r": m["rtn_few_tokens"]}
+
+
 def _sizes(d: dict) -> dict:
     m = d["models"]["unpruned"]
     q4 = m["recipes"]["q4_protected"]
@@ -152,6 +166,16 @@ def _scale_pipeline(r: dict) -> dict:
 
 # (README phrase with {fields}, the JSON it comes from, the fields read from that JSON)
 CLAIMS: list[tuple[str, str, Callable[[dict], dict]]] = [
+    ("quantized linear {ga:.4f} (top-1 {gat:.1%}) against round-to-nearest {ra:.4f} ({rat:.1%})", "gptq_quality",
+     _gptq_quality),
+    ("GPTQ {ge:.4f}, round-to-nearest {re:.4f}, NVFP4 {ne:.4f} (4.5 bits); `q4_protected` GGUF in llama.cpp"
+     " {q4:.4f}",
+     "gptq_quality", _gptq_quality),
+    ("the testbed exports in {ts:.1f} s; at GLM-5.2's widths one expert's gate+up takes {gu:.0f} s, its down "
+     "{gd:.0f} s",
+     "gptq_export", _gptq_export),
+    ("about {gh:.0f} CPU-thread hours", "gptq_export", _gptq_export),
+    ("(on the testbed: {g} modules GPTQ, {r} round-to-nearest", "gptq_export", _gptq_export),
     ("each in a fresh process, {runs}: upstream {u:.1f} s / {um:.0f} MiB peak RSS, glmgguf {o:.1f} s / {om:.0f} "
      "MiB: **{x:.1f}x faster, {m:.1f}x less memory**", "convert_vs_upstream", _convert),
     ("tensors byte-identical ({same} of {same})", "convert_vs_upstream", _convert),
