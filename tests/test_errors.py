@@ -32,7 +32,9 @@ def test_errors_become_one_line_for_every_command(tmp_path):
     for args in (["convert", str(tmp_path / "missing"), str(tmp_path / "x.gguf")],
                  ["pipeline", str(tmp_path / "missing.toml")],
                  ["quantize", str(tmp_path / "missing.gguf"), str(tmp_path / "y.gguf"), "--recipe", "q8_0"],
-                 ["nvfp4", "export", str(tmp_path / "missing"), str(tmp_path / "out")]):
+                 ["nvfp4", "export", str(tmp_path / "missing"), str(tmp_path / "out")],
+                 ["reap", "observe", str(tmp_path / "missing"), "--data", __file__, "--out", str(tmp_path / "s")],
+                 ["kd", "teacher", str(tmp_path / "missing"), "--data", __file__, "--out", str(tmp_path / "c")]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 1 and result.output.startswith("Error: "), (args, result.output)
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output

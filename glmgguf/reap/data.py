@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from glmgguf.io.errors import CheckpointError
 from glmgguf.reap.errors import DataError
 
 
@@ -154,6 +155,9 @@ def load_calibration(paths: Sequence[str | os.PathLike], tokenizer, seq_len: int
 
 
 def load_tokenizer(model_dir: str | os.PathLike):
+    """The checkpoint's own tokenizer (never a hub lookup: a missing directory is a `CheckpointError`)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    if not Path(model_dir).is_dir():
+        raise CheckpointError(f"checkpoint directory {model_dir} does not exist")
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
