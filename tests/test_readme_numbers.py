@@ -155,7 +155,17 @@ def _scale(d: dict) -> dict:
             "nv_rss": st["nvfp4-export"]["peak_rss_gib"], "obs_rss": st["reap-observe"]["peak_rss_gib"],
             "killed": st["upstream-q8_0"]["killed_at_rss_gib"], "up_rss": sm["upstream-q8_0"]["peak_rss_gib"],
             "ours_rss": sm["convert-q8_0"]["peak_rss_gib"], "x": ratio["wall"], "m": ratio["peak_rss"],
-            "trunc_s": st["truncated-shard"]["wall_s"], **_scale_pipeline(small["ratios"])}
+            "trunc_s": st["truncated-shard"]["wall_s"], **_scale_pipeline(small["ratios"]), **_scale_more(d)}
+
+
+def _scale_more(d: dict) -> dict:
+    """The BF16 slice, the slice with an MoE trunk layer, the full disk and dequantize at 256 experts."""
+    full, bf, mt = (d["sources"][k]["stages"] for k in ("fp8-256", "bf16-256", "fp8-256-moe-trunk"))
+    for failed in (full["full-disk"], bf["full-disk"], full["truncated-shard"]):
+        assert failed["returncode"] == 1 and failed["output_left"] == [] and failed["last_line"].startswith("Error: ")
+    return {"bf_q4_rss": bf["convert-q4_protected"]["peak_rss_gib"], "mt_obs_rss": mt["reap-observe"]["peak_rss_gib"],
+            "mt_kd_rss": mt["kd-teacher"]["peak_rss_gib"], "dq_rss": full["nvfp4-dequantize"]["peak_rss_gib"],
+            "fd_s": full["full-disk"]["wall_s"], "bf_fd_s": bf["full-disk"]["wall_s"]}
 
 
 def _scale_pipeline(r: dict) -> dict:
@@ -230,8 +240,12 @@ CLAIMS: list[tuple[str, str, Callable[[dict], dict]]] = [
      "real-width slice ({q4_cpu:.0f} CPU-seconds for {gb:.1f} GB)", "scale", _scale),
     ("CPU: {nv_core_h:.1f} core-hours for GLM-5.2, extrapolated per MoE layer from the real-width slice ({nv_cpu:.0f} "
      "CPU-seconds)", "scale", _scale),
-    ("`convert --recipe q4_protected` {q4_rss:.2f} GiB, `reap observe --streaming` {obs_rss:.2f} GiB, `nvfp4 export` "
-     "{nv_rss:.2f} GiB, `reap prune` {prune_rss:.2f} GiB", "scale", _scale),
+    ("`convert --recipe q4_protected` {q4_rss:.2f} GiB (from BF16 {bf_q4_rss:.2f} GiB), `reap observe --streaming` "
+     "{obs_rss:.2f} GiB (the two-MoE-layer slice: {mt_obs_rss:.2f} GiB), `kd teacher --streaming` through a real-width "
+     "MoE layer {mt_kd_rss:.2f} GiB, `nvfp4 export` {nv_rss:.2f} GiB, `nvfp4 dequantize` {dq_rss:.2f} GiB, "
+     "`reap prune` {prune_rss:.2f} GiB", "scale", _scale),
+    ("a full disk (`convert --recipe q4_protected` into a 1 GiB file system, which fills mid-way) ends it after "
+     "{fd_s:.1f} s (FP8) and {bf_fd_s:.1f} s (BF16)", "scale", _scale),
     ("at 256 experts it passed {killed:.1f} GiB resident and was stopped", "scale", _scale),
     ("it took **{x:.1f}x our wall time and {m:.1f}x our peak RSS** ({up_rss:.2f} GiB against {ours_rss:.2f} GiB)",
      "scale", _scale),
