@@ -326,7 +326,7 @@ def _prose(pool: Pool, rng: random.Random) -> Case:
     while len(words) < 8:
         words = pool.text(rng, _log_uniform(rng, 20, MAX_PERIOD - 16), prose=True).split(" ")
     its = []
-    for _ in range(_repeat_to_deadline(len(words) * 4 // 3)):
+    for _ in range(_repeat_to_deadline(len(pool.encode(" ".join(words) + " ")))):
         w = list(words)
         w[rng.randrange(len(w))] = rng.choice(SWAPS)
         its.append(" ".join(w) + " ")

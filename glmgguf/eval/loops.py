@@ -60,6 +60,8 @@ class LoopConfig:
     edit_rate: float = 0.06
     edit_band: int = 3
     edit_ngram: int = 3
+    edit_candidates: int = 4
+    edit_context: int = 32
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -134,7 +136,7 @@ class EditedRepeat:
 
     def __init__(self, config: LoopConfig) -> None:
         self.c = config
-        self._last: dict[tuple[int, ...], int] = {}  # n-gram -> index of its latest end
+        self._ends: dict[tuple[int, ...], list[int]] = {}  # n-gram -> indices of its latest edit_candidates ends
         self._src: list[int] = []  # per token: its aligned position one iteration back (-1: none)
         self._bad = [0]  # prefix sums of tokens that are edits or closer than edit_min_period to their copy
         self._ptr = [-1, -1]  # aligned position of the latest token, one and two iterations back
@@ -153,15 +155,30 @@ class EditedRepeat:
         self._ptr[k], self._miss[k] = c, self._miss[k] + 1
         return False
 
+    def _anchor(self, t: list[int], ends: list[int]) -> int:
+        """The earlier end of the last n-gram (within reach) whose preceding `edit_context` tokens agree most with
+        the latest ones, the latest on a tie (-1: none): the block's own period, not a shorter internal one."""
+        c, n = self.c, len(t) - 1
+        best, anchor = -1, -1
+        for q in reversed(ends):
+            if n - q > c.near_reach:
+                break
+            agree = sum(t[n - j] == t[q - j] for j in range(c.edit_ngram, min(c.edit_context, q + 1)))
+            if agree > best:
+                best, anchor = agree, q
+        return anchor
+
     def _realign(self, t: list[int]) -> None:
-        """Re-anchor lost pointers: one iteration back at the latest earlier occurrence of the last n-gram."""
+        """Re-anchor lost pointers: one iteration back at the best earlier occurrence of the last n-gram."""
         c, n = self.c, len(t) - 1
         prev = -1
         if n + 1 >= c.edit_ngram:
-            gram = tuple(t[n - c.edit_ngram + 1:])
-            prev = self._last.get(gram, -1)
-            self._last[gram] = n
-        if (self._ptr[0] < 0 or self._miss[0] >= 2) and prev >= 0:
+            ends = self._ends.setdefault(tuple(t[n - c.edit_ngram + 1:]), [])
+            if self._ptr[0] < 0 or self._miss[0] >= 2:
+                prev = self._anchor(t, ends)
+            ends.append(n)
+            del ends[:-c.edit_candidates]
+        if prev >= 0:
             self._ptr[0], self._miss[0] = prev, 0
         if (self._ptr[1] < 0 or self._miss[1] >= 2) and self._ptr[0] >= 0 and self._src[self._ptr[0]] >= 0:
             self._ptr[1], self._miss[1] = self._src[self._ptr[0]], 0
@@ -174,6 +191,9 @@ class EditedRepeat:
         for k in (0, 1):
             if self._ptr[k] >= 0:
                 hit = self._step(tokens, k) or hit
+        if not hit and self._ptr[0] >= 0:  # the aligned token's own source: two iterations back along the alignment
+            two_back = self._src[self._ptr[0]]
+            hit = two_back >= 0 and tokens[two_back] == tokens[n]
         self._realign(tokens)
         self._src.append(self._ptr[0])
         d = n - self._ptr[0] if self._ptr[0] >= 0 else 0
