@@ -15,10 +15,13 @@ A generation is a *loop* once one of these holds (token ids, checked after every
 - (e) edited repeat: the output copies, token by token, what it wrote `d` >= `edit_min_period` (16) tokens before,
   with at most `edit_rate` (6%) of the last `span(d)` tokens neither copied nor at least 16 tokens back. Copies are
   followed by an alignment that survives edits: each token is compared with the aligned token one and two
-  iterations back (a token the previous iteration changed matches the one before), an inserted or deleted token
-  re-aligns on a bigram within `edit_band` (3) positions, and a lost alignment is found again from the latest
-  earlier occurrence of the last `edit_ngram` (3) tokens. Catches the short blocks with dense edits that (d)
-  misses (a token changed every 20-40 tokens, a name renamed in many places).
+  iterations back (a token the previous iteration changed matches the one before; two back both by its own pointer
+  and by the aligned token's own source), an inserted or deleted token re-aligns on a bigram within `edit_band` (3)
+  positions, and a lost alignment is found again at one of the `edit_candidates` (4) latest earlier occurrences of
+  the last `edit_ngram` (3) tokens: the one whose `edit_context` (32) tokens before agree most with the latest
+  ones, so a block made of two similar records aligns with the block one iteration back, not with the other
+  record. Catches the short blocks with dense edits that (d) misses (a token changed every 20-40 tokens, a name
+  renamed in many places).
 
 (a) and (b) are the fast path for exact loops. The thresholds of (d) and (e) were chosen on the labelled set of
 bench/loop_detection.py (crafted loop families against 512-token chunks of natural text of eight kinds):
