@@ -6,9 +6,11 @@ deterministic for one install: the same Python version and installed packages gi
 Natural kinds (512-token chunks, at most `PER_FILE` chunks from one document, documents in path-hash order):
 `code` (standard-library modules), `tests` (the stdlib's own test suite: unrolled asserts, tables of cases),
 `data` (data literals: codec tables, html entities, pretty-printed dicts and lists of real values), `docs` (stdlib
-docstrings and the pydoc topic texts), `prose` (license, README and METADATA texts of installed packages), `json`,
-`tables` (markdown and CSV) and `lists` (bullet and numbered lists), the last three rendered from the stdlib's own
-definitions (name, kind, line, arguments, first docstring line).
+docstrings, the pydoc topic texts, then the installed packages' docstrings), `prose` (license, README and METADATA
+texts of installed packages, then their markdown and reST files), `json`, `tables` (markdown and CSV) and `lists`
+(bullet and numbered lists), the last three rendered from the stdlib's own definitions (name, kind, line, arguments,
+first docstring line; not from the installed packages, whose same-named methods and overloads, listed without their
+class, repeat lines verbatim).
 
 Loop families (a natural prefix of 32-400 tokens, then the loop up to max(3 iterations, 512 tokens) past its start,
 the detection deadline; periods up to 512 tokens): `exact` (a natural block of 1-512 tokens repeated), `counter`
@@ -31,6 +33,7 @@ import math
 import pprint
 import random
 import re
+import sysconfig
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -83,6 +86,12 @@ def _read(path: Path) -> str:
     return path.read_bytes().decode("utf-8", errors="replace")
 
 
+def _site_files(pattern: str) -> list[Path]:
+    """Files of the installed packages (site-packages) matching `pattern`, in path-hash order."""
+    root = Path(sysconfig.get_paths()["purelib"])
+    return sorted(root.rglob(pattern), key=lambda p: _key(p.relative_to(root).as_posix()))
+
+
 def _definitions() -> Iterator[tuple[str, list[dict]]]:
     """(module, its functions and classes as records) for the stdlib modules, in the corpus order."""
     for text in stdlib_corpus("train") + stdlib_corpus("heldout"):
@@ -101,18 +110,24 @@ def _definitions() -> Iterator[tuple[str, list[dict]]]:
             yield (ast.get_docstring(tree) or "module").split("\n")[0][:60], recs
 
 
+def _module_docstrings(text: str) -> str:
+    """The docstrings of a module's source, joined by blank lines ("" when it does not parse)."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return ""
+    docs = [ast.get_docstring(n) for n in ast.walk(tree)
+            if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)]
+    return "\n\n".join(d for d in docs if d)
+
+
 def _docstrings() -> Iterator[str]:
-    for text in stdlib_corpus("train") + stdlib_corpus("heldout"):
-        try:
-            tree = ast.parse(text)
-        except SyntaxError:
-            continue
-        docs = [ast.get_docstring(n) for n in ast.walk(tree)
-                if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)]
-        yield "\n\n".join(d for d in docs if d)
+    """Stdlib docstrings, the pydoc topic texts, then the installed packages' docstrings."""
+    yield from map(_module_docstrings, stdlib_corpus("train") + stdlib_corpus("heldout"))
     topics = ast.literal_eval(re.search(r"topics = (\{.*\})", _read(stdlib_root() / "pydoc_data" / "topics.py"),
                                         re.S).group(1))
     yield from (topics[k] for k in sorted(topics, key=_key))
+    yield from (_module_docstrings(_read(p)) for p in _site_files("*.py"))
 
 
 def _package_texts() -> Iterator[str]:
@@ -125,6 +140,7 @@ def _package_texts() -> Iterator[str]:
                     yield Path(f.locate()).read_bytes().decode("utf-8", errors="replace")
                 except OSError:
                     continue
+    yield from (_read(p) for p in _site_files("*.md") + _site_files("*.rst"))
 
 
 def _data_literals() -> Iterator[str]:
@@ -320,13 +336,15 @@ SWAPS = ("the", "a", "this", "that", "its", "each", "one", "some")
 
 
 def _prose(pool: Pool, rng: random.Random) -> Case:
-    """Sentences repeated with one word swapped per copy; a slice of fewer than 8 words (a URL, a table rule) is
-    drawn again: swapping its only word would change the whole block."""
+    """Sentences repeated with one word swapped per copy, until the copies reach the deadline (a swap can shorten a
+    copy); a slice of fewer than 8 words (a URL, a table rule) is drawn again: swapping its only word would change
+    the whole block."""
     words: list[str] = []
     while len(words) < 8:
         words = pool.text(rng, _log_uniform(rng, 20, MAX_PERIOD - 16), prose=True).split(" ")
-    its = []
-    for _ in range(_repeat_to_deadline(len(words) * 4 // 3)):
+    size = len(pool.encode(" ".join(words) + " "))
+    its: list[str] = []
+    while len(its) < 4 or len(pool.encode("".join(its))) < max(3 * size, CHUNK) + size:
         w = list(words)
         w[rng.randrange(len(w))] = rng.choice(SWAPS)
         its.append(" ".join(w) + " ")

@@ -94,10 +94,43 @@ def _edited_stream(size: int, edits: int, copies: int, seed: int = 11) -> list[i
     return out
 
 
+def _edited_block_stream(block: list[int], copies: int, seed: int) -> list[int]:
+    """200 natural tokens, then `copies` of `block`, one random position replaced in each copy."""
+    rng = random.Random(seed)
+    out = _random_tokens(200, seed=seed + 1)
+    for _ in range(copies):
+        b = list(block)
+        b[rng.randrange(len(b))] = 5000 + rng.randrange(3000)
+        out += b
+    return out
+
+
 def test_short_block_with_a_token_changed_every_copy_is_an_edited_repeat():
     """A 24-token block, one random token changed per copy, found by rule (e) alone (rule (d) switched off)."""
     loop, _ = detect(_edited_stream(24, 1, 30), NO_NEAR)
     assert loop is not None and loop.kind == "edited_repeat" and loop.period in (24, 48)
+    assert 200 < loop.at_token <= 200 + 512
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_block_with_an_inner_repeated_3gram_and_a_token_changed_every_copy_is_an_edited_repeat(seed):
+    """A 22-token block whose first 3 tokens recur inside it, one random token changed per copy: the token a copy
+    changed matches two copies back along the alignment (missed before that: 2 of these seeds)."""
+    block = _random_tokens(22, seed=seed)
+    block[11:14] = block[0:3]
+    loop, _ = detect(_edited_block_stream(block, 30, seed), NO_NEAR)
+    assert loop is not None and loop.kind == "edited_repeat" and loop.period == 22
+    assert 200 < loop.at_token <= 200 + 512
+
+
+@pytest.mark.parametrize("seed", [1, 4, 6])
+def test_two_templated_records_repeated_are_found_at_the_period_of_the_pair(seed):
+    """A block of two 12-token records that differ in 2 fields, one random token changed per copy: the alignment
+    re-anchors 24 tokens back (the context agrees there), not 12 (the other record; missed before: these seeds)."""
+    template = _random_tokens(12, seed=100 + seed)
+    block = [t for k in range(2) for t in template[:3] + [4000 + k, 4100 + k] + template[5:]]
+    loop, _ = detect(_edited_block_stream(block, 25, seed), NO_NEAR)
+    assert loop is not None and loop.kind == "edited_repeat" and loop.period == 24
     assert 200 < loop.at_token <= 200 + 512
 
 

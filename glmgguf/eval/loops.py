@@ -15,10 +15,13 @@ A generation is a *loop* once one of these holds (token ids, checked after every
 - (e) edited repeat: the output copies, token by token, what it wrote `d` >= `edit_min_period` (16) tokens before,
   with at most `edit_rate` (6%) of the last `span(d)` tokens neither copied nor at least 16 tokens back. Copies are
   followed by an alignment that survives edits: each token is compared with the aligned token one and two
-  iterations back (a token the previous iteration changed matches the one before), an inserted or deleted token
-  re-aligns on a bigram within `edit_band` (3) positions, and a lost alignment is found again from the latest
-  earlier occurrence of the last `edit_ngram` (3) tokens. Catches the short blocks with dense edits that (d)
-  misses (a token changed every 20-40 tokens, a name renamed in many places).
+  iterations back (a token the previous iteration changed matches the one before; two back both by its own pointer
+  and by the aligned token's own source), an inserted or deleted token re-aligns on a bigram within `edit_band` (3)
+  positions, and a lost alignment is found again at one of the `edit_candidates` (4) latest earlier occurrences of
+  the last `edit_ngram` (3) tokens: the one whose `edit_context` (32) tokens before agree most with the latest
+  ones, so a block made of two similar records aligns with the block one iteration back, not with the other
+  record. Catches the short blocks with dense edits that (d) misses (a token changed every 20-40 tokens, a name
+  renamed in many places).
 
 (a) and (b) are the fast path for exact loops. The thresholds of (d) and (e) were chosen on the labelled set of
 bench/loop_detection.py (crafted loop families against 512-token chunks of natural text of eight kinds):
@@ -60,6 +63,8 @@ class LoopConfig:
     edit_rate: float = 0.06
     edit_band: int = 3
     edit_ngram: int = 3
+    edit_candidates: int = 4
+    edit_context: int = 32
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -134,7 +139,7 @@ class EditedRepeat:
 
     def __init__(self, config: LoopConfig) -> None:
         self.c = config
-        self._last: dict[tuple[int, ...], int] = {}  # n-gram -> index of its latest end
+        self._ends: dict[tuple[int, ...], list[int]] = {}  # n-gram -> indices of its latest edit_candidates ends
         self._src: list[int] = []  # per token: its aligned position one iteration back (-1: none)
         self._bad = [0]  # prefix sums of tokens that are edits or closer than edit_min_period to their copy
         self._ptr = [-1, -1]  # aligned position of the latest token, one and two iterations back
@@ -153,15 +158,30 @@ class EditedRepeat:
         self._ptr[k], self._miss[k] = c, self._miss[k] + 1
         return False
 
+    def _anchor(self, t: list[int], ends: list[int]) -> int:
+        """The earlier end of the last n-gram (within reach) whose preceding `edit_context` tokens agree most with
+        the latest ones, the latest on a tie (-1: none): the block's own period, not a shorter internal one."""
+        c, n = self.c, len(t) - 1
+        best, anchor = -1, -1
+        for q in reversed(ends):
+            if n - q > c.near_reach:
+                break
+            agree = sum(t[n - j] == t[q - j] for j in range(c.edit_ngram, min(c.edit_context, q + 1)))
+            if agree > best:
+                best, anchor = agree, q
+        return anchor
+
     def _realign(self, t: list[int]) -> None:
-        """Re-anchor lost pointers: one iteration back at the latest earlier occurrence of the last n-gram."""
+        """Re-anchor lost pointers: one iteration back at the best earlier occurrence of the last n-gram."""
         c, n = self.c, len(t) - 1
         prev = -1
         if n + 1 >= c.edit_ngram:
-            gram = tuple(t[n - c.edit_ngram + 1:])
-            prev = self._last.get(gram, -1)
-            self._last[gram] = n
-        if (self._ptr[0] < 0 or self._miss[0] >= 2) and prev >= 0:
+            ends = self._ends.setdefault(tuple(t[n - c.edit_ngram + 1:]), [])
+            if self._ptr[0] < 0 or self._miss[0] >= 2:
+                prev = self._anchor(t, ends)
+            ends.append(n)
+            del ends[:-c.edit_candidates]
+        if prev >= 0:
             self._ptr[0], self._miss[0] = prev, 0
         if (self._ptr[1] < 0 or self._miss[1] >= 2) and self._ptr[0] >= 0 and self._src[self._ptr[0]] >= 0:
             self._ptr[1], self._miss[1] = self._src[self._ptr[0]], 0
@@ -174,6 +194,9 @@ class EditedRepeat:
         for k in (0, 1):
             if self._ptr[k] >= 0:
                 hit = self._step(tokens, k) or hit
+        if not hit and self._ptr[0] >= 0:  # the aligned token's own source: two iterations back along the alignment
+            two_back = self._src[self._ptr[0]]
+            hit = two_back >= 0 and tokens[two_back] == tokens[n]
         self._realign(tokens)
         self._src.append(self._ptr[0])
         d = n - self._ptr[0] if self._ptr[0] >= 0 else 0
