@@ -167,17 +167,17 @@ def _eval_table(runs: tuple[EvalFacts, ...], baseline: tuple[EvalFacts, ...] = (
     """The loop evaluations, z-tested against the first run and, with `baseline`, against the unpruned source
     model's run of the same sampler on the same prompts (whose rows follow)."""
     first, unpruned = runs[0], _unpruned(runs, baseline)
-    rows = [_cells(r) + f" {_z(r, None if i == 0 else first)} |"
-            + (f" {_z(r, unpruned.get(r.preset))} |" if unpruned else "") for i, r in enumerate(runs)]
-    head = "| sampler | n | loop rate | natural EOS | distinct-4 | median tokens | MTP draft acceptance | loop z |"
+    rows = [f"{_cells(r)} {_z(r, first if i else None)} |" + (f" {_z(r, unpruned.get(r.preset))} |" if unpruned else "")
+            for i, r in enumerate(runs)]
+    head = "| sampler | n | loop rate | natural EOS | distinct-4 | median tokens | MTP draft acceptance |"
+    vs = "; z vs unpruned: against the unpruned source model's run with the same sampler" if unpruned else ""
     lines = [f"Loop evaluation in llama-server on the `{first.prompts}` prompts (raw sampling, loops detected, not "
-             "truncated; 95% Wilson intervals; z: two-proportion test of the loop rate against the first run"
-             + ("; z vs unpruned: against the unpruned source model's run with the same sampler" if unpruned
-                else "") + "):", "", head + (" loop z vs unpruned |" if unpruned else ""),
+             f"truncated; 95% Wilson intervals; z: two-proportion test of the loop rate against the first run{vs}):",
+             "", head + " loop z |" + (" loop z vs unpruned |" if unpruned else ""),
              "|---|---:|---|---|---:|---:|---|---|" + ("---|" if unpruned else ""), *rows]
     if unpruned:
         lines += ["", "The unpruned source model, converted with the same recipe and evaluated the same way:", "",
-                  head.removesuffix(" loop z |"), "|---|---:|---|---|---:|---:|---|",
+                  head, "|---|---:|---|---|---:|---:|---|",
                   *(_cells(unpruned[r.preset]) for r in runs if r.preset in unpruned)]
     return lines
 
