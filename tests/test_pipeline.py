@@ -129,6 +129,9 @@ def test_bad_kld_and_baseline_values_name_the_line(tmp_path, extra, edit, where,
 def test_kld_needs_a_gguf_output(tmp_path):
     msg = _error(tmp_path, SMALL_PLAN.split("[[gguf]]")[0] + KLD)
     assert "plan.toml:26: [kld] scores the [[gguf]] outputs: the plan has none" in msg, msg
+    mtp_only = SMALL_PLAN.split("[[gguf]]")[0] + '[[gguf]]\nname = "mtp"\nrecipe = "q8_0"\nmtp = "only"\n' + KLD
+    assert "plan.toml:30: [kld] scores the [[gguf]] outputs: the plan has none (other than MTP-only ones)" in \
+        _error(tmp_path, mtp_only)
 
 
 def test_dry_run_glm52_kld_and_unpruned_baseline(tmp_path):

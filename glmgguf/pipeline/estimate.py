@@ -194,8 +194,9 @@ def _kld_estimates(plan: Plan, final: GlmLayout, out: dict[str, Estimate]) -> di
     ref = gguf_bytes(final, load_recipe(k.reference), mtp="drop")
     logits = kld_logits_bytes(k.ctx, k.chunks or 1, final.vocab_size)
     note = "llama-perplexity maps the reference, then each output" + ("" if k.chunks else "; x number of chunks")
+    largest = max(ref, *(out[f"gguf-{g.name}"].disk for g in plan.gguf if g.mtp != "only"))
     return {"kld-reference": Estimate(ref, 3 * tensor_bytes(final, 4)[2], "one tensor at a time"),
-            "kld": Estimate(logits, max(ref, *(out[f"gguf-{g.name}"].disk for g in plan.gguf)), note)}
+            "kld": Estimate(logits, largest, note)}
 
 
 def _baseline_estimates(plan: Plan, layout: GlmLayout, recipe) -> dict[str, Estimate]:

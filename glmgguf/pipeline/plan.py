@@ -447,8 +447,8 @@ def _check_kld(plan: Plan, fail: Callable[..., PlanError]) -> None:
     """[kld]: outputs to score and llama-perplexity's limits."""
     k = plan.kld
     assert k is not None
-    if not plan.gguf:
-        raise fail("kld", None, "[kld] scores the [[gguf]] outputs: the plan has none")
+    if all(g.mtp == "only" for g in plan.gguf):
+        raise fail("kld", None, "[kld] scores the [[gguf]] outputs: the plan has none (other than MTP-only ones)")
     if k.ctx < 8:
         raise fail("kld", "ctx", "[kld] ctx must be at least 8")
     if k.chunks is not None and k.chunks < 1:

@@ -206,10 +206,11 @@ def _nvfp4_stages(c: _Chain) -> list[Stage]:
 
 def _kld_stages(c: _Chain, ggufs: list[Stage], text: Path | None) -> list[Stage]:
     """The final checkpoint converted unquantized, then every GGUF output's KL divergence against it (a split
-    output is scored from its first part)."""
+    output is scored from its first part; an MTP-only one, which cannot predict alone, is not)."""
     k, w = c.plan.kld, c.workdir
     if k is None or text is None:
         return []
+    ggufs = [s for s, g in zip(ggufs, c.plan.gguf, strict=True) if g.mtp != "only"]
     ref = _gguf_stage(c, GgufOutput(f"unquantized-{k.reference}", k.reference, mtp="drop"), k.reference,
                       "kld-reference")
     ref.what = f"unquantized {k.reference.upper()} GGUF of the final checkpoint (the KLD reference)"
