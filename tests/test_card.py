@@ -163,8 +163,8 @@ def _z(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
     return z, 2 * norm.sf(abs(z))
 
 
-def _eval_lines(work: Path, presets: list[str]) -> list[str]:
-    """The quality table's rows, from the runs' per-prompt results (scipy's Wilson interval)."""
+def _run_cells(path: Path) -> tuple[str, int, int]:
+    """A run's measured cells (scipy's Wilson interval), from its per-prompt results; with its loops and n."""
     from scipy.stats import binomtest
 
     def pct(x: float) -> str:
@@ -174,21 +174,39 @@ def _eval_lines(work: Path, presets: list[str]) -> list[str]:
         c = binomtest(k, n).proportion_ci(method="wilson")
         return f"{pct(c.low)} to {pct(c.high)}"
 
-    rows, base = [], None
+    results = [r for r in json.loads(path.read_text())["results"] if r["outcome"] != "error"]
+    n = len(results)
+    loops = sum(r["outcome"] in ("loop", "think_loop") for r in results)
+    eos = sum(r["outcome"] == "eos" for r in results)
+    d4 = statistics.fmean(r["distinct4"] for r in results if r["distinct4"] is not None)
+    drafted, accepted = sum(r["draft_n"] for r in results), sum(r["draft_accepted"] for r in results)
+    cells = (f"| {path.stem} | {n} | {pct(loops / n)} ({ci(loops, n)}) | {pct(eos / n)} ({ci(eos, n)}) | {d4:.3f} | "
+             f"{statistics.median(r['tokens'] for r in results):g} | {pct(accepted / drafted)} "
+             f"({accepted:,}/{drafted:,}) |")
+    return cells, loops, n
+
+
+def _eval_lines(work: Path, presets: list[str]) -> list[str]:
+    """The quality table's rows: z against the first run and against the unpruned model's run of the same preset,
+    then the unpruned model's rows."""
+    rows, unpruned, base = [], [], None
     for p in presets:
-        results = [r for r in json.loads((work / f"eval-{p}" / f"{p}.json").read_text())["results"]
-                   if r["outcome"] != "error"]
-        n = len(results)
-        loops = sum(r["outcome"] in ("loop", "think_loop") for r in results)
-        eos = sum(r["outcome"] == "eos" for r in results)
-        d4 = statistics.fmean(r["distinct4"] for r in results if r["distinct4"] is not None)
-        drafted, accepted = sum(r["draft_n"] for r in results), sum(r["draft_accepted"] for r in results)
+        cells, loops, n = _run_cells(work / f"eval-{p}" / f"{p}.json")
+        unpruned_cells, *counts = _run_cells(work / f"eval-baseline-{p}" / f"{p}.json")
         z = "-" if base is None else "{:+.2f} (p={:.2g})".format(*_z(loops, n, *base))
         base = base or (loops, n)
-        rows.append(f"| {p} | {n} | {pct(loops / n)} ({ci(loops, n)}) | {pct(eos / n)} ({ci(eos, n)}) | {d4:.3f} | "
-                    f"{statistics.median(r['tokens'] for r in results):g} | {pct(accepted / drafted)} "
-                    f"({accepted:,}/{drafted:,}) | {z} |")
-    return rows
+        rows.append(f"{cells} {z} | " + "{:+.2f} (p={:.2g})".format(*_z(loops, n, *counts)) + " |")
+        unpruned.append(unpruned_cells)
+    return [*rows, "The unpruned source model, converted with the same recipe and evaluated the same way:",
+            *unpruned]
+
+
+def _kld_line(work: Path, gguf: str) -> str:
+    """The KLD sentence of a GGUF's card, from the kld stage's JSON."""
+    doc = json.loads((work / "kld" / "kld.json").read_text())
+    k = next(r for r in doc["results"] if r["name"] == gguf)["kld"]
+    return (f"KL divergence against {Path(doc['base']).name} at context {doc['ctx']:,}: mean {k['mean_kld']:.6f} ± "
+            f"{k['mean_kld_err']:.6f}, same top token {k['same_top_pct']:.2f}%.")
 
 
 def _serve_line(work: Path) -> str:
@@ -284,7 +302,9 @@ def _expected(work: Path) -> dict[str, list[str]]:
                      f"| experts per token | {kv['glm-dsa.expert_used_count']} |",
                      *_lineage_lines(work, kd_model, cfg), *_gguf_type_lines(files), *_recipe_lines(recipe),
                      *_hardware_lines(sizes[name], cfg, "gguf")]
-    out["gguf-q4_protected"] += [*_eval_lines(work, ["greedy", "guarded"]), _serve_line(work)]
+    out["gguf-q4_protected"] += [*_eval_lines(work, ["greedy", "guarded"]), _serve_line(work),
+                                 _kld_line(work, "q4_protected.gguf")]
+    out["gguf-q8"].append(_kld_line(work, sorted((work / "gguf-q8" / "split").glob("*.gguf"))[0].name))
     made = {"prune": "REAP pruning -> safetensors", "kd": "REAP pruning -> Router-KD -> safetensors",
             "nvfp4": "REAP pruning -> Router-KD -> NVFP4 (modelopt)",
             "gguf-q4_protected": "REAP pruning -> Router-KD -> GGUF (q4_protected)",
@@ -335,17 +355,18 @@ def test_family_table_links_every_build(work):
 
 def test_card_of_an_output_with_no_evaluation_says_so(work):
     card = _card(work, "gguf-q8")
-    assert "## Quality" not in card
+    quality = card.split("## Quality")[1].split("\n## ")[0]
+    assert quality.strip() == _kld_line(work, sorted((work / "gguf-q8" / "split").glob("*.gguf"))[0].name)
     measured = [line for line in card.splitlines() if re.search(r"loop|EOS|distinct|acceptance", line)]
     assert measured and not [line for line in measured if _numbers(line)], measured
     assert "- loop / natural-EOS / distinct-4 evaluation (`glmgguf eval loops`)" in card
-    assert "- KL divergence against the unquantized model (`glmgguf kld`)" in card
+    assert "KL divergence against the unquantized model" not in card  # measured by the kld stage
     assert "- MTP draft acceptance" in card
     first = sorted((work / "gguf-q8" / "split").glob("*.gguf"))[0].name
     assert f"llama-server -m {first} -c CONTEXT\n" in card  # no drafting, no sampler: neither was measured
     evaluated = _card(work, "gguf-q4_protected")
     assert "## Quality" in evaluated and "- MTP draft acceptance" not in evaluated
-    assert "- loop evaluation of the unpruned source model, so no z-test against it" in evaluated
+    assert "unpruned source model, so no z-test" not in evaluated and "(`glmgguf kld`)" not in evaluated
 
 
 def test_stale_evaluation_is_left_out(work, tmp_path, caplog):
@@ -364,6 +385,37 @@ def test_stale_evaluation_is_left_out(work, tmp_path, caplog):
     assert [e.preset for e in facts.evals] == ["greedy"]
     assert "eval-guarded was made from an earlier output of gguf-q4_protected" in caplog.text
     assert facts.kd is not None and facts.kd.trainable_params > 0  # the lineage is current
+
+
+def _relinked(work: Path, tmp_path: Path, names: list[str], stale: str, edit) -> None:
+    """`names` linked from `work`, `stale` a copy whose manifest `edit` changes (its output still linked)."""
+    tmp_path.mkdir()
+    for name in names:
+        (tmp_path / name).symlink_to(work / name)
+    manifest = json.loads((work / stale / "manifest.json").read_text())
+    edit(manifest)
+    (tmp_path / stale).mkdir()
+    (tmp_path / stale / manifest["output"]).symlink_to(work / stale / manifest["output"])
+    (tmp_path / stale / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_stale_kld_and_baseline_are_left_out(work, tmp_path, caplog):
+    """A KLD of an earlier GGUF, or a baseline converted from another source model, is not this GGUF's."""
+    from glmgguf.card.gather import gather
+
+    names = ["gguf-q4_protected", "kd", "prune", "eval-greedy", "eval-guarded", "eval-report", "kld-reference",
+             "eval-baseline-greedy", "eval-baseline-guarded"]
+    fresh = gather(work / "gguf-q4_protected")
+    assert fresh.kld is not None and [b.preset for b in fresh.baseline] == ["greedy", "guarded"]
+    _relinked(work, tmp_path / "a", names + ["baseline-gguf"], "kld",
+              lambda m: m["upstream"].update({"gguf-q4_protected": "0" * 64}))
+    facts = gather(tmp_path / "a" / "gguf-q4_protected")
+    assert facts.kld is None and facts.baseline == fresh.baseline
+    assert "kld was made from an earlier output of gguf-q4_protected" in caplog.text
+    _relinked(work, tmp_path / "b", names + ["kld"], "baseline-gguf", lambda m: m["inputs"].update(model="0" * 64))
+    facts = gather(tmp_path / "b" / "gguf-q4_protected")
+    assert facts.baseline == () and facts.kld == fresh.kld
+    assert "baseline-gguf was converted from another source model than gguf-q4_protected" in caplog.text
 
 
 def test_card_command_writes_the_pipeline_card(work, tmp_path):
@@ -386,7 +438,8 @@ def test_card_command_writes_the_pipeline_card(work, tmp_path):
 
 
 def test_card_with_a_kld_measurement(work, tmp_path, llama_toolchain):
-    """`glmgguf kld --json` of the GGUF against the F32 conversion of its checkpoint goes on the card as measured."""
+    """`glmgguf kld --json` of the GGUF against the F32 conversion of its checkpoint goes on the card as measured
+    (in place of the pipeline's kld stage)."""
     from click.testing import CliRunner
 
     from glmgguf.cli import main
@@ -404,7 +457,7 @@ def test_card_with_a_kld_measurement(work, tmp_path, llama_toolchain):
     card = (tmp_path / "README.md").read_text()
     assert (f"KL divergence against f32.gguf at context {doc['ctx']:,}: mean {k['mean_kld']:.6f} ± "
             f"{k['mean_kld_err']:.6f}, same top token {k['same_top_pct']:.2f}%.") in card
-    assert "glmgguf kld" not in card.split("## Not measured")[1]
+    assert "(`glmgguf kld`)" not in card and "unquantized-f32.gguf" not in card  # the given file, not the stage's
 
 
 def test_kv_cache_and_fit_of_glm52():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -102,8 +103,67 @@ def test_plan_cross_checks(tmp_path):
     assert "is a split output" in _error(tmp_path, split_eval)
     bad_preset = SMALL_PLAN + '\n[eval]\ngguf = "q8"\npresets = ["wild"]\n'
     assert "unknown: wild" in _error(tmp_path, bad_preset)
+    unpruned = (SMALL_PLAN.split("[reap]")[0] + '[[gguf]]\nname = "q8"\nrecipe = "q8_0"\n\n'
+                '[eval]\ngguf = "q8"\nbaseline = true\n')
+    assert "plan.toml:20: [eval] baseline evaluates the unpruned source model" in _error(tmp_path, unpruned)
     # nothing was written for a refused plan
     assert not (tmp_path / "work").exists()
+
+
+KLD = '\n[kld]\ntext = "stdlib:heldout"\nreference = "f32"\nctx = 128\nchunks = 8\n'
+
+
+@pytest.mark.parametrize("extra, edit, where, words", [
+    (KLD, ("ctx = 128", "ctx = 4"), 40, "[kld] ctx must be at least 8"),
+    (KLD, ("chunks = 8", "chunks = 0"), 41, "[kld] chunks must be at least 1"),
+    (KLD, ('reference = "f32"', 'reference = "q4_0"'), 39, "reference = 'q4_0' is not one of bf16, f32"),
+    (KLD, ('text = "stdlib:heldout"', 'text = "missing.txt"'), 38, "[kld] text file"),
+    (KLD, ('text = "stdlib:heldout"', 'text = ["stdlib:heldout"]'), 38, "[kld] text must be a string"),
+    ('\n[eval]\ngguf = "q8"\nbaseline = "yes"\n', ("", ""), 39, "[eval] baseline must be true or false"),
+])
+def test_bad_kld_and_baseline_values_name_the_line(tmp_path, extra, edit, where, words):
+    msg = _error(tmp_path, SMALL_PLAN + extra.replace(*edit))
+    assert f"plan.toml:{where}:" in msg and words in msg, msg
+
+
+def test_kld_needs_a_gguf_output(tmp_path):
+    msg = _error(tmp_path, SMALL_PLAN.split("[[gguf]]")[0] + KLD)
+    assert "plan.toml:26: [kld] scores the [[gguf]] outputs: the plan has none" in msg, msg
+    mtp_only = SMALL_PLAN.split("[[gguf]]")[0] + '[[gguf]]\nname = "mtp"\nrecipe = "q8_0"\nmtp = "only"\n' + KLD
+    assert "plan.toml:30: [kld] scores the [[gguf]] outputs: the plan has none (other than MTP-only ones)" in \
+        _error(tmp_path, mtp_only)
+
+
+def test_dry_run_glm52_kld_and_unpruned_baseline(tmp_path):
+    """GLM-5.2 with [kld] (BF16 reference) and [eval] baseline: the reference is the pruned model at 16 bits with
+    no MTP block, the baseline the unpruned model at q4_protected, the logits llama-perplexity's layout."""
+    from glmgguf.gguf.recipe import load_recipe
+    from glmgguf.layout import GlmLayout
+    from glmgguf.pipeline.estimate import gguf_bytes, pruned_layout
+    from glmgguf.units import format_size
+
+    text = (EXAMPLES / "glm52_reap168.toml").read_text().replace("safety_cap = 32768", "safety_cap = 32768\n"
+                                                                  "baseline = true")
+    plan = _write(tmp_path, text + '\n[kld]\ntext = "heldout.txt"\nchunks = 64\n')
+    res = CliRunner().invoke(main, ["pipeline", str(plan), "--dry-run", "--model-config",
+                                    str(EXAMPLES / "glm52_config.json")])
+    assert res.exit_code == 0, res.output
+    rows = {line.split("|")[1].strip(): line for line in res.output.splitlines() if line.startswith("| ")}
+    cfg = json.loads((EXAMPLES / "glm52_config.json").read_text())
+    layout = GlmLayout.from_config(cfg)
+    pruned = pruned_layout(layout, 168, None)
+    trunk = sum(2 * math.prod(shape) for name, shape in pruned.expected_hf_tensors(mtp_indexer=True).items()
+                if not name.startswith(f"model.layers.{cfg['num_hidden_layers']}."))  # the MTP block is dropped
+    ref = gguf_bytes(pruned, load_recipe("bf16"), mtp="drop")
+    assert abs(ref - trunk) / ref < 0.001, (ref, trunk)  # norms, 1-D tensors, router and indexer.proj stay F32
+    assert f"| kld-reference/unquantized-bf16.gguf | {format_size(ref)} |" in rows["kld-reference"]
+    logits = 20 + 4 * 64 * 256 + 64 * 127 * (cfg["vocab_size"] + (cfg["vocab_size"] % 2) + 4) * 2
+    assert f"| kld/kld.json | {format_size(logits)} | {format_size(ref)} |" in rows["kld"]
+    base = gguf_bytes(layout, load_recipe("q4_protected"))
+    assert base > gguf_bytes(pruned, load_recipe("q4_protected"))
+    assert f"| baseline-gguf/q4_protected.gguf | {format_size(base)} |" in rows["baseline-gguf"]
+    assert {"eval-baseline-raw", "eval-baseline-guarded"} <= set(rows)
+    assert "--recipe bf16 --mtp drop" in res.output and "--chunks 64" in res.output
 
 
 def test_dry_run_glm52_example():

@@ -4,7 +4,9 @@ A build is a pipeline stage output: a GGUF file or split folder, an NVFP4 folder
 checkpoint, with the stage's `manifest.json` beside it. Its lineage (the stages it was made from, through the
 manifests' `upstream`) gives the REAP keep map and the Router-KD log; its own files give the storage, the GGUF
 tensor types (as `glmgguf inspect` reads them), the config's dimensions and the size on disk; the evaluation
-stages whose upstream is the build give the loop measurements.
+stages whose upstream is the build give the loop measurements, those of the unpruned source model converted the
+same way (`baseline-gguf`) the baseline of its z-test, and the `kld` stage the KL divergence against the
+unquantized checkpoint (`kld-reference`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ KEEP_MAP = "reap_keep_map.json"
 REAP_STATS = "reap_stats.json"
 KD_LOG = "kd_train_log.json"
 NVFP4_MANIFEST = "nvfp4_export.json"
+KLD_STAGE, KLD_REFERENCE, BASELINE = "kld", "kld-reference", "baseline-gguf"  # the pipeline's stage names
 log = logging.getLogger(__name__)
 _HUB_CACHE = re.compile(r"^models--([^/]+?)--([^/]+)$")  # a Hugging Face cache folder names its repository
 
@@ -169,6 +172,7 @@ class BuildFacts:
     gguf: GgufFacts | None = None
     nvfp4: Nvfp4Facts | None = None
     evals: tuple[EvalFacts, ...] = ()
+    baseline: tuple[EvalFacts, ...] = ()  # the same runs of the unpruned source model, converted the same way
     kld: KldFacts | None = None
     workdir: Path = Path(".")  # the pipeline workdir holding the stage
 
@@ -311,6 +315,39 @@ def _eval(doc: dict[str, Any], preset: str) -> EvalFacts:
     return EvalFacts(preset=preset, sampler=dict(spec["sampler"]), prompts=spec["prompts"], n=s["n"],
                      loops=s["loops"], eos=s["counts"]["eos"], distinct4=s["distinct4_mean"],
                      median_tokens=s["median_tokens"], draft=draft)
+
+
+def _model_input(rec: StageRecord) -> str | None:
+    """The fingerprint of the source model a stage read (None when it read an earlier stage's output)."""
+    return (rec.manifest.get("inputs") or {}).get("model")
+
+
+def source_fingerprint(records: list[StageRecord]) -> str | None:
+    """The fingerprint of the source model a lineage started from (its earliest stage's `model` input)."""
+    return next((fp for r in reversed(records) if (fp := _model_input(r))), None)
+
+
+def baseline_facts(rec: StageRecord, records: list[StageRecord]) -> tuple[EvalFacts, ...]:
+    """The loop evaluations of the unpruned source model converted as this build was, when it is this build's
+    source (same fingerprint) and they read its present GGUF."""
+    base = read_stage(rec.dir.parent / BASELINE)
+    if base is None:
+        return ()
+    if _model_input(base) != source_fingerprint(records):
+        log.warning("%s was converted from another source model than %s: its evaluations are left out of the card",
+                    BASELINE, rec.name)
+        return ()
+    return eval_facts(base)
+
+
+def pipeline_kld(rec: StageRecord) -> Path | None:
+    """The `kld` stage's JSON when it scored this GGUF's present file against a reference converted from the
+    same checkpoint (same upstream and source inputs)."""
+    kld, ref = read_stage(rec.dir.parent / KLD_STAGE), read_stage(rec.dir.parent / KLD_REFERENCE)
+    if kld is None or ref is None or rec.name not in (kld.manifest.get("upstream") or {}):
+        return None
+    same = ref.manifest.get("upstream") == rec.manifest.get("upstream") and _model_input(ref) == _model_input(rec)
+    return kld.output if same and made_from(kld, rec) and made_from(kld, ref) else None
 
 
 def kld_facts(path: Path | None, gguf_name: str) -> KldFacts | None:

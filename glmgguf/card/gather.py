@@ -19,7 +19,7 @@ def gather(output: Path, base_model: str | None = None, license: str | None = No
 
     `base_model` / `license` override what the source model's folder says (a Hugging Face cache path names its
     repository, its README's front matter its license); `kld` is a `glmgguf kld --json` file that may hold this
-    GGUF's KL divergence.
+    GGUF's KL divergence (default: the pipeline's `kld` stage's, when current).
     """
     rec = F.find_stage(output)
     records = F.lineage(rec)
@@ -31,9 +31,11 @@ def gather(output: Path, base_model: str | None = None, license: str | None = No
               "prune": F.prune_facts(ckpt), "kd": F.kd_facts(ckpt), "workdir": rec.dir.parent}
     if rec.output.suffix == ".gguf" or (rec.output.is_dir() and any(rec.output.glob("*.gguf"))):
         summary, g = files.gguf_facts(rec.output, _shipped_recipes())
+        evals = F.eval_facts(rec)
         return F.BuildFacts(kind="gguf", size_bytes=F.files_size(files.gguf_parts(rec.output)), storage="GGUF",
-                            model=files.gguf_model(summary), gguf=g, evals=F.eval_facts(rec),
-                            kld=F.kld_facts(kld, g.files[0]), **common)
+                            model=files.gguf_model(summary), gguf=g, evals=evals,
+                            baseline=F.baseline_facts(rec, records) if evals else (),
+                            kld=F.kld_facts(kld or F.pipeline_kld(rec), g.files[0]), **common)
     if not (rec.output / "config.json").is_file():
         raise F.CardError(f"{rec.output}: neither a GGUF nor a checkpoint with a config.json")
     nv = files.nvfp4_facts(rec.output)

@@ -138,27 +138,48 @@ def quality(f: BuildFacts) -> list[str]:
         k = f.kld
         ctx = f" at context {k.ctx:,}" if k.ctx else ""
         lines += [f"KL divergence against {k.base}{ctx}: mean {k.mean_kld:.6f} ± {k.mean_kld_err:.6f}, same top "
-                  f"token {k.same_top_pct:.2f}%.", ""]
+                  f"token {k.same_top_pct:.2f}%."]
     if f.evals:
-        lines += _eval_table(f.evals)
+        lines += [*([""] if lines else []), *_eval_table(f.evals, f.baseline)]
     return ["## Quality", "", *lines] if lines else []
 
 
-def _eval_table(runs: tuple[EvalFacts, ...]) -> list[str]:
-    first = runs[0]
-    rows = []
-    for i, r in enumerate(runs):
-        z = "-" if i == 0 else "{:+.2f} (p={:.2g})".format(*two_proportion_z(r.loops, r.n, first.loops, first.n))
-        d4 = "-" if r.distinct4 is None else f"{r.distinct4:.3f}"
-        med = "-" if r.median_tokens is None else _num(r.median_tokens)
-        acc = "-" if not r.draft else (f"{_pct(r.draft['accepted'] / r.draft['drafted'])} "
-                                       f"({r.draft['accepted']:,}/{r.draft['drafted']:,})")
-        rows.append(f"| {r.preset} | {r.n} | {_pct(r.loops / r.n)} ({_ci(r.loop_ci)}) | {_pct(r.eos / r.n)} "
-                    f"({_ci(r.eos_ci)}) | {d4} | {med} | {acc} | {z} |")
-    return [f"Loop evaluation in llama-server on the `{first.prompts}` prompts (raw sampling, loops detected, not "
-            "truncated; 95% Wilson intervals; z: two-proportion test of the loop rate against the first run):", "",
-            "| sampler | n | loop rate | natural EOS | distinct-4 | median tokens | MTP draft acceptance | loop z |",
-            "|---|---:|---|---|---:|---:|---|---|", *rows]
+def _cells(r: EvalFacts) -> str:
+    """The measured cells of a run's row: sampler, n, loop rate, natural EOS, distinct-4, median tokens, MTP."""
+    d4 = "-" if r.distinct4 is None else f"{r.distinct4:.3f}"
+    med = "-" if r.median_tokens is None else _num(r.median_tokens)
+    acc = "-" if not r.draft else (f"{_pct(r.draft['accepted'] / r.draft['drafted'])} "
+                                   f"({r.draft['accepted']:,}/{r.draft['drafted']:,})")
+    return (f"| {r.preset} | {r.n} | {_pct(r.loops / r.n)} ({_ci(r.loop_ci)}) | {_pct(r.eos / r.n)} "
+            f"({_ci(r.eos_ci)}) | {d4} | {med} | {acc} |")
+
+
+def _z(r: EvalFacts, other: EvalFacts | None) -> str:
+    return "-" if other is None else "{:+.2f} (p={:.2g})".format(*two_proportion_z(r.loops, r.n, other.loops, other.n))
+
+
+def _unpruned(runs: tuple[EvalFacts, ...], baseline: tuple[EvalFacts, ...]) -> dict[str, EvalFacts]:
+    """The baseline runs by sampler preset, those on the same prompts as the build's runs."""
+    return {b.preset: b for b in baseline if runs and b.prompts == runs[0].prompts}
+
+
+def _eval_table(runs: tuple[EvalFacts, ...], baseline: tuple[EvalFacts, ...] = ()) -> list[str]:
+    """The loop evaluations, z-tested against the first run and, with `baseline`, against the unpruned source
+    model's run of the same sampler on the same prompts (whose rows follow)."""
+    first, unpruned = runs[0], _unpruned(runs, baseline)
+    rows = [f"{_cells(r)} {_z(r, first if i else None)} |" + (f" {_z(r, unpruned.get(r.preset))} |" if unpruned else "")
+            for i, r in enumerate(runs)]
+    head = "| sampler | n | loop rate | natural EOS | distinct-4 | median tokens | MTP draft acceptance |"
+    vs = "; z vs unpruned: against the unpruned source model's run with the same sampler" if unpruned else ""
+    lines = [f"Loop evaluation in llama-server on the `{first.prompts}` prompts (raw sampling, loops detected, not "
+             f"truncated; 95% Wilson intervals; z: two-proportion test of the loop rate against the first run{vs}):",
+             "", head + " loop z |" + (" loop z vs unpruned |" if unpruned else ""),
+             "|---|---:|---|---|---:|---:|---|---|" + ("---|" if unpruned else ""), *rows]
+    if unpruned:
+        lines += ["", "The unpruned source model, converted with the same recipe and evaluated the same way:", "",
+                  head, "|---|---:|---|---|---:|---:|---|",
+                  *(_cells(unpruned[r.preset]) for r in runs if r.preset in unpruned)]
+    return lines
 
 
 def guardrail(f: BuildFacts) -> EvalFacts | None:
@@ -251,7 +272,8 @@ def not_measured(f: BuildFacts) -> list[str]:
         missing.append("KL divergence against the unquantized model (`glmgguf kld`)")
     if not f.evals:
         missing.append("loop / natural-EOS / distinct-4 evaluation (`glmgguf eval loops`)")
-    missing.append("loop evaluation of the unpruned source model, so no z-test against it")
+    if not _unpruned(f.evals, f.baseline):
+        missing.append("loop evaluation of the unpruned source model, so no z-test against it")
     if not any(r.draft for r in f.evals) and f.model.cache.n_mtp:
         missing.append("MTP draft acceptance")
     return ["## Not measured", "", *[f"- {m}" for m in missing]] if missing else []

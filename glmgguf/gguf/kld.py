@@ -268,6 +268,16 @@ def compare(base: str | os.PathLike, candidates: Sequence[str | os.PathLike], te
                 for c in candidates}
 
 
+def first_part(path: Path) -> Path:
+    """A GGUF file as is; a split GGUF's folder: its first part (llama.cpp loads the others from its name)."""
+    if not path.is_dir():
+        return path
+    parts = sorted(path.glob("*.gguf"))
+    if not parts:
+        raise click.BadParameter(f"{path} holds no .gguf file", param_hint="CANDIDATES")
+    return parts[0]
+
+
 def format_table(rows: Sequence[dict]) -> str:
     """A markdown table of KLD results: dicts with name, bpw, size_bytes and a KldStats (or None) under 'kld'."""
     lines = ["| model | bpw | size MiB | mean KLD | 99% KLD | same top % |", "|---|---:|---:|---:|---:|---:|"]
@@ -286,7 +296,7 @@ def format_table(rows: Sequence[dict]) -> str:
 
 @click.command("kld")
 @click.argument("base", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("candidates", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("candidates", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Held-out text to score (not the imatrix calibration text).")
 @click.option("--ctx", "-c", type=click.IntRange(min=8), default=DEFAULT_CTX, show_default=True,
@@ -299,9 +309,12 @@ def format_table(rows: Sequence[dict]) -> str:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results.")
 def kld_cmd(base: Path, candidates: tuple[Path, ...], text: Path, ctx: int, chunks: int | None, threads: int,
             f16_kv: bool, logits: Path | None, json_out: Path | None) -> None:
-    """KL divergence of CANDIDATE GGUFs against BASE (e.g. the F32 GGUF) with the pinned llama-perplexity."""
+    """KL divergence of CANDIDATE GGUFs against BASE (e.g. the F32 GGUF) with the pinned llama-perplexity.
+
+    A split GGUF is given by its first part or its folder."""
     import json
 
+    candidates = tuple(first_part(c) for c in candidates)
     try:
         results = compare(base, candidates, text, ctx, chunks, threads, not f16_kv, logits)
         rows = []

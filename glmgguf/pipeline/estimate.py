@@ -101,15 +101,15 @@ def experts_streamed(layout: GlmLayout, dtype_bytes: int = 2) -> bool:
     return any(x.n_experts * per_expert > EXPERT_STREAM_BYTES for x in layout.moe_layers)
 
 
-def gguf_bytes(layout: GlmLayout, recipe) -> int:
-    """Tensor bytes of the GGUF that `recipe` makes of a checkpoint with this layout."""
-    from glmgguf.gguf.plan import plan_tensors
+def gguf_bytes(layout: GlmLayout, recipe, mtp: str = "keep") -> int:
+    """Tensor bytes of the GGUF that `recipe` makes of a checkpoint with this layout (`mtp` as `convert --mtp`)."""
+    from glmgguf.gguf.plan import MtpMode, plan_tensors
     from glmgguf.gguf.qtypes import nbytes
 
     ckpt = GlmCheckpoint(_HeaderNames(set(layout.expected_hf_tensors(mtp_indexer=True))), layout, True)  # type: ignore[arg-type]
     choose = recipe.chooser(layout.layers)
     total = 0
-    for t in plan_tensors(ckpt):
+    for t in plan_tensors(ckpt, MtpMode(mtp)):
         total += nbytes(choose(t), t.n_elements)
     return total
 
@@ -167,9 +167,44 @@ def estimate_stages(plan: Plan, layout: GlmLayout, recipes: dict) -> dict[str, E
         params = experts // 2  # BF16 -> 4-bit codes plus one e4m3 scale per 16 weights
         out["nvfp4"] = Estimate(total - experts + int(params * (0.5 + 1 / 16)), 4 * largest_final,
                                 "one expert at a time")
+    if plan.kld is not None:
+        out.update(_kld_estimates(plan, final, out))
     if plan.eval is not None:
         size = out[f"gguf-{plan.eval.gguf}"].disk
         for p in plan.eval.presets:
             out[f"eval-{p}"] = Estimate(0, size, "llama-server maps the GGUF; plus its KV cache")
         out["eval-report"] = Estimate(0, 0)
+        if plan.eval.baseline:
+            out.update(_baseline_estimates(plan, layout, recipes[plan.eval.gguf]))
+    return out
+
+
+def kld_logits_bytes(ctx: int, chunks: int, vocab: int) -> int:
+    """llama-perplexity's reference log-probabilities: a header with the tokens, then per scored token (the second
+    half of each chunk but its last) the vocabulary's as uint16 plus four uint16 of scale and offset."""
+    return 20 + 4 * chunks * ctx + chunks * (ctx - 1 - ctx // 2) * (2 * ((vocab + 1) // 2) + 4) * 2
+
+
+def _kld_estimates(plan: Plan, final: GlmLayout, out: dict[str, Estimate]) -> dict[str, Estimate]:
+    """The unquantized reference GGUF of the final checkpoint and the KLD runs against it."""
+    from glmgguf.gguf.recipe import load_recipe
+
+    k = plan.kld
+    assert k is not None
+    ref = gguf_bytes(final, load_recipe(k.reference), mtp="drop")
+    logits = kld_logits_bytes(k.ctx, k.chunks or 1, final.vocab_size)
+    note = "llama-perplexity maps the reference, then each output" + ("" if k.chunks else "; x number of chunks")
+    largest = max(ref, *(out[f"gguf-{g.name}"].disk for g in plan.gguf if g.mtp != "only"))
+    return {"kld-reference": Estimate(ref, 3 * tensor_bytes(final, 4)[2], "one tensor at a time"),
+            "kld": Estimate(logits, largest, note)}
+
+
+def _baseline_estimates(plan: Plan, layout: GlmLayout, recipe) -> dict[str, Estimate]:
+    """The unpruned source model converted with the [eval] GGUF's recipe, and its evaluations."""
+    e = plan.eval
+    assert e is not None
+    size = gguf_bytes(layout, recipe)
+    out = {"baseline-gguf": Estimate(size, 3 * tensor_bytes(layout, 4)[2], "one tensor at a time")}
+    for p in e.presets:
+        out[f"eval-baseline-{p}"] = Estimate(0, size, "llama-server maps the GGUF; plus its KV cache")
     return out

@@ -84,6 +84,27 @@ def data_files(plan: Plan, kind: str) -> list[Path]:
     return out
 
 
+def kld_text_path(plan: Plan) -> Path:
+    """Where the [kld] text is: a builtin split's as plain text under WORKDIR/data, a path relative to the plan."""
+    assert plan.kld is not None
+    entry = plan.kld.text
+    if entry in BUILTIN_DATA:
+        return plan.workdir / "data" / f"{entry.replace(':', '-')}.txt"
+    return _relative(plan, entry)
+
+
+def kld_text(plan: Plan) -> Path:
+    """The [kld] text file; a builtin split is written first (same bytes every time)."""
+    from glmgguf.gguf.kld import write_heldout_text
+
+    path = kld_text_path(plan)
+    assert plan.kld is not None
+    if plan.kld.text in BUILTIN_DATA and not path.is_file():
+        tmp = write_heldout_text(path.with_name(path.name + ".partial"), split=plan.kld.text.split(":", 1)[1])
+        tmp.replace(path)
+    return path
+
+
 def recipe_ref(plan: Plan, recipe: str) -> str:
     """A shipped recipe name as is; a .toml file relative to the plan, made absolute."""
     return str(_relative(plan, recipe)) if recipe.endswith(".toml") else recipe
@@ -126,6 +147,10 @@ def check_inputs(plan: Plan, config: dict, check_files: bool = True) -> GlmLayou
             raise PlanError(f"{plan.where('gguf', 'recipe', i)}: {e}") from None
         if g.imatrix is not None and check_files and not g.imatrix.is_file():
             raise PlanError(f"{plan.where('gguf', 'imatrix', i)}: imatrix file {g.imatrix} not found")
+    if plan.kld is not None and check_files and plan.kld.text not in BUILTIN_DATA:
+        if not kld_text_path(plan).is_file():
+            raise PlanError(f"{plan.where('kld', 'text')}: [kld] text file {kld_text_path(plan)} not found "
+                            f"(builtin text: {', '.join(BUILTIN_DATA)})")
     if plan.eval is not None and check_files and plan.eval.prompts not in EVAL_PROMPT_SETS:
         if not _relative(plan, plan.eval.prompts).is_file():
             raise PlanError(f"{plan.where('eval', 'prompts')}: prompts file {_relative(plan, plan.eval.prompts)} "

@@ -34,6 +34,7 @@ from glmgguf.errors import GlmggufError
 BUILTIN_DATA = ("stdlib:train", "stdlib:heldout")  # the testbed's standard-library text splits
 # the trained testbed models (built and cached on demand); `-fp8`: stored as the block-FP8 release is
 BUILTIN_MODELS = ("testbed:tiny", "testbed:small", "testbed:tiny-fp8", "testbed:small-fp8")
+KLD_REFERENCES = ("bf16", "f32")  # the unquantized recipes a KLD reference is converted with
 
 class PlanError(GlmggufError, ValueError):
     """The plan is invalid; the message names the file and line."""
@@ -185,6 +186,17 @@ class EvalSection:
     draft_mtp: bool = False
     draft_max: int = 3
     draft_p_min: float = 0.0
+    baseline: bool = False  # also convert the unpruned source model with the same recipe and evaluate it
+
+
+@dataclass
+class KldSection:
+    """[kld]: KL divergence of every [[gguf]] output against the final checkpoint converted unquantized."""
+
+    text: str  # a plain-text file, or one of BUILTIN_DATA (written as plain text)
+    reference: str = _choice("bf16", KLD_REFERENCES)  # the reference GGUF's type
+    ctx: int = 256
+    chunks: int | None = None
 
 
 @dataclass
@@ -197,7 +209,7 @@ class CardSection:
 
 SECTIONS: dict[str, type] = {"pipeline": PipelineSection, "data": DataSection, "reap": ReapSection,
                              "kd": KdSection, "gguf": GgufOutput, "nvfp4": Nvfp4Section, "eval": EvalSection,
-                             "launch": LaunchSection, "card": CardSection}
+                             "launch": LaunchSection, "kld": KldSection, "card": CardSection}
 LIST_SECTIONS = frozenset({"gguf"})  # [[gguf]]: several outputs
 
 
@@ -218,6 +230,7 @@ class Plan:
     nvfp4: Nvfp4Section | None = None
     eval: EvalSection | None = None
     launch: LaunchSection | None = None
+    kld: KldSection | None = None
     card: CardSection | None = None
 
     def where(self, section: str, key: str | None = None, index: int = 0) -> str:
@@ -327,7 +340,8 @@ def parse_plan(path: str | Path, workdir: str | Path | None = None) -> Plan:
     plan = Plan(path=path, text=text, base=base, workdir=Path(workdir or base / pipe.workdir).resolve(),
                 model=pipe.model, threads=pipe.threads, data=sections.get("data") or DataSection(),
                 reap=sections.get("reap"), kd=sections.get("kd"), gguf=gguf, nvfp4=sections.get("nvfp4"),
-                eval=sections.get("eval"), launch=sections.get("launch"), card=sections.get("card"))
+                eval=sections.get("eval"), launch=sections.get("launch"), kld=sections.get("kld"),
+                card=sections.get("card"))
     _check_structure(plan)
     return plan
 
@@ -366,10 +380,15 @@ def _check_structure(plan: Plan) -> None:
         if plan.gguf[names.index(e.gguf)].split_max_size:
             raise fail("eval", "gguf", f"[eval] gguf = {e.gguf!r} is a split output; evaluate an unsplit one")
         _check_draft(plan, fail)
+        if e.baseline and plan.reap is None:
+            raise fail("eval", "baseline", "[eval] baseline evaluates the unpruned source model: without [reap] the "
+                                           "evaluated GGUF is already of it")
         bad = [p for p in e.presets if p not in EVAL_PRESETS]
         if bad or not e.presets or len(set(e.presets)) != len(e.presets):
             raise fail("eval", "presets", f"[eval] presets must be distinct names from {', '.join(EVAL_PRESETS)}"
                                           + (f" (unknown: {', '.join(bad)})" if bad else ""))
+    if plan.kld is not None:
+        _check_kld(plan, fail)
     for key in ("seq_len", "batch_size"):
         if getattr(plan.data, key) < 1:
             raise fail("data", key, f"[data] {key} must be positive")
@@ -422,3 +441,15 @@ def _check_draft(plan: Plan, fail: Callable[..., PlanError]) -> None:
         raise fail("eval", "draft_max", "[eval] draft_max must be at least 1")
     if not 0.0 <= e.draft_p_min <= 1.0:
         raise fail("eval", "draft_p_min", "[eval] draft_p_min is a probability, 0 <= draft_p_min <= 1")
+
+
+def _check_kld(plan: Plan, fail: Callable[..., PlanError]) -> None:
+    """[kld]: outputs to score and llama-perplexity's limits."""
+    k = plan.kld
+    assert k is not None
+    if all(g.mtp == "only" for g in plan.gguf):
+        raise fail("kld", None, "[kld] scores the [[gguf]] outputs: the plan has none (other than MTP-only ones)")
+    if k.ctx < 8:
+        raise fail("kld", "ctx", "[kld] ctx must be at least 8")
+    if k.chunks is not None and k.chunks < 1:
+        raise fail("kld", "chunks", "[kld] chunks must be at least 1")

@@ -40,8 +40,18 @@ def report_lines(plan: Plan) -> list[str]:
     md = w / "eval-report" / "report.md"
     if md.is_file():
         lines += ["", "Loop evaluation (llama-server):", md.read_text().rstrip()]
-    lines += draft_lines(plan)
-    return lines
+    return lines + draft_lines(plan) + kld_lines(plan)
+
+
+def kld_lines(plan: Plan) -> list[str]:
+    """Each GGUF output's KL divergence against the unquantized reference (the `kld` stage)."""
+    doc = read_json(plan.workdir / "kld" / "kld.json") if plan.kld is not None else None
+    if not doc:
+        return []
+    lines = [f"KL divergence against {doc['base'].rsplit('/', 1)[-1]} (llama-perplexity, ctx {doc['ctx']}):"]
+    lines += [f"  {r['name']}: mean {r['kld']['mean_kld']:.6f} ± {r['kld']['mean_kld_err']:.6f}, same top token "
+              f"{r['kld']['same_top_pct']:.2f}%" for r in doc["results"]]
+    return ["", *lines]
 
 
 def draft_lines(plan: Plan) -> list[str]:

@@ -32,6 +32,8 @@ from glmgguf.pipeline.inputs import (
     data_files,
     data_path,
     eval_prompts,
+    kld_text,
+    kld_text_path,
     model_config,
     model_path,
     recipe_ref,
@@ -172,7 +174,8 @@ def plan_stages(plan: Plan, config_override: Path | None = None) -> tuple[GlmLay
     layout = check_inputs(plan, model_config(plan, config_override), check_files=config_override is None)
     data = {k: [data_path(plan, e) for e in getattr(plan.data, k)] for k in ("calibration", "kd", "heldout")}
     recipes = {g.name: recipe_ref(plan, g.recipe) for g in plan.gguf}
-    return layout, build_stages(plan, model_path(plan), data, recipes, eval_prompts(plan) if plan.eval else None)
+    return layout, build_stages(plan, model_path(plan), data, recipes, eval_prompts(plan) if plan.eval else None,
+                                kld_text_path(plan) if plan.kld else None)
 
 
 def run_plan(plan: Plan, quiet: bool = False, echo: Callable[[str], None] = print,
@@ -183,7 +186,8 @@ def run_plan(plan: Plan, quiet: bool = False, echo: Callable[[str], None] = prin
         model = resolve_model(plan)
         data = {k: data_files(plan, k) for k in ("calibration", "kd", "heldout")}
         recipes = {g.name: recipe_ref(plan, g.recipe) for g in plan.gguf}
-        stages = build_stages(plan, model, data, recipes, eval_prompts(plan) if plan.eval else None)
+        stages = build_stages(plan, model, data, recipes, eval_prompts(plan) if plan.eval else None,
+                              kld_text(plan) if plan.kld else None)
         wanted = _needed(stages, only) if only else {s.name for s in stages}
         results, upstream = [], {}
         for stage in stages:

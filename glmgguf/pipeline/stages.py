@@ -1,12 +1,13 @@
 """The plan as a chain of stages, each one `glmgguf` command writing into its own directory under the workdir.
 
-observe -> prune -> teacher -> kd -> gguf-NAME ... -> nvfp4 -> eval. The command line of each stage is the
-stage's settings: the runner fingerprints it together with the stage's inputs to decide what to redo.
+observe -> prune -> teacher -> kd -> gguf-NAME ... -> nvfp4 -> kld-reference -> kld -> eval (-> baseline-gguf ->
+eval-baseline-PRESET ...). The command line of each stage is the stage's settings: the runner fingerprints it
+together with the stage's inputs to decide what to redo.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from glmgguf.pipeline.inputs import EVAL_PROMPT_SETS
@@ -89,13 +90,14 @@ class _Chain:
 
 
 def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: dict[str, str],
-                 prompts: str | None) -> list[Stage]:
-    """The stages of `plan` for the source checkpoint `model`, text files `data` and resolved recipe refs."""
+                 prompts: str | None, kld_text: Path | None = None) -> list[Stage]:
+    """The stages of `plan` for the source checkpoint `model`, text files `data` and resolved recipe refs
+    (`kld_text`: the [kld] text file)."""
     c = _Chain(plan, model, data, model)
     stages = [*_observe_stages(c), *_prune_stages(c), *_kd_stages(c)]
-    stages += [_gguf_stage(c, g, recipes[g.name]) for g in plan.gguf]
-    stages += _nvfp4_stages(c)
-    return stages + _eval_stages(c, prompts)
+    ggufs = [_gguf_stage(c, g, recipes[g.name]) for g in plan.gguf]
+    stages += [*ggufs, *_nvfp4_stages(c), *_kld_stages(c, ggufs, kld_text)]
+    return stages + _eval_stages(c, prompts, recipes, ggufs)
 
 
 def _observe_stages(c: _Chain) -> list[Stage]:
@@ -168,10 +170,11 @@ def _kd_stages(c: _Chain) -> list[Stage]:
     return stages
 
 
-def _gguf_stage(c: _Chain, g: GgufOutput, recipe: str) -> Stage:
-    """One [[gguf]] output; a split one writes NAME-0000i-of-0000N.gguf files into its own directory."""
-    w, threads = c.workdir, c.plan.threads
-    out = w / f"gguf-{g.name}" / ("split" if g.split_max_size else "") / f"{g.name}.gguf"
+def _gguf_stage(c: _Chain, g: GgufOutput, recipe: str, name: str = "") -> Stage:
+    """One [[gguf]] output (stage `name`, default gguf-NAME); a split one writes NAME-0000i-of-0000N.gguf files
+    into its own directory."""
+    w, threads, name = c.workdir, c.plan.threads, name or f"gguf-{g.name}"
+    out = w / name / ("split" if g.split_max_size else "") / f"{g.name}.gguf"
     args = ["convert", str(c.final), str(out), "--recipe", recipe, "--mtp", g.mtp, "--indexer", g.indexer,
             *(["-t", str(threads)] if threads else [])]
     inputs = c.final_inputs()
@@ -182,7 +185,7 @@ def _gguf_stage(c: _Chain, g: GgufOutput, recipe: str) -> Stage:
         inputs["recipe"] = Path(recipe)
     if g.split_max_size:
         args += ["--split-max-size", g.split_max_size]
-    return Stage(f"gguf-{g.name}", w / f"gguf-{g.name}", args, out.parent if g.split_max_size else out, inputs,
+    return Stage(name, w / name, args, out.parent if g.split_max_size else out, inputs,
                  list(c.after), what=f"GGUF, recipe {g.recipe}", output_dir_first=bool(g.split_max_size))
 
 
@@ -201,12 +204,29 @@ def _nvfp4_stages(c: _Chain) -> list[Stage]:
     return [Stage("nvfp4", w / "nvfp4", args, out, c.final_inputs(), after, what=f"NVFP4 checkpoint ({n.format})")]
 
 
-def _eval_run_stage(c: _Chain, e: EvalSection, preset: str, prompts: str) -> Stage:
-    """One loop evaluation of the [eval] GGUF under sampler `preset`."""
+def _kld_stages(c: _Chain, ggufs: list[Stage], text: Path | None) -> list[Stage]:
+    """The final checkpoint converted unquantized, then every GGUF output's KL divergence against it (a split
+    output is scored from its first part; an MTP-only one, which cannot predict alone, is not)."""
+    k, w = c.plan.kld, c.workdir
+    if k is None or text is None:
+        return []
+    ggufs = [s for s, g in zip(ggufs, c.plan.gguf, strict=True) if g.mtp != "only"]
+    ref = _gguf_stage(c, GgufOutput(f"unquantized-{k.reference}", k.reference, mtp="drop"), k.reference,
+                      "kld-reference")
+    ref.what = f"unquantized {k.reference.upper()} GGUF of the final checkpoint (the KLD reference)"
+    out = w / "kld" / "kld.json"
+    args = ["kld", str(ref.output), *(str(s.output) for s in ggufs), "--text", str(text), "--ctx", str(k.ctx),
+            *(["--chunks", str(k.chunks)] if k.chunks else []), *_threads(c.plan),
+            "--logits", str(w / "kld" / "reference-logits.bin"), "--json", str(out)]
+    return [ref, Stage("kld", w / "kld", args, out, {"text": text}, [ref.name, *(s.name for s in ggufs)],
+                       what=f"KL divergence of {len(ggufs)} GGUF output(s) against the reference")]
+
+
+def _eval_run_stage(c: _Chain, e: EvalSection, preset: str, prompts: str, gguf: Stage, name: str) -> Stage:
+    """One loop evaluation (stage `name`) of the GGUF stage `gguf`'s output under sampler `preset`."""
     w = c.workdir
-    gguf = w / f"gguf-{e.gguf}" / f"{e.gguf}.gguf"
-    out = w / f"eval-{preset}" / f"{preset}.json"  # compare labels each run by its file name
-    args = ["eval", "loops", "--gguf", str(gguf), "--prompts", prompts, "--out", str(out), "--preset", preset,
+    out = w / name / f"{preset}.json"  # compare labels each run by its file name
+    args = ["eval", "loops", "--gguf", str(gguf.output), "--prompts", prompts, "--out", str(out), "--preset", preset,
             "--parallel", str(e.parallel), "--safety-cap", str(e.safety_cap), "--seed", str(e.seed), "--quiet",
             *_threads(c.plan)]
     for key in ("ctx", "temperature", "limit"):
@@ -216,17 +236,27 @@ def _eval_run_stage(c: _Chain, e: EvalSection, preset: str, prompts: str) -> Sta
         args += ["--draft-mtp", "--draft-max", str(e.draft_max), "--draft-p-min", str(e.draft_p_min)]
     inputs = {} if prompts in EVAL_PROMPT_SETS else {"prompts": Path(prompts)}
     what = f"loop evaluation, sampler preset {preset}" + (", MTP drafting" if e.draft_mtp else "")
-    return Stage(f"eval-{preset}", w / f"eval-{preset}", args, out, inputs, [f"gguf-{e.gguf}"], what=what)
+    return Stage(name, w / name, args, out, inputs, [gguf.name], what=what)
 
 
-def _eval_stages(c: _Chain, prompts: str | None) -> list[Stage]:
-    """One evaluation per preset, then their comparison."""
+def _eval_stages(c: _Chain, prompts: str | None, recipes: dict[str, str], ggufs: list[Stage]) -> list[Stage]:
+    """One evaluation per preset, then their comparison; with `baseline`, the same runs of the unpruned source
+    model converted with the same recipe."""
     e = c.plan.eval
     if e is None or prompts is None:
         return []
-    runs = [_eval_run_stage(c, e, preset, prompts) for preset in e.presets]
+    g = next(g for g in c.plan.gguf if g.name == e.gguf)
+    gguf = next(s for s in ggufs if s.name == f"gguf-{g.name}")
+    runs = [_eval_run_stage(c, e, preset, prompts, gguf, f"eval-{preset}") for preset in e.presets]
     report = c.workdir / "eval-report" / "report.md"
     args = ["eval", "compare", *(str(s.output) for s in runs), "--out", str(report),
             "--png", str(report.with_suffix(".png"))]
-    return [*runs, Stage("eval-report", c.workdir / "eval-report", args, report, {}, [s.name for s in runs],
-                         what="comparison of the evaluation runs")]
+    stages = [*runs, Stage("eval-report", c.workdir / "eval-report", args, report, {}, [s.name for s in runs],
+                           what="comparison of the evaluation runs")]
+    if not e.baseline:
+        return stages
+    source = _Chain(c.plan, c.model, c.data, c.model)
+    base = _gguf_stage(source, replace(g, imatrix=None), recipes[g.name], "baseline-gguf")
+    base.what = f"the unpruned source model as GGUF, recipe {g.recipe}" + (", without the final model's imatrix"
+                                                                          if g.imatrix else "")
+    return [*stages, base, *(_eval_run_stage(c, e, p, prompts, base, f"eval-baseline-{p}") for p in e.presets)]
