@@ -1,4 +1,4 @@
-"""`glmgguf kd`: teacher (cache the unpruned model's distributions), train (router-only distillation), eval."""
+"""`glmgguf kd`: teacher (cache the unpruned model's distributions), train (router-only distillation), lora, eval."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ _threads_opt = click.option("--threads", type=click.IntRange(min=1), help="CPU t
 
 @click.group("kd")
 def kd() -> None:
-    """Router-KD: distill a pruned model's routers to the unpruned teacher (only gate tensors change)."""
+    """Router-KD: distill a pruned model's routers to the unpruned teacher (only gate tensors change); LoRA-KD."""
 
 
 @kd.command("teacher")
@@ -211,3 +211,54 @@ def eval_cmd(model: Path, cache: Path, data: tuple[Path, ...], batch_size: int, 
     if json_out is not None:
         json_out.write_text(json.dumps(res.to_json(), indent=1) + "\n")
     click.echo(f"{model.name}: {res} (top-{res.cache_top_k} cache, {time.perf_counter() - t0:.1f} s)")
+
+
+@kd.command("lora")
+@click.argument("student", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--teacher-cache", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Cache written by `glmgguf kd teacher` from the unpruned teacher.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="PEFT adapter directory (PeftModel.from_pretrained on STUDENT).")
+@click.option("--target", "targets", default="attn,shared", show_default=True,
+              help="Modules that get adapters, comma-separated: attn (MLA projections), shared (shared experts of "
+                   "the MoE layers), dense (MLPs of the dense layers); experts is refused.")
+@click.option("--rank", default=8, show_default=True, type=int, help="LoRA rank.")
+@click.option("--alpha", default=16.0, show_default=True, type=float, help="LoRA alpha (scale alpha / rank).")
+@click.option("--train-gates", is_flag=True, help="Also train the MoE router gates (saved with the adapter).")
+@click.option("--gate-lr", type=float, help="With --train-gates: the gates' learning rate  [default: --lr]")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate.")
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
+@click.option("--schedule", type=click.Choice(KD_SCHEDULES), default="constant", show_default=True,
+              help="Learning-rate schedule after warmup (cosine ends at 10%).")
+@click.option("--warmup", "warmup_steps", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="Clip the gradient norm (0: off).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the data order and the adapters' init.")
+@click.option("--merge", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write the merged checkpoint here (STUDENT's layout; only adapted tensors change).")
+@_threads_opt
+@click.option("--force", is_flag=True, help="Overwrite OUT and the --merge directory.")
+def lora_cmd(student: Path, cache: Path, out: Path, targets: str, rank: int, alpha: float, train_gates: bool,
+             gate_lr: float | None, lr: float, steps: int, batch_size: int, schedule: str, warmup_steps: int,
+             grad_clip: float, seed: int, merge: Path | None, threads: int | None, force: bool) -> None:
+    """Train LoRA adapters of STUDENT (and with --train-gates its routers) to match the teacher cache."""
+    from tqdm import tqdm
+
+    from glmgguf.kd.lora import LoraOptions, train_lora
+    from glmgguf.kd.train import TrainOptions
+
+    _threads(threads)
+    train = TrainOptions(steps=steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, schedule=schedule,
+                         grad_clip=grad_clip, seed=seed, mtp=False, save_every=0)
+    opts = LoraOptions(train=train, rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",")),
+                       train_gates=train_gates, gate_lr=gate_lr)
+    with tqdm(total=steps, unit="step", desc="LoRA-KD", dynamic_ncols=True) as bar:
+        def progress(step: int, total: int, rec: dict) -> None:
+            bar.update(1)
+            bar.set_postfix_str(f"KL {rec['kl']:.4f}, lr {rec['lr']:.2e}")
+
+        res = train_lora(student, cache, out, opts, merge=merge, force=force, progress=progress, log=bar.write)
+    recs = res.log["steps"]
+    click.echo(f"train KL {recs[0]['kl']:.5f} (step 1) -> {recs[-1]['kl']:.5f} (step {len(recs)}); "
+               f"{res.log['trainable_parameters']:,} trainable parameters, {res.seconds_per_step:.3f} s/step")

@@ -1,0 +1,224 @@
+"""LoRA-KD: low-rank adapters on a pruned student, trained with Router-KD's loss to the cached teacher.
+
+PEFT LoRA adapters go on the chosen linear modules of the trunk (`attn`: the MLA projections q_a/q_b/kv_a/kv_b/o
+of every layer, the DSA indexer excluded; `shared`: the shared expert of each MoE layer; `dense`: the MLP of the
+dense layers); with `train_gates` the MoE router gates train beside them (PEFT `modules_to_save`, so the adapter
+directory restores them too). Everything else is frozen. Routed experts are stored fused (one [E, 2I, H] tensor per
+layer), which PEFT's LoRA does not adapt as per-expert linears: they are refused. The MTP block is not adapted (the
+trunk loss alone trains).
+
+Loss and data are Router-KD's (`glmgguf.kd.train.batch_losses`: sparse KL to the cached teacher top-k;
+`rows_for_step`, `lr_at`); a non-finite loss stops training. Outputs: the PEFT adapter directory
+(`PeftModel.from_pretrained(student_model, OUT)`) with a training log, and optionally the merged checkpoint (the
+student's layout and names, only the adapted weights and the gates changed, verified by
+`glmgguf.kd.write.write_student`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from glmgguf.kd.errors import KdError, NanLossError
+from glmgguf.kd.options import TrainOptions, check_options, lr_at, rows_for_step
+from glmgguf.kd.student import Student
+from glmgguf.kd.teacher import TeacherCache
+from glmgguf.kd.train import ProgressFn, batch_losses
+from glmgguf.kd.write import WriteReport, write_student
+from glmgguf.layout import GlmLayout, LayerKind
+
+TARGETS = ("attn", "shared", "dense", "experts")
+DEFAULT_TARGETS = ("attn", "shared")
+ATTN_PROJ = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+LOG_NAME = "lora_train_log.json"
+
+
+@dataclass
+class LoraOptions:
+    """Router-KD's training settings (`train`) plus the adapter's."""
+
+    train: TrainOptions = field(default_factory=lambda: TrainOptions(lr=1e-3, mtp=False, save_every=0))
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    train_gates: bool = False
+    gate_lr: float | None = None  # the gates' learning rate (None: the adapters'); routers like larger ones
+
+
+@dataclass
+class LoraResult:
+    out: Path
+    log: dict
+    merged: WriteReport | None
+    seconds_per_step: float
+    model: object  # the trained PeftModel (merged into the student's trunk when `merge` was given)
+
+
+def check_lora_options(opts: LoraOptions) -> None:
+    """One clear error for settings LoRA-KD does not train as asked."""
+    check_options(opts.train)
+    unknown = sorted(set(opts.targets) - set(TARGETS))
+    if unknown or not opts.targets:
+        raise KdError(f"--target must be one or more of {', '.join(TARGETS)}, not {unknown or 'nothing'}")
+    if "experts" in opts.targets:
+        raise KdError("--target experts: the routed experts are stored fused per layer and PEFT LoRA does not adapt "
+                      "them; adapt attn, shared or dense")
+    if opts.gate_lr is not None and not (opts.gate_lr > 0 and math.isfinite(opts.gate_lr)):
+        raise KdError(f"--gate-lr must be a positive number, not {opts.gate_lr}")
+    if opts.rank < 1 or not opts.alpha > 0:
+        raise KdError(f"--rank must be at least 1 and --alpha positive, not {opts.rank} and {opts.alpha}")
+    if opts.train.fsdp or opts.train.train_bias:
+        raise KdError("LoRA-KD trains in one process without the correction bias: drop --fsdp / --train-bias")
+
+
+def target_modules(layout: GlmLayout, targets: tuple[str, ...]) -> list[str]:
+    """Full module names of the trunk's linears that get adapters (the MTP block excluded)."""
+    out: list[str] = []
+    for x in layout.layers:
+        if x.is_mtp:
+            continue
+        p = f"model.layers.{x.index}"
+        if "attn" in targets:
+            out += [f"{p}.self_attn.{m}" for m in ATTN_PROJ]
+        if "shared" in targets and x.kind is LayerKind.MOE:
+            out += [f"{p}.mlp.shared_experts.{m}" for m in MLP_PROJ]
+        if "dense" in targets and x.kind is LayerKind.DENSE:
+            out += [f"{p}.mlp.{m}" for m in MLP_PROJ]
+    if not out:
+        raise KdError(f"--target {','.join(targets)}: the student has no such modules")
+    return out
+
+
+def gate_modules(layout: GlmLayout) -> list[str]:
+    """Full module names of the trunk's MoE routers."""
+    return [f"model.layers.{x.index}.mlp.gate" for x in layout.moe_layers if not x.is_mtp]
+
+
+def check_mergeable(student: Student, opts: LoraOptions) -> None:
+    """Refuse, before training, a merge into weights stored in parts (block-FP8 codes and scales)."""
+    for m in target_modules(student.layout, opts.targets):
+        if len(student.reader.stored_parts(f"{m}.weight")) != 1:
+            raise KdError(f"--merge: {m}.weight is stored block-FP8 (codes and scales); merge into a BF16 student")
+
+
+def attach_adapters(student: Student, opts: LoraOptions):
+    """Wrap the student's trunk in a PEFT model (adapters initialised, the rest frozen); returns it."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(opts.train.seed)
+    config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, lora_dropout=0.0, bias="none",
+                        target_modules=target_modules(student.layout, opts.targets),
+                        modules_to_save=gate_modules(student.layout) if opts.train_gates else None)
+    peft_model = get_peft_model(student.model, config)
+    student.model = peft_model.base_model.model  # the same module, with the adapters injected
+    return peft_model
+
+
+def _optimizer(peft_model, lr: float, gate_lr: float | None, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the adapters (group 0) and the co-trained gates (group 1, `gate_lr`); a group's "scale" is its
+    learning rate relative to `lr`."""
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    gates = [p for n, p in named if "modules_to_save" in n]
+    adapters = [p for n, p in named if "modules_to_save" not in n]
+    groups = [{"params": adapters, "scale": 1.0}]
+    if gates:
+        groups.append({"params": gates, "scale": (gate_lr or lr) / lr})
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def _train(student: Student, peft_model, cache: TeacherCache, opts: LoraOptions,
+           progress: ProgressFn | None) -> tuple[list[dict], float]:
+    """Train the adapters (and gates); returns the step records and seconds per step."""
+    opt = _optimizer(peft_model, opts.train.lr, opts.gate_lr, opts.train.weight_decay)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    records: list[dict] = []
+    student.train(True)
+    t0 = time.perf_counter()
+    opts = opts.train
+    for step in range(opts.steps):
+        lr = lr_at(step, opts)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["scale"]
+        batch = cache.batch(rows_for_step(step, len(cache), opts.batch_size, opts.seed))
+        loss, _, _ = batch_losses(student.forward, batch, opts.mtp_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip if opts.grad_clip > 0 else math.inf)
+        loss_v, norm_v = float(loss.detach()), float(norm)
+        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+            raise NanLossError(f"loss {loss_v}, gradient norm {norm_v} at step {step + 1}: training "
+                               "stopped, nothing written; try a lower --lr")
+        opt.step()
+        rec = {"step": step + 1, "kl": loss_v, "lr": lr, "grad_norm": norm_v}
+        records.append(rec)
+        if progress:
+            progress(step + 1, opts.steps, rec)
+    student.train(False)
+    return records, (time.perf_counter() - t0) / opts.steps
+
+
+def merged_tensors(peft_model, student: Student, opts: LoraOptions) -> dict[str, torch.Tensor]:
+    """HF name -> merged weight of every adapted module (and trained gate); merges the adapters in place."""
+    gates = {f"{m}.weight": peft_model.get_submodule(f"base_model.model.{m}").modules_to_save["default"].weight
+             for m in gate_modules(student.layout)} if opts.train_gates else {}
+    gates = {n: w.detach().clone() for n, w in gates.items()}
+    base = peft_model.merge_and_unload()
+    student.model = base
+    out = {f"{m}.weight": base.get_submodule(m).weight.detach().clone()
+           for m in target_modules(student.layout, opts.targets)}
+    return {**out, **gates}
+
+
+def _log_doc(peft_model, student_dir: str | os.PathLike, cache: TeacherCache, opts: LoraOptions,
+             records: list[dict], seconds_per_step: float) -> dict:
+    n_train, n_total = peft_model.get_nb_trainable_parameters()
+    return {"student": Path(student_dir).resolve().name, "teacher_cache": cache.cache_id,
+            "options": asdict(opts), "trainable_parameters": n_train,
+            "total_parameters": n_total, "seconds_per_step": seconds_per_step, "steps": records}
+
+
+def train_lora(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, out: str | os.PathLike,
+               options: LoraOptions | None = None, *, merge: str | os.PathLike | None = None, force: bool = False,
+               progress: ProgressFn | None = None, log: Callable[[str], None] | None = None) -> LoraResult:
+    """Train LoRA adapters (and optionally the gates) of `student_dir` to the teacher of `cache_dir`; write the
+    PEFT adapter directory `out` and, with `merge`, the merged checkpoint there."""
+    from glmgguf.io.atomic import atomic_dir, check_output
+
+    opts = options or LoraOptions()
+    check_lora_options(opts)
+    say = log or (lambda s: None)
+    out = Path(out)
+    check_output(out, force, [student_dir, cache_dir])
+    if merge is not None:
+        check_output(Path(merge), force, [student_dir, cache_dir])
+    cache = TeacherCache(cache_dir)
+    cache.check_student(student_dir)
+    student = Student(student_dir, dtype=getattr(torch, opts.train.dtype), device_map=opts.train.device_map,
+                      mtp=False)
+    if merge is not None:
+        check_mergeable(student, opts)
+    peft_model = attach_adapters(student, opts)
+    n_train, n_total = peft_model.get_nb_trainable_parameters()
+    say(f"trainable: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.4f}%), rank {opts.rank} on "
+        f"{','.join(opts.targets)}{' + router gates' if opts.train_gates else ''}")
+    records, per_step = _train(student, peft_model, cache, opts, progress)
+    doc = _log_doc(peft_model, student_dir, cache, opts, records, per_step)
+    with atomic_dir(out, force=force, inputs=[student_dir, cache_dir]) as tmp:
+        peft_model.save_pretrained(tmp)
+        (tmp / LOG_NAME).write_text(json.dumps(doc, indent=1) + "\n")
+    say(f"wrote the adapter {out}")
+    report = None
+    if merge is not None:
+        report = write_student(student_dir, merge, merged_tensors(peft_model, student, opts), force=force,
+                               metadata={"lora_kd": json.dumps({"cache_id": cache.cache_id, "rank": opts.rank})})
+        say(f"wrote the merged checkpoint {merge}: {len(report.changed)} tensors changed, {report.identical} "
+            "verified byte-identical to the student")
+    return LoraResult(out, doc, report, per_step, peft_model)
