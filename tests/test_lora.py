@@ -119,10 +119,14 @@ def test_bad_options_are_one_clear_error(pruned, kd_cache, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_lora(pruned, kd_cache, tmp_path):
+def test_cli_lora_bf16_merged_converts(pruned, kd_cache, tmp_path):
+    """The command line, the student in BF16 with the gates co-trained; the merged checkpoint converts to GGUF."""
     r = CliRunner().invoke(main, ["kd", "lora", str(pruned), "--teacher-cache", str(kd_cache), "--out",
                                   str(tmp_path / "a"), "--steps", "2", "--rank", "2", "--batch-size", "2",
-                                  "--merge", str(tmp_path / "m")])
+                                  "--dtype", "bf16", "--train-gates", "--gate-lr", "1e-2", "--merge",
+                                  str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "a" / "adapter_model.safetensors").is_file() and (tmp_path / "m" / "config.json").is_file()
-    assert "verified byte-identical" in r.output
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    assert "verified byte-identical" in r.output and "trainable parameters" in r.output
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--outtype", "f32"])
+    assert r.exit_code == 0, r.output

@@ -235,13 +235,19 @@ def eval_cmd(model: Path, cache: Path, data: tuple[Path, ...], batch_size: int, 
 @click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Clip the gradient norm (0: off).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the data order and the adapters' init.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="f32", show_default=True,
+              help="Dtype the frozen model runs in (the adapters train in float32 either way).")
+@click.option("--device-map", default=None, type=DEVICE_MAP_PARAM,
+              help="accelerate device_map of the student: 'auto' places it across all GPUs, 'cuda', 'cpu' "
+                   "[default: cpu].")
 @click.option("--merge", type=click.Path(file_okay=False, path_type=Path),
               help="Also write the merged checkpoint here (STUDENT's layout; only adapted tensors change).")
 @_threads_opt
 @click.option("--force", is_flag=True, help="Overwrite OUT and the --merge directory.")
 def lora_cmd(student: Path, cache: Path, out: Path, targets: str, rank: int, alpha: float, train_gates: bool,
              gate_lr: float | None, lr: float, steps: int, batch_size: int, schedule: str, warmup_steps: int,
-             grad_clip: float, seed: int, merge: Path | None, threads: int | None, force: bool) -> None:
+             grad_clip: float, seed: int, dtype: str, device_map: str | None, merge: Path | None,
+             threads: int | None, force: bool) -> None:
     """Train LoRA adapters of STUDENT (and with --train-gates its routers) to match the teacher cache."""
     from tqdm import tqdm
 
@@ -250,7 +256,8 @@ def lora_cmd(student: Path, cache: Path, out: Path, targets: str, rank: int, alp
 
     _threads(threads)
     train = TrainOptions(steps=steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, schedule=schedule,
-                         grad_clip=grad_clip, seed=seed, mtp=False, save_every=0)
+                         grad_clip=grad_clip, seed=seed, mtp=False, save_every=0, dtype=DTYPES[dtype],
+                         device_map=None if device_map in (None, "cpu") else device_map)
     opts = LoraOptions(train=train, rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",")),
                        train_gates=train_gates, gate_lr=gate_lr)
     with tqdm(total=steps, unit="step", desc="LoRA-KD", dynamic_ncols=True) as bar:
