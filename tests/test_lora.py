@@ -9,6 +9,7 @@ import pytest
 import test_kd
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from glmgguf.cli import main
 from glmgguf.kd.errors import KdError, NanLossError
@@ -19,6 +20,7 @@ from glmgguf.kd.teacher import build_teacher_cache
 from glmgguf.kd.train import TrainOptions, train_router
 from glmgguf.kd.write import diff_checkpoints
 from glmgguf.layout import GlmLayout
+from glmgguf.runner import RunInterrupted
 
 texts, pruned, kd_cache, held_cache = test_kd.texts, test_kd.pruned, test_kd.kd_cache, test_kd.held_cache
 
@@ -95,6 +97,24 @@ def test_adapter_loads_to_the_trained_logits(pruned, kd_cache, tmp_path):
     ids = torch.randint(0, GlmLayout.from_dir(pruned).vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
     loaded = PeftModel.from_pretrained(Student(pruned, mtp=False).model, tmp_path / "a").eval()
     torch.testing.assert_close(_logits(loaded, ids), _logits(res.model.eval(), ids), atol=1e-5, rtol=1e-5)
+
+
+def test_resume_equals_uninterrupted_run(pruned, kd_cache, tmp_path):
+    full = train_lora(pruned, kd_cache, tmp_path / "full", _opts(train_gates=True))
+    stop = _opts(train_gates=True)
+    stop.train.save_every, stop.train.stop_after_step = 2, 3
+    with pytest.raises(RunInterrupted):
+        train_lora(pruned, kd_cache, tmp_path / "resumed", stop)
+    with pytest.raises(KdError, match="--resume to continue"):
+        train_lora(pruned, kd_cache, tmp_path / "resumed", _opts(train_gates=True))
+    with pytest.raises(KdError, match="another student, teacher cache or settings"):
+        train_lora(pruned, kd_cache, tmp_path / "resumed", _opts(train_gates=True, rank=4), resume=True)
+    res = train_lora(pruned, kd_cache, tmp_path / "resumed", _opts(train_gates=True), resume=True)
+    assert [r["kl"] for r in res.log["steps"]] == [r["kl"] for r in full.log["steps"]]
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "resumed.work").exists()
 
 
 def test_nan_loss_stops_and_writes_nothing(pruned, kd_cache, tmp_path, monkeypatch):

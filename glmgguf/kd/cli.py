@@ -242,12 +242,17 @@ def eval_cmd(model: Path, cache: Path, data: tuple[Path, ...], batch_size: int, 
                    "[default: cpu].")
 @click.option("--merge", type=click.Path(file_okay=False, path_type=Path),
               help="Also write the merged checkpoint here (STUDENT's layout; only adapted tensors change).")
+@click.option("--save-every", default=50, show_default=True, type=click.IntRange(min=0),
+              help="Checkpoint every N steps (0: never).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --work-dir.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Checkpoints  [default: OUT.work]")
 @_threads_opt
-@click.option("--force", is_flag=True, help="Overwrite OUT and the --merge directory.")
+@click.option("--force", is_flag=True, help="Overwrite OUT and the --merge directory; discard earlier checkpoints.")
 def lora_cmd(student: Path, cache: Path, out: Path, targets: str, rank: int, alpha: float, train_gates: bool,
              gate_lr: float | None, lr: float, steps: int, batch_size: int, schedule: str, warmup_steps: int,
              grad_clip: float, seed: int, dtype: str, device_map: str | None, merge: Path | None,
-             threads: int | None, force: bool) -> None:
+             save_every: int, resume: bool, work_dir: Path | None, threads: int | None, force: bool) -> None:
     """Train LoRA adapters of STUDENT (and with --train-gates its routers) to match the teacher cache."""
     from tqdm import tqdm
 
@@ -256,7 +261,7 @@ def lora_cmd(student: Path, cache: Path, out: Path, targets: str, rank: int, alp
 
     _threads(threads)
     train = TrainOptions(steps=steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, schedule=schedule,
-                         grad_clip=grad_clip, seed=seed, mtp=False, save_every=0, dtype=DTYPES[dtype],
+                         grad_clip=grad_clip, seed=seed, mtp=False, save_every=save_every, dtype=DTYPES[dtype],
                          device_map=None if device_map in (None, "cpu") else device_map)
     opts = LoraOptions(train=train, rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",")),
                        train_gates=train_gates, gate_lr=gate_lr)
@@ -265,7 +270,8 @@ def lora_cmd(student: Path, cache: Path, out: Path, targets: str, rank: int, alp
             bar.update(1)
             bar.set_postfix_str(f"KL {rec['kl']:.4f}, lr {rec['lr']:.2e}")
 
-        res = train_lora(student, cache, out, opts, merge=merge, force=force, progress=progress, log=bar.write)
+        res = train_lora(student, cache, out, opts, merge=merge, work_dir=work_dir, resume=resume, force=force,
+                         progress=progress, log=bar.write)
     recs = res.log["steps"]
     click.echo(f"train KL {recs[0]['kl']:.5f} (step 1) -> {recs[-1]['kl']:.5f} (step {len(recs)}); "
                f"{res.log['trainable_parameters']:,} trainable parameters, {res.seconds_per_step:.3f} s/step")

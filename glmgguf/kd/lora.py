@@ -8,7 +8,8 @@ layer), which PEFT's LoRA does not adapt as per-expert linears: they are refused
 trunk loss alone trains).
 
 Loss and data are Router-KD's (`glmgguf.kd.train.batch_losses`: sparse KL to the cached teacher top-k;
-`rows_for_step`, `lr_at`); a non-finite loss stops training. Outputs: the PEFT adapter directory
+`rows_for_step`, `lr_at`); checkpoints every `save_every` steps (`glmgguf.kd.checkpoints`), resumable with the
+same result; a non-finite loss stops training. Outputs: the PEFT adapter directory
 (`PeftModel.from_pretrained(student_model, OUT)`) with a training log, and optionally the merged checkpoint (the
 student's layout and names, only the adapted weights and the gates changed, verified by
 `glmgguf.kd.write.write_student`).
@@ -23,15 +24,19 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from torch import nn
 
+from glmgguf.kd.checkpoints import clear_work, latest_checkpoint, save_checkpoint
 from glmgguf.kd.errors import KdError, NanLossError
 from glmgguf.kd.options import TrainOptions, check_options, lr_at, rows_for_step
-from glmgguf.kd.student import Student
+from glmgguf.kd.student import Student, router_names
 from glmgguf.kd.teacher import TeacherCache
 from glmgguf.kd.train import ProgressFn, batch_losses
-from glmgguf.kd.write import WriteReport, write_student
+from glmgguf.kd.write import WriteReport, checkpoint_digest, write_student
 from glmgguf.layout import GlmLayout, LayerKind
 
 TARGETS = ("attn", "shared", "dense", "experts")
@@ -45,7 +50,7 @@ LOG_NAME = "lora_train_log.json"
 class LoraOptions:
     """Router-KD's training settings (`train`) plus the adapter's."""
 
-    train: TrainOptions = field(default_factory=lambda: TrainOptions(lr=1e-3, mtp=False, save_every=0))
+    train: TrainOptions = field(default_factory=lambda: TrainOptions(lr=1e-3, mtp=False))
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -134,35 +139,92 @@ def _optimizer(peft_model, lr: float, gate_lr: float | None, weight_decay: float
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
-def _train(student: Student, peft_model, cache: TeacherCache, opts: LoraOptions,
-           progress: ProgressFn | None) -> tuple[list[dict], float]:
-    """Train the adapters (and gates); returns the step records and seconds per step."""
-    opt = _optimizer(peft_model, opts.train.lr, opts.gate_lr, opts.train.weight_decay)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    records: list[dict] = []
+@dataclass
+class _Run:
+    """The adapters' optimizer and step record, checkpointed to `work` in Router-KD's checkpoint format."""
+
+    peft_model: Any
+    opt: torch.optim.AdamW
+    work: Path
+    state: dict  # what a resumed run must share: cache, student, settings
+    records: list[dict] = field(default_factory=list)
+    start: int = 0
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
+
+    def begin(self, resume: bool, force: bool, say: Callable[[str], None]) -> None:
+        """Continue the latest checkpoint in `work` (`resume`), or start at step 0 in a clean one."""
+        ckpt = latest_checkpoint(self.work)
+        if ckpt is not None and not resume and not force:
+            raise KdError(f"{self.work} holds a checkpoint of an earlier run: pass --resume to continue it, or "
+                          "--force to start over")
+        if not resume or ckpt is None:
+            clear_work(self.work)
+            return
+        st = json.loads((ckpt / "state.json").read_text())
+        if {k: st.get(k) for k in self.state} != self.state:
+            raise KdError(f"checkpoint {ckpt} belongs to another student, teacher cache or settings")
+        saved = load_file(str(ckpt / "trainable.safetensors"))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(saved[n].to(p.device))
+        self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        self.start, self.records = int(st["step"]), list(st["records"])
+        say(f"resumed from step {self.start} ({ckpt})")
+
+    def save(self, step: int) -> None:
+        save_checkpoint(self.work, step, self.params, self.opt, {**self.state, "records": self.records})
+
+
+def _new_run(peft_model, student_dir: str | os.PathLike, layout: GlmLayout, cache: TeacherCache, opts: LoraOptions,
+             work: Path) -> _Run:
+    """The run's optimizer and identity (teacher cache, student, the settings a resumed run must share)."""
+    state = {"cache_id": cache.cache_id, "student": checkpoint_digest(student_dir, router_names(layout, True, True)),
+             "options": json.loads(json.dumps(asdict(opts) | {"train": opts.train.run_key()}))}
+    return _Run(peft_model, _optimizer(peft_model, opts.train.lr, opts.gate_lr, opts.train.weight_decay), work, state)
+
+
+def _train(student: Student, run: _Run, cache: TeacherCache, opts: TrainOptions,
+           progress: ProgressFn | None) -> float:
+    """Train the adapters (and gates) from `run.start`; returns the seconds per step."""
+    params = list(run.params.values())
+    last_saved = run.start or None
     student.train(True)
     t0 = time.perf_counter()
-    opts = opts.train
-    for step in range(opts.steps):
+    for step in range(run.start, opts.steps):
         lr = lr_at(step, opts)
-        for g in opt.param_groups:
+        for g in run.opt.param_groups:
             g["lr"] = lr * g["scale"]
         batch = cache.batch(rows_for_step(step, len(cache), opts.batch_size, opts.seed))
         loss, _, _ = batch_losses(student.forward, batch, opts.mtp_weight)
-        opt.zero_grad(set_to_none=True)
+        run.opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip if opts.grad_clip > 0 else math.inf)
         loss_v, norm_v = float(loss.detach()), float(norm)
         if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-            raise NanLossError(f"loss {loss_v}, gradient norm {norm_v} at step {step + 1}: training "
-                               "stopped, nothing written; try a lower --lr")
-        opt.step()
-        rec = {"step": step + 1, "kl": loss_v, "lr": lr, "grad_norm": norm_v}
-        records.append(rec)
+            kept = f"the checkpoint of step {last_saved} is kept in {run.work}" if last_saved else "nothing written"
+            raise NanLossError(f"loss {loss_v}, gradient norm {norm_v} at step {step + 1}: training stopped, {kept}; "
+                               "try a lower --lr")
+        run.opt.step()
+        run.records.append({"step": step + 1, "kl": loss_v, "lr": lr, "grad_norm": norm_v})
         if progress:
-            progress(step + 1, opts.steps, rec)
+            progress(step + 1, opts.steps, run.records[-1])
+        _checkpoint(run, step + 1, opts)
+        last_saved = step + 1 if opts.save_every and (step + 1) % opts.save_every == 0 else last_saved
     student.train(False)
-    return records, (time.perf_counter() - t0) / opts.steps
+    return (time.perf_counter() - t0) / max(1, opts.steps - run.start)
+
+
+def _checkpoint(run: _Run, done: int, opts: TrainOptions) -> None:
+    """Save every `save_every` steps; stop after `stop_after_step` (a testing aid, as in Router-KD)."""
+    if opts.save_every and (done % opts.save_every == 0 or done == opts.stop_after_step):
+        run.save(done)
+    if opts.stop_after_step is not None and done == opts.stop_after_step:
+        from glmgguf.runner import RunInterrupted
+
+        raise RunInterrupted(f"stopped after step {done}")
 
 
 def merged_tensors(peft_model, student: Student, opts: LoraOptions) -> dict[str, torch.Tensor]:
@@ -186,10 +248,12 @@ def _log_doc(peft_model, student_dir: str | os.PathLike, cache: TeacherCache, op
 
 
 def train_lora(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, out: str | os.PathLike,
-               options: LoraOptions | None = None, *, merge: str | os.PathLike | None = None, force: bool = False,
+               options: LoraOptions | None = None, *, merge: str | os.PathLike | None = None,
+               work_dir: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
                progress: ProgressFn | None = None, log: Callable[[str], None] | None = None) -> LoraResult:
     """Train LoRA adapters (and optionally the gates) of `student_dir` to the teacher of `cache_dir`; write the
-    PEFT adapter directory `out` and, with `merge`, the merged checkpoint there."""
+    PEFT adapter directory `out` and, with `merge`, the merged checkpoint there. `work_dir` (default OUT.work)
+    holds the periodic checkpoints; `resume` continues the latest."""
     from glmgguf.io.atomic import atomic_dir, check_output
 
     opts = options or LoraOptions()
@@ -209,8 +273,11 @@ def train_lora(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, out
     n_train, n_total = peft_model.get_nb_trainable_parameters()
     say(f"trainable: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.4f}%), rank {opts.rank} on "
         f"{','.join(opts.targets)}{' + router gates' if opts.train_gates else ''}")
-    records, per_step = _train(student, peft_model, cache, opts, progress)
-    doc = _log_doc(peft_model, student_dir, cache, opts, records, per_step)
+    run = _new_run(peft_model, student_dir, student.layout, cache, opts,
+                   Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work"))
+    run.begin(resume, force, say)
+    per_step = _train(student, run, cache, opts.train, progress)
+    doc = _log_doc(peft_model, student_dir, cache, opts, run.records, per_step)
     with atomic_dir(out, force=force, inputs=[student_dir, cache_dir]) as tmp:
         peft_model.save_pretrained(tmp)
         (tmp / LOG_NAME).write_text(json.dumps(doc, indent=1) + "\n")
@@ -221,4 +288,5 @@ def train_lora(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, out
                                metadata={"lora_kd": json.dumps({"cache_id": cache.cache_id, "rank": opts.rank})})
         say(f"wrote the merged checkpoint {merge}: {len(report.changed)} tensors changed, {report.identical} "
             "verified byte-identical to the student")
+    clear_work(run.work)
     return LoraResult(out, doc, report, per_step, peft_model)
