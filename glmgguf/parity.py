@@ -44,12 +44,14 @@ def transformers_logits(model_dir: str | os.PathLike, ids: list[int]) -> torch.T
 
 
 def llama_logits(toolchain: Toolchain, gguf_path: str | os.PathLike, ids: list[int],
-                 threads: int = 2) -> torch.Tensor:
-    """Logits [len(ids), vocab] from llama.cpp (one batch, f32 KV cache so near-ties are not flipped)."""
+                 threads: int = 2, lora: str | os.PathLike | None = None) -> torch.Tensor:
+    """Logits [len(ids), vocab] from llama.cpp (one batch, f32 KV cache so near-ties are not flipped), with the
+    LoRA adapter GGUF `lora` applied (scale 1) when given."""
     llama_cpp = llama_cpp_module(toolchain)
     n = len(ids)
     llm = llama_cpp.Llama(str(gguf_path), n_ctx=max(n, 64), n_batch=n, n_ubatch=n, logits_all=True,
-                          type_k=0, type_v=0, n_threads=threads, verbose=False)
+                          type_k=0, type_v=0, n_threads=threads, verbose=False,
+                          lora_path=None if lora is None else str(lora))
     try:
         llm.eval(ids)
         return torch.from_numpy(np.array(llm.scores[:n], dtype=np.float32))

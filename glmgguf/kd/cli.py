@@ -275,3 +275,21 @@ def lora_cmd(student: Path, cache: Path, out: Path, targets: str, rank: int, alp
     recs = res.log["steps"]
     click.echo(f"train KL {recs[0]['kl']:.5f} (step 1) -> {recs[-1]['kl']:.5f} (step {len(recs)}); "
                f"{res.log['trainable_parameters']:,} trainable parameters, {res.seconds_per_step:.3f} s/step")
+
+
+@kd.command("lora-gguf")
+@click.argument("adapter", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--base", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The student ADAPTER was trained on (its `glmgguf convert` GGUF is what the adapter applies to).")
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+def lora_gguf_cmd(adapter: Path, out: Path, base: Path, force: bool) -> None:
+    """Write the PEFT adapter ADAPTER (from `kd lora`) as a llama.cpp LoRA adapter GGUF (`--lora OUT`).
+
+    Adapters on o_proj, the shared experts and the dense MLPs are written; the other MLA projections and
+    co-trained router gates are refused (llama.cpp applies no LoRA to them): use `kd lora --merge` for those.
+    """
+    from glmgguf.kd.lora_gguf import write_lora_gguf
+
+    rep = write_lora_gguf(adapter, base, out, force=force)
+    click.echo(f"{rep.out}: {rep.n_modules} adapted tensors, rank {rep.rank}, alpha {rep.alpha:g}")
