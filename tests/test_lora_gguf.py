@@ -1,8 +1,10 @@
 """kd lora-gguf: a LoRA adapter GGUF that the pinned llama.cpp applies (`--lora`) to the student's converted GGUF
-gives transformers + PEFT's logits; modules llama.cpp cannot adapt are one clear error."""
+gives transformers + PEFT's logits (co-trained router gates included); modules llama.cpp cannot adapt are one clear
+error."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import test_kd
 import torch
 from click.testing import CliRunner
 from gguf import GGUFReader
+from safetensors.torch import load_file, save_file
 
 from glmgguf.cli import main
 from glmgguf.gguf.convert import convert, outtype_chooser
@@ -66,12 +69,14 @@ def _o_proj_adapter(student: Path, out: Path) -> None:
     model.save_pretrained(out)
 
 
-@pytest.mark.parametrize("kind", ["trained shared,dense", "o_proj"])
+@pytest.mark.parametrize("kind", ["trained shared,dense", "trained shared + gates", "o_proj"])
 def test_llama_cpp_lora_matches_peft(pruned, kd_cache, base_gguf, parity_ids, llama_toolchain, tmp_path, kind):
     assert len(parity_ids) > GlmLayout.from_dir(pruned).index_topk  # sparse DSA active
     adapter = tmp_path / "adapter"
     if kind == "o_proj":
         _o_proj_adapter(pruned, adapter)
+    elif kind == "trained shared + gates":
+        train_lora(pruned, kd_cache, adapter, _opts(("shared",), train_gates=True, gate_lr=3e-2))
     else:
         train_lora(pruned, kd_cache, adapter, _opts(("shared", "dense")))
     r = CliRunner().invoke(main, ["kd", "lora-gguf", str(adapter), str(tmp_path / "a.gguf"), "--base", str(pruned)])
@@ -89,6 +94,18 @@ def test_llama_cpp_lora_matches_peft(pruned, kd_cache, base_gguf, parity_ids, ll
     assert base.mean < 1e-5 and lora.mean < 1e-5, (base, lora)
     assert lora.top1_agreement == 1.0
     assert moved.mean > 1e-3, moved  # the adapter really changes the output
+    if kind == "trained shared + gates":  # the gates alone (lora_B zeroed): applied by llama.cpp, not ignored
+        state = load_file(adapter / "adapter_model.safetensors")
+        save_file({k: v.zero_() if ".lora_B." in k else v for k, v in state.items()},
+                  adapter / "adapter_model.safetensors")
+        r = CliRunner().invoke(main, ["kd", "lora-gguf", str(adapter), str(tmp_path / "a.gguf"), "--base",
+                                      str(pruned), "--force"])
+        assert r.exit_code == 0, r.output
+        got = llama_logits(llama_toolchain, base_gguf, parity_ids, lora=tmp_path / "a.gguf")
+        gates = kl_stats(_peft_logits(pruned, adapter, parity_ids), got)
+        moved = kl_stats(llama_logits(llama_toolchain, base_gguf, parity_ids), got)
+        print(f"gates alone: with LoRA {gates}; base vs base+LoRA in llama.cpp {moved}")
+        assert gates.mean < 1e-5 and moved.mean > 1e-4, (gates, moved)
 
 
 def test_unsupported_modules_are_refused(pruned, kd_cache, tmp_path):
@@ -99,6 +116,8 @@ def test_unsupported_modules_are_refused(pruned, kd_cache, tmp_path):
                                   "--base", str(pruned)])
     assert r.exit_code != 0 and "applies no LoRA" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.partial").exists()
-    train_lora(pruned, kd_cache, tmp_path / "gates", _opts(("shared",), steps=1, train_gates=True))
-    with pytest.raises(KdError, match="router gates.*--merge"):
-        write_lora_gguf(tmp_path / "gates", pruned, tmp_path / "x.gguf")
+    train_lora(pruned, kd_cache, tmp_path / "full", _opts(("shared",), steps=1, train_gates=True))
+    cfg = json.loads((tmp_path / "full" / "adapter_config.json").read_text())
+    (tmp_path / "full" / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["lm_head"]}))
+    with pytest.raises(KdError, match="full modules other than the router gates.*lm_head.*--merge"):
+        write_lora_gguf(tmp_path / "full", pruned, tmp_path / "x.gguf")

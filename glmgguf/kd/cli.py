@@ -286,8 +286,9 @@ def lora_cmd(student: Path, cache: Path, out: Path, targets: str, rank: int, alp
 def lora_gguf_cmd(adapter: Path, out: Path, base: Path, force: bool) -> None:
     """Write the PEFT adapter ADAPTER (from `kd lora`) as a llama.cpp LoRA adapter GGUF (`--lora OUT`).
 
-    Adapters on o_proj, the shared experts and the dense MLPs are written; the other MLA projections and
-    co-trained router gates are refused (llama.cpp applies no LoRA to them): use `kd lora --merge` for those.
+    Adapters on o_proj, the shared experts and the dense MLPs are written, and co-trained router gates as an
+    exact full-rank pair; the other MLA projections (q_a, q_b, kv_a, kv_b) are refused, as llama.cpp applies no
+    LoRA to them: use `kd lora --merge` and `glmgguf convert` for those.
     """
     from glmgguf.kd.lora_gguf import write_lora_gguf
 

@@ -5,11 +5,13 @@ base tensor `<gguf name>.lora_a` (ggml ne [in, rank]: PEFT's lora_A [rank, in] a
 PEFT's lora_B [out, rank]); the runtime adds `scale * alpha / rank * B (A x)`, PEFT's `lora_alpha / r` scaling.
 
 Only tensors that the pinned llama.cpp's glm-dsa graph multiplies through its LoRA-aware matmul are accepted: the
-attention output, the dense MLPs and the shared experts. The MLA projections q_a/q_b/kv_a (plain matmuls there:
-an adapter would load and be silently ignored) and kv_b (stored split per head into attn_k_b / attn_v_b) are
-refused, as are co-trained router gates (PEFT `modules_to_save`: full weights, not a low-rank pair) and DoRA or
-per-module rank/alpha patterns; those go through `kd lora --merge` and `glmgguf convert`. The HF-to-GGUF names
-are the converter's (`glmgguf.layout.parse_hf_name`).
+attention output, the dense MLPs, the shared experts and the MoE routers. The MLA projections q_a/q_b/kv_a (plain
+matmuls there: an adapter would load and be silently ignored) and kv_b (stored split per head into attn_k_b /
+attn_v_b) are refused, as are DoRA, per-module rank/alpha patterns and full modules other than the router gates;
+those go through `kd lora --merge` and `glmgguf convert`. Co-trained router gates (PEFT `modules_to_save`, full
+[E, H] weights) are written exactly as a rank-E pair: lora_a = trained - base weight, lora_b = (E / alpha) * I, so
+that llama.cpp's alpha / E scaling gives back the difference; their correction bias must be unchanged. The
+HF-to-GGUF names are the converter's (`glmgguf.layout.parse_hf_name`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +35,8 @@ from glmgguf.layout import GGUF_ARCH, Transform, parse_hf_name
 
 # base tensors that the pinned llama.cpp's glm-dsa graph multiplies with build_lora_mm (LoRA applied)
 LORA_APPLIED = ("attn_output", "ffn_gate", "ffn_up", "ffn_down", "ffn_gate_shexp", "ffn_up_shexp",
-                "ffn_down_shexp")
+                "ffn_down_shexp", "ffn_gate_inp")
+GATE = re.compile(r"^(model\.layers\.\d+\.mlp\.gate)\.(weight|e_score_correction_bias)$")
 PEFT_PREFIX = "base_model.model."
 MERGE_HINT = "train without it or use `kd lora --merge` and `glmgguf convert` on the merged checkpoint"
 
@@ -52,9 +56,10 @@ def _config(adapter_dir: Path) -> dict:
     cfg = json.loads(path.read_text())
     if cfg.get("peft_type") != "LORA":
         raise KdError(f"{adapter_dir}: adapter type {cfg.get('peft_type')}, not LORA")
-    if cfg.get("modules_to_save"):
-        raise KdError(f"{adapter_dir} saves full modules ({', '.join(cfg['modules_to_save'][:2])}...: co-trained "
-                      f"router gates), which a LoRA adapter GGUF cannot carry; {MERGE_HINT}")
+    full = [m for m in cfg.get("modules_to_save") or [] if not re.fullmatch(r"model\.layers\.\d+\.mlp\.gate", m)]
+    if full:
+        raise KdError(f"{adapter_dir} saves full modules other than the router gates ({', '.join(full[:2])}), "
+                      f"which a LoRA adapter GGUF cannot carry; {MERGE_HINT}")
     for key in ("use_dora", "rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise KdError(f"{adapter_dir}: {key} is not supported by llama.cpp's LoRA adapters; {MERGE_HINT}")
@@ -79,6 +84,27 @@ def _gguf_name(module: str) -> str:
     return name
 
 
+def _gate_pair(module: str, saved: dict[str, torch.Tensor], reader: CheckpointReader,
+               alpha: float) -> dict[str, np.ndarray]:
+    """A co-trained router gate as an exact rank-E pair: A = trained - base weight, B = (E / alpha) * I."""
+    name = _gguf_name(module)
+    weight = f"{module}.weight"
+    if "weight" not in saved or weight not in reader:
+        raise KdError(f"{module}: the adapter or the base checkpoint lacks {weight} (another base?)")
+    base_w = reader.get(weight).float()
+    if tuple(saved["weight"].shape) != tuple(base_w.shape):
+        raise KdError(f"{module}: trained gate {tuple(saved['weight'].shape)} does not fit the base's "
+                      f"{tuple(base_w.shape)} (another base?)")
+    bias = f"{module}.e_score_correction_bias"
+    if bias in saved and not torch.equal(saved[bias].float(), reader.get(bias).float()):
+        raise KdError(f"{module}: its correction bias changed, which a LoRA adapter GGUF cannot carry; "
+                      f"{MERGE_HINT}")
+    n = base_w.shape[0]
+    a = saved["weight"].float() - base_w
+    b = torch.eye(n) * (n / alpha)
+    return {f"{name}.lora_a": a.contiguous().numpy(), f"{name}.lora_b": b.numpy()}
+
+
 def adapter_tensors(adapter_dir: str | os.PathLike, base: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     """GGUF adapter tensors (`<base name>.lora_a` / `.lora_b`, float32) and the adapter config, checked against
     the base checkpoint's shapes."""
@@ -90,15 +116,22 @@ def adapter_tensors(adapter_dir: str | os.PathLike, base: str | os.PathLike) -> 
     state = load_file(weights)
     reader = CheckpointReader(base)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    gates: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in state.items():
         if not key.startswith(PEFT_PREFIX):
             raise KdError(f"{adapter_dir}: unexpected tensor {key}")
-        module, dot, part = key[len(PEFT_PREFIX):].rpartition(".lora_")
+        name = key[len(PEFT_PREFIX):]
+        if (m := GATE.match(name)) and m.group(1) in (cfg.get("modules_to_save") or []):
+            gates.setdefault(m.group(1), {})[m.group(2)] = t
+            continue
+        module, dot, part = name.rpartition(".lora_")
         if not dot or part not in ("A.weight", "B.weight"):
             raise KdError(f"{adapter_dir}: {key} is not a LoRA A/B weight; {MERGE_HINT}")
         pairs.setdefault(module, {})[part[0]] = t
     out: dict[str, np.ndarray] = {}
     rank = int(cfg["r"])
+    for module in sorted(gates):
+        out.update(_gate_pair(module, gates[module], reader, float(cfg["lora_alpha"])))
     for module in sorted(pairs):
         ab = pairs[module]
         name = _gguf_name(module)
