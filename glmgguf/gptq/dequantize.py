@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from glmgguf.gptq.errors import ExportError
-from glmgguf.gptq.export import copy_extra_files, natural_key
+from glmgguf.gptq.export import KEPT_FILES
 from glmgguf.gptq.formats import FORMATS, GptqFormat
-from glmgguf.io import CheckpointReader, ShardedWriter, atomic_dir
+from glmgguf.io import CheckpointReader
+from glmgguf.io.dequantized import natural_key, write_dequantized
 from glmgguf.io.writer import PlanEntry
 
 
@@ -46,17 +47,9 @@ def dequantize_export(src: str | os.PathLike, out: str | os.PathLike, dtype: tor
     fmt = detect_format(reader)
     modules = quantized_modules(reader, fmt)
     plan = _plan(reader, fmt, modules, dtype)
-    deq = {f"{m}.weight": m for m in modules}
-    with atomic_dir(out, force=force, inputs=[src]) as tmp:
-        with ShardedWriter(tmp, plan) as writer:
-            for name, _, _ in plan:
-                m = deq.get(name)
-                if m is None:
-                    writer.add_bytes(name, reader.stored_chunks(reader.info(name)))
-                else:
-                    writer.add(name, fmt.read(reader.get, m).dequantize(dtype))
-        cfg = dict(reader.config)
-        cfg.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        copy_extra_files(reader, tmp)
-    return Path(out)
+
+    def weight(m: str) -> torch.Tensor:
+        return fmt.read(reader.get, m).dequantize(dtype)
+
+    return write_dequantized(reader, out, plan, {f"{m}.weight": partial(weight, m) for m in modules}, force,
+                             skip_files=KEPT_FILES)

@@ -32,6 +32,7 @@ from glmgguf.gptq.errors import ExportError
 from glmgguf.gptq.formats import GptqFormat, get_format
 from glmgguf.gptq.sequential import GptqReport, GptqSettings, run_sequential
 from glmgguf.io import CheckpointReader, ShardedWriter, atomic_dir
+from glmgguf.io.dequantized import copy_extra_files, natural_key
 from glmgguf.io.writer import PlanEntry
 from glmgguf.layout import parse_hf_name, released_as_fp8
 
@@ -41,11 +42,6 @@ ALWAYS_IGNORED = ("model.embed_tokens", "lm_head")
 # Kept BF16 although the FP8 release stores it as FP8: recent vLLM runs the indexer's wk fused with weights_proj as
 # one unquantized GEMM, so a packed wk would not load there (it is 128 x hidden: nothing to save).
 KEPT_BF16 = ("*.self_attn.indexer.wk",)
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key of tensor names with their numbers compared as numbers (layer 2 before layer 10)."""
-    return tuple(int(t) if t.isdigit() else t for t in name.replace(".", " . ").split())
 
 
 def _module(name: str) -> str:
@@ -256,14 +252,6 @@ def _manifest(plan: GptqPlan, res: ExportResult, settings: GptqSettings, dev: to
     }
 
 
-def copy_extra_files(reader: CheckpointReader, out: Path) -> None:
-    import shutil
-
-    for f in reader.extra_files():
-        if f.name not in KEPT_FILES:
-            shutil.copy2(f, out / f.name)
-
-
 def export_gptq(plan: GptqPlan, out: str | os.PathLike, chunks: Sequence[torch.Tensor],
                 settings: GptqSettings | None = None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.bfloat16, force: bool = False, max_shard_bytes: int = 5 * 1024**3,
@@ -290,7 +278,7 @@ def export_gptq(plan: GptqPlan, out: str | os.PathLike, chunks: Sequence[torch.T
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         for name, doc in plan.format.config_files(plan.ignore).items():
             (tmp / name).write_text(json.dumps(doc, indent=2) + "\n")
-        copy_extra_files(reader, tmp)
+        copy_extra_files(reader, tmp, skip=KEPT_FILES)
         res = ExportResult(out, plan, report, writer.total_size, time.perf_counter() - t0,
                            sum(c.numel() for c in chunks))
         doc = _manifest(plan, res, settings, dev, calib or {})

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from glmgguf.io import CheckpointReader, ShardedWriter, atomic_dir
+from glmgguf.io import CheckpointReader
+from glmgguf.io.dequantized import natural_key, write_dequantized
 from glmgguf.io.writer import PlanEntry
 from glmgguf.nvfp4 import quant as nq
-from glmgguf.nvfp4.export import copy_extra_files, natural_key
+from glmgguf.nvfp4.export import KEPT_FILES
 from glmgguf.nvfp4.formats import Nvfp4Format, detect_format
 
 
@@ -46,18 +47,10 @@ def dequantize_export(src: str | os.PathLike, out: str | os.PathLike, dtype: tor
     reader = CheckpointReader(src)
     modules = quantized_modules(reader, fmt)
     plan = _dequantized_plan(reader, fmt, modules, dtype)
-    deq = {f"{m}.weight": m for m in modules}
-    with atomic_dir(out, force=force, inputs=[src]) as tmp:
-        with ShardedWriter(tmp, plan) as writer:
-            for name, _, _ in plan:
-                m = deq.get(name)
-                if m is None:
-                    writer.add_bytes(name, reader.stored_chunks(reader.info(name)))
-                    continue
-                s2 = fmt.multiplier(reader.get(f"{m}.{sfx[2]}").float())
-                writer.add(name, nq.dequantize(reader.get(f"{m}.{sfx[0]}"), reader.get(f"{m}.{sfx[1]}"), s2, dtype))
-        cfg = dict(reader.config)
-        cfg.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        copy_extra_files(reader, tmp)
-    return Path(out)
+
+    def weight(m: str) -> torch.Tensor:
+        s2 = fmt.multiplier(reader.get(f"{m}.{sfx[2]}").float())
+        return nq.dequantize(reader.get(f"{m}.{sfx[0]}"), reader.get(f"{m}.{sfx[1]}"), s2, dtype)
+
+    return write_dequantized(reader, out, plan, {f"{m}.weight": partial(weight, m) for m in modules}, force,
+                             skip_files=KEPT_FILES)

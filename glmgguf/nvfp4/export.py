@@ -23,7 +23,6 @@ import fnmatch
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ import torch
 from glmgguf import __version__
 from glmgguf.checkpoint import GlmCheckpoint, open_checkpoint
 from glmgguf.io import CheckpointReader, ShardedWriter, atomic_dir
+from glmgguf.io.dequantized import copy_extra_files, natural_key
 from glmgguf.io.writer import PlanEntry
 from glmgguf.layout import GlmLayout, Role, parse_hf_name
 from glmgguf.nvfp4 import quant as nq
@@ -119,11 +119,6 @@ class ExportPlan:
         if self.bf16_expert_layers:
             lines.append(f"  experts kept in BF16 (--exclude): layers {self.bf16_expert_layers}")
         return "\n".join(lines)
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key of tensor names with their numbers compared as numbers (layer 2 before layer 10)."""
-    return tuple(int(t) if t.isdigit() else t for t in name.replace(".", " . ").split())
 
 
 def _module(name: str) -> str:
@@ -291,13 +286,6 @@ def write_configs(fmt: Nvfp4Format, config: dict, ignore: list[str], out: Path) 
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def copy_extra_files(reader: CheckpointReader, out: Path) -> None:
-    """Tokenizer, generation config and the like (not the quantization files the output writes itself)."""
-    for f in reader.extra_files():
-        if f.name not in KEPT_FILES:
-            shutil.copy2(f, out / f.name)
-
-
 def export_nvfp4(plan: ExportPlan, out: str | os.PathLike, device: str | torch.device = "cpu", force: bool = False,
                  max_shard_bytes: int = 5 * 1024**3, threads: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> ExportResult:
@@ -403,7 +391,7 @@ def _export(plan: ExportPlan, out: Path, dev: torch.device, force: bool, max_sha
             steps = _StepRunner(plan, writer, dev)
             steps.run(progress)
         write_configs(plan.format, reader.config, plan.ignore, tmp)
-        copy_extra_files(reader, tmp)
+        copy_extra_files(reader, tmp, skip=KEPT_FILES)
         seconds = time.perf_counter() - t0
         (tmp / MANIFEST_NAME).write_text(json.dumps(_manifest(plan, dev, writer.total_size, seconds), indent=1)
                                          + "\n")
