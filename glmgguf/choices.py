@@ -12,6 +12,10 @@ REAP_PER_LAYER = ("uniform", "global")  # the same keep count in every layer, or
 KD_SCHEDULES = ("constant", "cosine")  # learning rate after warmup
 NVFP4_FORMATS = ("modelopt", "compressed-tensors")  # `glmgguf.nvfp4.formats` has one object per name
 GPTQ_FORMATS = ("compressed-tensors", "gptq")  # `glmgguf.gptq.formats` has one object per name
+# LoRA-KD adapter targets: all MLA projections, only o_proj, shared experts, dense MLPs, routed experts (refused)
+LORA_TARGETS = ("attn", "attn_out", "shared", "dense", "experts")
+LORA_GGUF_TARGETS = ("attn_out", "shared", "dense")  # those llama.cpp applies a LoRA adapter GGUF to
+LORA_SERVE = ("merged", "adapter")  # a LoRA-KD result served merged into the checkpoint or as an adapter GGUF
 GGUF_OUTTYPES = tuple(sorted(OUTTYPES))
 GGUF_MTP = tuple(m.value for m in MtpMode)
 GGUF_INDEXER = tuple(m.value for m in IndexerMode)

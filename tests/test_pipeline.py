@@ -459,3 +459,65 @@ def _safetensors_meta(path: Path) -> dict[str, str]:
 
     with safe_open(str(path), "pt") as f:
         return f.metadata() or {}
+
+
+LORA = '\n[lora]\nsteps = 4\nrank = 4\n'
+EVAL = '\n[eval]\ngguf = "q8"\npresets = ["greedy", "guarded"]\nbaseline = true\nvariants = true\n'
+
+
+@pytest.mark.parametrize("text, words", [
+    (SMALL_PLAN.split("[kd]")[0] + LORA, "plan.toml:19: [lora] trains adapters after Router-KD"),
+    (SMALL_PLAN + LORA + 'targets = ["attn", "experts"]\n', "plan.toml:40: [lora] targets: routed experts"),
+    (SMALL_PLAN + LORA + 'targets = ["attn", "mlp"]\n', "plan.toml:40: [lora] targets: 'mlp' not among attn"),
+    (SMALL_PLAN + LORA + 'serve = "adapter"\n',
+     "plan.toml:37: [lora] serve = \"adapter\": llama.cpp applies no LoRA to attn (q_a/q_b/kv_a/kv_b)"),
+    (SMALL_PLAN + LORA + 'serve = "gguf"\n', "serve = 'gguf' is not one of merged, adapter"),
+    (SMALL_PLAN + LORA.replace("rank = 4", "rank = 0"), "plan.toml:39: [lora] rank must be at least 1"),
+    (SMALL_PLAN.replace("testbed:tiny", "testbed:tiny-fp8") + LORA,
+     "plan.toml:37: [lora] serve = \"merged\" cannot merge adapters into the block-FP8 weights"),
+    (SMALL_PLAN + LORA + "\n[launch]\nnproc_per_node = 2\n", "[lora] trains in one process"),
+    (SMALL_PLAN.split("[kd]")[0] + '[[gguf]]\nname = "q8"\nrecipe = "q8_0"\n' + EVAL,
+     "[eval] variants evaluates the pruned and Router-KD checkpoints"),
+])
+def test_bad_lora_and_variants_plans(tmp_path, text, words):
+    msg = _error(tmp_path, text)
+    assert words in msg, msg
+
+
+def _stages(tmp_path: Path, text: str) -> dict:
+    from glmgguf.pipeline.run import plan_stages
+
+    _, stages = plan_stages(parse_plan(_write(tmp_path, text)))
+    return {s.name: s for s in stages}
+
+
+def test_lora_stages_merged_and_as_adapter(tmp_path):
+    """Merged: every later stage reads lora/out/model; the variants are the pruned and Router-KD checkpoints as
+    GGUF. As an adapter: the GGUFs are Router-KD's, the evaluation applies the adapter GGUF, and the Router-KD
+    variant is the same GGUF run without it."""
+    heldout = SMALL_PLAN.replace('kd = ["stdlib:train"]', 'kd = ["stdlib:train"]\nheldout = ["stdlib:heldout"]')
+    s = _stages(tmp_path, heldout + LORA + EVAL)
+    work = tmp_path / "work"
+    assert s["lora"].args[2] == str(work / "kd" / "model") and "--merge" in s["lora"].args
+    assert s["gguf-q8"].args[1] == str(work / "lora" / "out" / "model") and s["gguf-q8"].after == ["lora"]
+    assert s["variant-pruned-gguf"].args[1] == str(work / "prune" / "model")
+    assert s["variant-router-kd-gguf"].args[1] == str(work / "kd" / "model")
+    assert s["heldout-kl-lora"].args[2] == str(work / "lora" / "out" / "model")
+    report = s["variants-report"].args
+    labels = [a.split("=")[0] for a in report if "=" in a]
+    assert labels[:4] == ["unpruned-greedy", "pruned-greedy", "router-kd-greedy", "lora-greedy"], labels
+    assert labels[-3:] == ["pruned", "router-kd", "lora"]
+    assert "nvfp4" in s and s["nvfp4"].args[2] == str(work / "lora" / "out" / "model")
+
+    a = _stages(tmp_path, heldout + LORA + 'serve = "adapter"\ntargets = ["attn_out", "shared"]\n' + EVAL)
+    assert "--merge" not in a["lora"].args and a["gguf-q8"].args[1] == str(work / "kd" / "model")
+    adapter = str(work / "lora-gguf" / "adapter.gguf")
+    assert a["lora-gguf"].output == Path(adapter) and "--base" in a["lora-gguf"].args
+    assert a["eval-greedy"].args[a["eval-greedy"].args.index("--lora") + 1] == adapter
+    assert "lora-gguf" in a["eval-greedy"].after
+    assert "variant-router-kd-gguf" not in a and "--lora" not in a["eval-router-kd-greedy"].args
+    assert a["eval-router-kd-greedy"].args[a["eval-router-kd-greedy"].args.index("--gguf") + 1] == \
+        str(work / "gguf-q8" / "q8.gguf")
+    kl = a["heldout-kl-lora"].args
+    assert kl[2] == str(work / "kd" / "model") and kl[kl.index("--adapter") + 1] == str(work / "lora" / "out" /
+                                                                                          "adapter")

@@ -135,6 +135,7 @@ class EvalFacts:
     distinct4: float | None
     median_tokens: float | None
     draft: dict[str, Any] | None  # drafted, accepted, n_max, p_min
+    lora: str | None = None  # the LoRA adapter GGUF the server applied (its file name)
 
     @property
     def loop_ci(self) -> tuple[float, float]:
@@ -302,6 +303,8 @@ def eval_facts(rec: StageRecord) -> tuple[EvalFacts, ...]:
             and made_from(r, rec)]
     report = read_stage(workdir / "eval-report")
     order = [Path(a).name for a in report.manifest["command"]] if report else []
+    if order:  # the build's own runs (other checkpoints' runs served from it are compared elsewhere)
+        runs = [r for r in runs if r.output.name in order]
     runs.sort(key=lambda r: order.index(r.output.name) if r.output.name in order else len(order))
     return tuple(_eval(load_run(r.output), r.output.stem) for r in runs if r.output.is_file())
 
@@ -314,7 +317,7 @@ def _eval(doc: dict[str, Any], preset: str) -> EvalFacts:
                  "n_max": spec["draft"]["n_max"], "p_min": spec["draft"]["p_min"]}
     return EvalFacts(preset=preset, sampler=dict(spec["sampler"]), prompts=spec["prompts"], n=s["n"],
                      loops=s["loops"], eos=s["counts"]["eos"], distinct4=s["distinct4_mean"],
-                     median_tokens=s["median_tokens"], draft=draft)
+                     median_tokens=s["median_tokens"], draft=draft, lora=spec.get("lora"))
 
 
 def _model_input(rec: StageRecord) -> str | None:

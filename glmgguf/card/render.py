@@ -210,6 +210,11 @@ def _serve_gguf(f: BuildFacts) -> list[str]:
     assert f.gguf is not None
     cmd = f"llama-server -m {f.gguf.files[0]} -c CONTEXT"
     notes = ["CONTEXT: a context the hardware table below allows."]
+    lora = next((r.lora for r in f.evals if r.lora), None)
+    if lora:
+        cmd += f" --lora {lora}"
+        notes.append(f"`{lora}`: the LoRA-KD adapter (llama.cpp adapter GGUF) evaluated with this build; without it "
+                     "this is the Router-KD model.")
     drafted = next((r.draft for r in f.evals if r.draft), None)
     if drafted:
         cmd += (f" --spec-type draft-mtp --spec-draft-n-max {drafted['n_max']} "

@@ -46,13 +46,15 @@ def _server(opts: dict[str, Any], log_path: Path) -> Iterator[str]:
 
     if (opts["server"] is None) == (opts["gguf"] is None):
         raise EvalError("give exactly one of --server URL or --gguf FILE")
+    if opts["lora"] and opts["server"]:
+        raise EvalError("--lora starts llama-server with the adapter: use it with --gguf")
     if opts["server"]:
         _wait_reachable(opts["server"], opts["retries"], opts["backoff"])
         yield opts["server"]
         return
     ctx = opts["ctx_size"] or opts["parallel"] * (opts["safety_cap"] + 2048)
     args = ["-c", str(ctx), "-np", str(opts["parallel"]), *(["-t", str(opts["threads"])] if opts["threads"] else []),
-            *_draft_server_args(opts), *opts["server_arg"]]
+            *_draft_server_args(opts), *(["--lora", str(opts["lora"])] if opts["lora"] else []), *opts["server_arg"]]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         srv = LlamaServer(opts["gguf"], args, log_path=log_path).start()
@@ -111,6 +113,8 @@ def _probe_options(f: Callable) -> Callable:
                      help="--gguf: llama-server -c  [default: parallel x (safety-cap + 2048)]"),
         click.option("--threads", type=click.IntRange(min=1), help="--gguf: llama-server -t."),
         click.option("--server-arg", multiple=True, help="--gguf: extra llama-server argument (repeatable)."),
+        click.option("--lora", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                     help="--gguf: apply this LoRA adapter GGUF (`glmgguf kd lora-gguf`; llama-server --lora)."),
         click.option("--draft-mtp", is_flag=True,
                      help="--gguf: speculative decoding with the GGUF's MTP block (llama-server --spec-type "
                           "draft-mtp); the run records drafted and accepted tokens."),
@@ -138,7 +142,7 @@ def _spec(opts: dict[str, Any], overrides: dict[str, Any]) -> tuple[list[Prompt]
     sampler = sampler_settings(opts["preset"], {**{k: opts[k] for k in SAMPLER_FLAGS}, **overrides})
     return prompts[:opts["limit"]], RunSpec(sampler=sampler, prompts=str(opts["prompts"]), prompts_sha256=sha,
                                             limit=opts["limit"], safety_cap=opts["safety_cap"], system=opts["system"],
-                                            draft=_draft(opts))
+                                            draft=_draft(opts), lora=opts["lora"].name if opts["lora"] else None)
 
 
 def _run_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
@@ -169,16 +173,30 @@ def loops_cmd(out: Path, **opts: Any) -> None:
     click.echo(f"wrote {out}")
 
 
+def _labelled(value: str) -> tuple[str, Path]:
+    """`LABEL=FILE` or `FILE` (labelled by its name without the extension); the file must exist."""
+    label, sep, path = value.partition("=")
+    file = Path(path if sep else value)
+    if not file.is_file():
+        raise click.BadParameter(f"{file} is not a file", param_hint="RUNS / --kl")
+    return (label if sep else file.stem), file
+
+
 @eval_group.command("compare")
-@click.argument("runs", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("runs", nargs=-1, required=True, metavar="[LABEL=]RUN.json...")
+@click.option("--kl", "kls", multiple=True, metavar="[LABEL=]KL.json",
+              help="A `glmgguf kd eval --json` result: adds a table of held-out KL to the teacher (repeatable).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table here (markdown).")
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Bar chart of loop and EOS rates.")
-def compare_cmd(runs: tuple[Path, ...], out: Path | None, png: Path | None) -> None:
-    """Compare run files: rates with Wilson 95% CIs, z-tests against the first run, loops per source."""
-    from glmgguf.eval.compare import compare_chart, compare_table, load_run
+def compare_cmd(runs: tuple[str, ...], kls: tuple[str, ...], out: Path | None, png: Path | None) -> None:
+    """Compare run files: rates with Wilson 95% CIs, z-tests against the first run, loops per source; with --kl,
+    the checkpoints' held-out KL to the teacher."""
+    from glmgguf.eval.compare import compare_chart, compare_table, kl_table, load_run
 
-    loaded = [(p.stem, load_run(p)) for p in runs]
+    loaded = [(label, load_run(p)) for label, p in map(_labelled, runs)]
     table = compare_table(loaded)
+    if kls:
+        table += "\n" + kl_table([(label, json.loads(p.read_text())) for label, p in map(_labelled, kls)])
     click.echo(table, nl=False)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -123,6 +123,18 @@ def compare_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kl_table(results: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown: each checkpoint's KL(teacher || model) and top-1 agreement on a held-out teacher cache (the JSON
+    of `glmgguf kd eval`), with its change against the first row."""
+    first = results[0][1]["kl"]
+    lines = ["Held-out KL to the teacher (`glmgguf kd eval`):", "",
+             "| checkpoint | KL (nats/token) | vs first | top-1 agreement | positions |", "|---|---|---|---|---|"]
+    for label, r in results:
+        change = f"{100 * (r['kl'] / first - 1):+.1f}%" if first else "-"
+        lines.append(f"| {label} | {r['kl']:.5f} | {change} | {100 * r['top1']:.2f}% | {r['positions']} |")
+    return "\n".join(lines) + "\n"
+
+
 def compare_chart(runs: Sequence[tuple[str, dict[str, Any]]], png: Path) -> None:
     """Bar chart of loop and natural-EOS rates per run with Wilson 95% error bars."""
     import matplotlib

@@ -68,12 +68,14 @@ class RunSpec:
     system: str | None = None
     loop: LoopConfig = field(default_factory=LoopConfig)
     draft: dict[str, Any] | None = None  # speculative decoding of the server we started (eval.draft)
+    lora: str | None = None  # the LoRA adapter GGUF (file name) the server we started applied
 
     def as_dict(self) -> dict[str, Any]:
-        """The spec as JSON; `draft` only when set (runs without drafting keep their old form)."""
+        """The spec as JSON; `draft` and `lora` only when set (runs without them keep their old form)."""
         d = asdict(self)
-        if d["draft"] is None:
-            del d["draft"]
+        for key in ("draft", "lora"):
+            if d[key] is None:
+                del d[key]
         return d
 
 

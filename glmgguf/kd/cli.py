@@ -194,10 +194,12 @@ def train_cmd(student: Path, cache: Path, out: Path, lr: float, steps: int, batc
 @click.option("--device-map", default=None, type=DEVICE_MAP_PARAM,
               help="accelerate device_map ('auto' over all GPUs) [default: cpu].")
 @click.option("--no-mtp", is_flag=True, help="Do not measure the MTP head.")
+@click.option("--adapter", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="A PEFT adapter directory (`kd lora --out`) applied to MODEL.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result.")
 @_threads_opt
 def eval_cmd(model: Path, cache: Path, data: tuple[Path, ...], batch_size: int, dtype: str, device_map: str | None,
-             no_mtp: bool, json_out: Path | None, threads: int | None) -> None:
+             no_mtp: bool, adapter: Path | None, json_out: Path | None, threads: int | None) -> None:
     """KL(teacher || MODEL) and top-1 agreement on the cached (held-out) text, for any checkpoint."""
     import torch
 
@@ -207,7 +209,7 @@ def eval_cmd(model: Path, cache: Path, data: tuple[Path, ...], batch_size: int, 
     t0 = time.perf_counter()
     res = evaluate(model, cache, batch_size=batch_size, dtype=getattr(torch, DTYPES[dtype]),
                    device_map=None if device_map in (None, "cpu") else device_map, mtp=not no_mtp,
-                   data=list(data) or None)
+                   data=list(data) or None, adapter=adapter)
     if json_out is not None:
         json_out.write_text(json.dumps(res.to_json(), indent=1) + "\n")
     click.echo(f"{model.name}: {res} (top-{res.cache_top_k} cache, {time.perf_counter() - t0:.1f} s)")
@@ -220,8 +222,9 @@ def eval_cmd(model: Path, cache: Path, data: tuple[Path, ...], batch_size: int, 
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="PEFT adapter directory (PeftModel.from_pretrained on STUDENT).")
 @click.option("--target", "targets", default="attn,shared", show_default=True,
-              help="Modules that get adapters, comma-separated: attn (MLA projections), shared (shared experts of "
-                   "the MoE layers), dense (MLPs of the dense layers); experts is refused.")
+              help="Modules that get adapters, comma-separated: attn (MLA projections), attn_out (o_proj only: "
+                   "with shared and dense, what `kd lora-gguf` can write), shared (shared experts of the MoE "
+                   "layers), dense (MLPs of the dense layers); experts is refused.")
 @click.option("--rank", default=8, show_default=True, type=int, help="LoRA rank.")
 @click.option("--alpha", default=16.0, show_default=True, type=float, help="LoRA alpha (scale alpha / rank).")
 @click.option("--train-gates", is_flag=True, help="Also train the MoE router gates (saved with the adapter).")

@@ -94,11 +94,19 @@ def evaluate_student(student: Student, cache: TeacherCache, batch_size: int = 4)
 
 def evaluate(model_dir: str | os.PathLike, cache_dir: str | os.PathLike, *, batch_size: int = 4,
              dtype: torch.dtype = torch.float32, device_map: str | dict | None = None, mtp: bool = True,
-             data: list[str | os.PathLike] | None = None) -> EvalResult:
-    """Load `model_dir` and measure it against the teacher cache `cache_dir` (tokenizer / vocab / text checked)."""
+             data: list[str | os.PathLike] | None = None, adapter: str | os.PathLike | None = None) -> EvalResult:
+    """Load `model_dir` (with the PEFT adapter directory `adapter` of `kd lora` on top) and measure it against the
+    teacher cache `cache_dir` (tokenizer / vocab / text checked)."""
     cache = TeacherCache(cache_dir)
     cache.check_tokenizer(model_dir)
     if data:
         cache.check_text(data)
     student = Student(Path(model_dir), dtype=dtype, device_map=device_map, mtp=mtp)
-    return evaluate_student(student, cache, batch_size)
+    if adapter is not None:
+        from peft import PeftModel
+
+        student.model = PeftModel.from_pretrained(student.model, str(adapter)).base_model.model
+    result = evaluate_student(student, cache, batch_size)
+    if adapter is not None:
+        result.model += f" + {Path(adapter).resolve().name}"
+    return result

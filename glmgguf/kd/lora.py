@@ -1,11 +1,11 @@
 """LoRA-KD: low-rank adapters on a pruned student, trained with Router-KD's loss to the cached teacher.
 
 PEFT LoRA adapters go on the chosen linear modules of the trunk (`attn`: the MLA projections q_a/q_b/kv_a/kv_b/o
-of every layer, the DSA indexer excluded; `shared`: the shared expert of each MoE layer; `dense`: the MLP of the
-dense layers); with `train_gates` the MoE router gates train beside them (PEFT `modules_to_save`, so the adapter
-directory restores them too). Everything else is frozen. Routed experts are stored fused (one [E, 2I, H] tensor per
-layer), which PEFT's LoRA does not adapt as per-expert linears: they are refused. The MTP block is not adapted (the
-trunk loss alone trains).
+of every layer, the DSA indexer excluded; `attn_out`: o_proj alone, the one llama.cpp applies an adapter to;
+`shared`: the shared expert of each MoE layer; `dense`: the MLP of the dense layers); with `train_gates` the MoE
+router gates train beside them (PEFT `modules_to_save`, so the adapter directory restores them too). Everything
+else is frozen. Routed experts are stored fused (one [E, 2I, H] tensor per layer), which PEFT's LoRA does not
+adapt as per-expert linears: they are refused. The MTP block is not adapted (the trunk loss alone trains).
 
 Loss and data are Router-KD's (`glmgguf.kd.train.batch_losses`: sparse KL to the cached teacher top-k;
 `rows_for_step`, `lr_at`); checkpoints every `save_every` steps (`glmgguf.kd.checkpoints`), resumable with the
@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from glmgguf.choices import LORA_TARGETS
 from glmgguf.kd.checkpoints import clear_work, latest_checkpoint, save_checkpoint
 from glmgguf.kd.errors import KdError, NanLossError
 from glmgguf.kd.options import TrainOptions, check_options, lr_at, rows_for_step
@@ -39,7 +40,6 @@ from glmgguf.kd.train import ProgressFn, batch_losses
 from glmgguf.kd.write import WriteReport, checkpoint_digest, write_student
 from glmgguf.layout import GlmLayout, LayerKind
 
-TARGETS = ("attn", "shared", "dense", "experts")
 DEFAULT_TARGETS = ("attn", "shared")
 ATTN_PROJ = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -70,9 +70,9 @@ class LoraResult:
 def check_lora_options(opts: LoraOptions) -> None:
     """One clear error for settings LoRA-KD does not train as asked."""
     check_options(opts.train)
-    unknown = sorted(set(opts.targets) - set(TARGETS))
+    unknown = sorted(set(opts.targets) - set(LORA_TARGETS))
     if unknown or not opts.targets:
-        raise KdError(f"--target must be one or more of {', '.join(TARGETS)}, not {unknown or 'nothing'}")
+        raise KdError(f"--target must be one or more of {', '.join(LORA_TARGETS)}, not {unknown or 'nothing'}")
     if "experts" in opts.targets:
         raise KdError("--target experts: the routed experts are stored fused per layer and PEFT LoRA does not adapt "
                       "them; adapt attn, shared or dense")
@@ -93,6 +93,8 @@ def target_modules(layout: GlmLayout, targets: tuple[str, ...]) -> list[str]:
         p = f"model.layers.{x.index}"
         if "attn" in targets:
             out += [f"{p}.self_attn.{m}" for m in ATTN_PROJ]
+        elif "attn_out" in targets:
+            out.append(f"{p}.self_attn.o_proj")
         if "shared" in targets and x.kind is LayerKind.MOE:
             out += [f"{p}.mlp.shared_experts.{m}" for m in MLP_PROJ]
         if "dense" in targets and x.kind is LayerKind.DENSE:
@@ -100,6 +102,13 @@ def target_modules(layout: GlmLayout, targets: tuple[str, ...]) -> list[str]:
     if not out:
         raise KdError(f"--target {','.join(targets)}: the student has no such modules")
     return out
+
+
+def adapter_parameters(layout: GlmLayout, targets: tuple[str, ...], rank: int, train_gates: bool) -> int:
+    """Trainable parameters of LoRA-KD: rank x (in + out) per adapted linear, plus [E, H] per trained gate."""
+    shapes = layout.expected_hf_tensors()
+    n = sum(rank * sum(shapes[f"{m}.weight"][:2]) for m in target_modules(layout, targets))
+    return n + (sum(shapes[f"{g}.weight"][0] * layout.hidden_size for g in gate_modules(layout)) if train_gates else 0)
 
 
 def gate_modules(layout: GlmLayout) -> list[str]:

@@ -159,6 +159,8 @@ def estimate_stages(plan: Plan, layout: GlmLayout, recipes: dict) -> dict[str, E
             memory = student + k.batch_size * hidden_act
             note = "the frozen student resident (across GPUs with device_map 'auto')"
         out["kd"] = Estimate(tensor_bytes(final, fp8=fp8)[0] + 3 * routers, memory, note)
+    if plan.lora is not None:
+        out.update(_lora_estimates(plan, final, fp8, out["kd"].memory))
     for g in plan.gguf:
         size = gguf_bytes(final, recipes[g.name])
         out[f"gguf-{g.name}"] = Estimate(size, 3 * tensor_bytes(final, 4)[2], "one tensor at a time")
@@ -176,7 +178,43 @@ def estimate_stages(plan: Plan, layout: GlmLayout, recipes: dict) -> dict[str, E
         out["eval-report"] = Estimate(0, 0)
         if plan.eval.baseline:
             out.update(_baseline_estimates(plan, layout, recipes[plan.eval.gguf]))
+        if plan.eval.variants:
+            out.update(_variant_estimates(plan, final, out, size))
     return out
+
+
+def _lora_estimates(plan: Plan, final: GlmLayout, fp8: bool, kd_memory: int) -> dict[str, Estimate]:
+    """LoRA-KD (float32 adapters with AdamW's two moments) and its merged checkpoint or adapter GGUF."""
+    from glmgguf.kd.lora import adapter_parameters
+
+    lo = plan.lora
+    assert lo is not None
+    adapter = 4 * adapter_parameters(final, tuple(lo.targets), lo.rank, lo.train_gates)
+    if lo.serve == "merged":
+        return {"lora": Estimate(tensor_bytes(final, fp8=fp8)[0] + adapter, kd_memory + 3 * adapter,
+                                 "the frozen student resident, as Router-KD; the merged checkpoint written")}
+    return {"lora": Estimate(adapter, kd_memory + 3 * adapter, "the frozen student resident, as Router-KD"),
+            "lora-gguf": Estimate(adapter, 2 * adapter)}
+
+
+def _variant_estimates(plan: Plan, final: GlmLayout, out: dict[str, Estimate], size: int) -> dict[str, Estimate]:
+    """[eval] variants: the pruned (and Router-KD) checkpoints as GGUF, their runs, held-out KLs and the report."""
+    e = plan.eval
+    assert e is not None
+    labels = ["pruned"] + (["router-kd"] if plan.lora is not None else [])
+    convert = 3 * tensor_bytes(final, 4)[2]
+    res: dict[str, Estimate] = {}
+    for label in labels:
+        if label == "pruned" or (plan.lora is not None and plan.lora.serve == "merged"):
+            res[f"variant-{label}-gguf"] = Estimate(size, convert, "one tensor at a time")
+        for p in e.presets:
+            res[f"eval-{label}-{p}"] = Estimate(0, size, "llama-server maps the GGUF; plus its KV cache")
+    if plan.data.heldout:
+        last = "lora" if plan.lora is not None else "router-kd"
+        for label in [*labels, last]:
+            res[f"heldout-kl-{label}"] = Estimate(0, out["kd"].memory, "the checkpoint resident, as Router-KD")
+    res["variants-report"] = Estimate(0, 0)
+    return res
 
 
 def kld_logits_bytes(ctx: int, chunks: int, vocab: int) -> int:

@@ -24,6 +24,9 @@ from glmgguf.choices import (
     GGUF_INDEXER,
     GGUF_MTP,
     KD_SCHEDULES,
+    LORA_GGUF_TARGETS,
+    LORA_SERVE,
+    LORA_TARGETS,
     NVFP4_FORMATS,
     REAP_METRICS,
     REAP_PER_LAYER,
@@ -134,6 +137,27 @@ class KdSection:
 
 
 @dataclass
+class LoraSection:
+    """[lora]: LoRA adapters (and optionally the router gates) trained after [kd] to the same teacher cache; served
+    merged into the checkpoint every later stage reads, or as a llama.cpp adapter GGUF beside the GGUF outputs."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["attn", "shared"], metadata={"each": LORA_TARGETS})
+    train_gates: bool = True
+    gate_lr: float | None = None  # the gates' learning rate (default: lr)
+    lr: float = 1e-3
+    steps: int = 200
+    batch_size: int = 4
+    schedule: str = _choice("constant", KD_SCHEDULES)
+    warmup: int = 0
+    dtype: str = _choice("f32", DTYPE_CHOICES)
+    device_map: str = _device(DEVICE_MAP)
+    save_every: int = 50
+    serve: str = _choice("merged", LORA_SERVE)
+
+
+@dataclass
 class LaunchSection:
     """[launch]: observe, the teacher passes and Router-KD (with FSDP2) run under torchrun on these ranks; each
     rank's backend follows its stage's device (NCCL on CUDA, gloo on the CPU)."""
@@ -187,6 +211,7 @@ class EvalSection:
     draft_max: int = 3
     draft_p_min: float = 0.0
     baseline: bool = False  # also convert the unpruned source model with the same recipe and evaluate it
+    variants: bool = False  # also evaluate the pruned and Router-KD checkpoints (before [lora]) the same way
 
 
 @dataclass
@@ -208,8 +233,8 @@ class CardSection:
 
 
 SECTIONS: dict[str, type] = {"pipeline": PipelineSection, "data": DataSection, "reap": ReapSection,
-                             "kd": KdSection, "gguf": GgufOutput, "nvfp4": Nvfp4Section, "eval": EvalSection,
-                             "launch": LaunchSection, "kld": KldSection, "card": CardSection}
+                             "kd": KdSection, "lora": LoraSection, "gguf": GgufOutput, "nvfp4": Nvfp4Section,
+                             "eval": EvalSection, "launch": LaunchSection, "kld": KldSection, "card": CardSection}
 LIST_SECTIONS = frozenset({"gguf"})  # [[gguf]]: several outputs
 
 
@@ -226,6 +251,7 @@ class Plan:
     data: DataSection
     reap: ReapSection | None
     kd: KdSection | None
+    lora: LoraSection | None = None
     gguf: list[GgufOutput] = field(default_factory=list)
     nvfp4: Nvfp4Section | None = None
     eval: EvalSection | None = None
@@ -291,6 +317,9 @@ def _section(raw: dict, name: str, text: str, path: Path, index: int = 0) -> Any
         choices = fields[key].metadata.get("choices")
         if choices and value not in choices:
             raise fail(f"{here} {key} = {value!r} is not one of {', '.join(choices)}", key)
+        each = fields[key].metadata.get("each")
+        if each and (bad := [v for v in value if v not in each]):
+            raise fail(f"{here} {key}: {', '.join(map(repr, bad))} not among {', '.join(each)}", key)
         if (pattern := fields[key].metadata.get("device")) and (problem := device_problem(value, pattern)):
             raise fail(f"{here} {key}: {problem}", key)
         out[key] = float(value) if kind is float else value
@@ -339,7 +368,8 @@ def parse_plan(path: str | Path, workdir: str | Path | None = None) -> Plan:
         g.imatrix = None if g.imatrix is None else (base / g.imatrix).resolve()
     plan = Plan(path=path, text=text, base=base, workdir=Path(workdir or base / pipe.workdir).resolve(),
                 model=pipe.model, threads=pipe.threads, data=sections.get("data") or DataSection(),
-                reap=sections.get("reap"), kd=sections.get("kd"), gguf=gguf, nvfp4=sections.get("nvfp4"),
+                reap=sections.get("reap"), kd=sections.get("kd"), lora=sections.get("lora"), gguf=gguf,
+                nvfp4=sections.get("nvfp4"),
                 eval=sections.get("eval"), launch=sections.get("launch"), kld=sections.get("kld"),
                 card=sections.get("card"))
     _check_structure(plan)
@@ -370,6 +400,8 @@ def _check_structure(plan: Plan) -> None:
             raise fail("kd", None, "[kd] distills a pruned student: the plan needs a [reap] section too")
         if not plan.data.kd:
             raise fail("data", None, "[kd] needs KD text: set [data] kd")
+    if plan.lora is not None:
+        _check_lora(plan, fail)
     if plan.eval is not None:
         from glmgguf.eval.run import PRESETS as EVAL_PRESETS
 
@@ -380,6 +412,9 @@ def _check_structure(plan: Plan) -> None:
         if plan.gguf[names.index(e.gguf)].split_max_size:
             raise fail("eval", "gguf", f"[eval] gguf = {e.gguf!r} is a split output; evaluate an unsplit one")
         _check_draft(plan, fail)
+        if e.variants and plan.kd is None:
+            raise fail("eval", "variants", "[eval] variants evaluates the pruned and Router-KD checkpoints: the plan "
+                                           "needs [reap] and [kd]")
         if e.baseline and plan.reap is None:
             raise fail("eval", "baseline", "[eval] baseline evaluates the unpruned source model: without [reap] the "
                                            "evaluated GGUF is already of it")
@@ -397,6 +432,28 @@ def _check_structure(plan: Plan) -> None:
     elif plan.kd is not None and plan.kd.cpu_offload:
         raise fail("kd", "cpu_offload", "[kd] cpu_offload is for FSDP2, which runs under [launch]")
     _check_sizes(plan, fail)
+
+
+def _check_lora(plan: Plan, fail: Callable[..., PlanError]) -> None:
+    """[lora] trains after [kd], on targets it can serve the way the plan asks."""
+    lo = plan.lora
+    assert lo is not None
+    if plan.kd is None:
+        raise fail("lora", None, "[lora] trains adapters after Router-KD to its teacher cache: the plan needs [kd]")
+    if not lo.targets or "experts" in lo.targets:
+        raise fail("lora", "targets", "[lora] targets: routed experts are stored fused and cannot take adapters; "
+                                      "choose from attn, attn_out, shared, dense")
+    if lo.serve == "adapter" and (bad := [t for t in lo.targets if t not in LORA_GGUF_TARGETS]):
+        raise fail("lora", "targets", f"[lora] serve = \"adapter\": llama.cpp applies no LoRA to {', '.join(bad)} "
+                                      f"(q_a/q_b/kv_a/kv_b); use targets from {', '.join(LORA_GGUF_TARGETS)} or "
+                                      "serve = \"merged\"")
+    for key in ("rank", "steps", "batch_size"):
+        if getattr(lo, key) < 1:
+            raise fail("lora", key, f"[lora] {key} must be at least 1")
+    if not lo.lr > 0 or not lo.alpha > 0 or (lo.gate_lr is not None and not lo.gate_lr > 0):
+        raise fail("lora", None, "[lora] lr, gate_lr and alpha must be positive")
+    if plan.launch is not None and plan.launch.world > 1:
+        raise fail("lora", None, "[lora] trains in one process: run it without [launch] (FSDP is not supported)")
 
 
 def _check_launch(plan: Plan, fail: Callable[..., PlanError]) -> None:

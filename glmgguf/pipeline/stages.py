@@ -62,13 +62,15 @@ def _texts(paths: list[Path]) -> dict[str, Path]:
 @dataclass
 class _Chain:
     """What the stage builders share: the plan, its inputs, and the checkpoint the next stage reads (`final`,
-    written by the stages `after`; the source model until a stage rewrites it)."""
+    written by the stages `after`; the source model until a stage rewrites it); `adapter`: the llama.cpp LoRA
+    adapter GGUF the final model is served with (and the stage writing it), when [lora] serves one."""
 
     plan: Plan
     model: Path
     data: dict[str, list[Path]]
     final: Path
     after: list[str] = field(default_factory=list)
+    adapter: tuple[Path, str] | None = None
 
     @property
     def workdir(self) -> Path:
@@ -94,10 +96,10 @@ def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: 
     """The stages of `plan` for the source checkpoint `model`, text files `data` and resolved recipe refs
     (`kld_text`: the [kld] text file)."""
     c = _Chain(plan, model, data, model)
-    stages = [*_observe_stages(c), *_prune_stages(c), *_kd_stages(c)]
+    stages = [*_observe_stages(c), *_prune_stages(c), *_kd_stages(c), *_lora_stages(c)]
     ggufs = [_gguf_stage(c, g, recipes[g.name]) for g in plan.gguf]
     stages += [*ggufs, *_nvfp4_stages(c), *_kld_stages(c, ggufs, kld_text)]
-    return stages + _eval_stages(c, prompts, recipes, ggufs)
+    return stages + _eval_stages(c, prompts, recipes, ggufs) + _variant_stages(c, prompts, recipes, ggufs)
 
 
 def _observe_stages(c: _Chain) -> list[Stage]:
@@ -170,6 +172,37 @@ def _kd_stages(c: _Chain) -> list[Stage]:
     return stages
 
 
+def _lora_stages(c: _Chain) -> list[Stage]:
+    """LoRA-KD of the Router-KD checkpoint to the same teacher cache: `lora/out/adapter` (PEFT), and either the
+    merged checkpoint `lora/out/model` (read by every later stage) or the adapter as a llama.cpp adapter GGUF that
+    the GGUF outputs of the Router-KD checkpoint are served with."""
+    lo, w = c.plan.lora, c.workdir
+    if lo is None:
+        return []
+    out = w / "lora" / "out"
+    args = ["kd", "lora", str(c.final), "--teacher-cache", str(w / "teacher" / "cache"), "--out", str(out / "adapter"),
+            "--target", ",".join(lo.targets), "--rank", str(lo.rank), "--alpha", str(lo.alpha), "--lr", str(lo.lr),
+            "--steps", str(lo.steps), "--batch-size", str(lo.batch_size), "--schedule", lo.schedule,
+            "--warmup", str(lo.warmup), "--dtype", lo.dtype, "--device-map", lo.device_map,
+            "--save-every", str(lo.save_every), "--resume", "--work-dir", str(w / "lora" / "work"), *_threads(c.plan)]
+    if lo.train_gates:
+        args += ["--train-gates", *(["--gate-lr", str(lo.gate_lr)] if lo.gate_lr is not None else [])]
+    merged = lo.serve == "merged"
+    if merged:
+        args += ["--merge", str(out / "model")]
+    what = "LoRA adapters trained to the teacher" + (", merged into the checkpoint" if merged else "")
+    train = Stage("lora", w / "lora", args, out, {}, [*c.after, "teacher"], what=what, output_dir_first=True)
+    if merged:
+        c.final, c.after = out / "model", [train.name]
+        return [train]
+    gguf = w / "lora-gguf" / "adapter.gguf"
+    write = Stage("lora-gguf", w / "lora-gguf", ["kd", "lora-gguf", str(out / "adapter"), str(gguf), "--base",
+                                                 str(c.final)], gguf, {}, [train.name, *c.after],
+                  what="the LoRA adapter as a llama.cpp adapter GGUF (llama-server --lora)")
+    c.adapter = (gguf, write.name)
+    return [train, write]
+
+
 def _gguf_stage(c: _Chain, g: GgufOutput, recipe: str, name: str = "") -> Stage:
     """One [[gguf]] output (stage `name`, default gguf-NAME); a split one writes NAME-0000i-of-0000N.gguf files
     into its own directory."""
@@ -222,10 +255,12 @@ def _kld_stages(c: _Chain, ggufs: list[Stage], text: Path | None) -> list[Stage]
                        what=f"KL divergence of {len(ggufs)} GGUF output(s) against the reference")]
 
 
-def _eval_run_stage(c: _Chain, e: EvalSection, preset: str, prompts: str, gguf: Stage, name: str) -> Stage:
-    """One loop evaluation (stage `name`) of the GGUF stage `gguf`'s output under sampler `preset`."""
+def _eval_run_stage(c: _Chain, e: EvalSection, preset: str, prompts: str, gguf: Stage, name: str,
+                    adapter: tuple[Path, str] | None = None, label: str = "") -> Stage:
+    """One loop evaluation (stage `name`) of the GGUF stage `gguf`'s output under sampler `preset` (with the LoRA
+    adapter GGUF `adapter` and the stage writing it), written to `[LABEL-]PRESET.json`."""
     w = c.workdir
-    out = w / name / f"{preset}.json"  # compare labels each run by its file name
+    out = w / name / f"{label + '-' if label else ''}{preset}.json"  # compare labels each run by its file name
     args = ["eval", "loops", "--gguf", str(gguf.output), "--prompts", prompts, "--out", str(out), "--preset", preset,
             "--parallel", str(e.parallel), "--safety-cap", str(e.safety_cap), "--seed", str(e.seed), "--quiet",
             *_threads(c.plan)]
@@ -234,9 +269,14 @@ def _eval_run_stage(c: _Chain, e: EvalSection, preset: str, prompts: str, gguf: 
             args += [f"--{key}", str(getattr(e, key))]
     if e.draft_mtp:
         args += ["--draft-mtp", "--draft-max", str(e.draft_max), "--draft-p-min", str(e.draft_p_min)]
+    after = [gguf.name]
+    if adapter is not None:
+        args += ["--lora", str(adapter[0])]
+        after.append(adapter[1])
     inputs = {} if prompts in EVAL_PROMPT_SETS else {"prompts": Path(prompts)}
-    what = f"loop evaluation, sampler preset {preset}" + (", MTP drafting" if e.draft_mtp else "")
-    return Stage(name, w / name, args, out, inputs, [gguf.name], what=what)
+    what = (f"loop evaluation, sampler preset {preset}" + (", MTP drafting" if e.draft_mtp else "")
+            + (", LoRA adapter" if adapter else ""))
+    return Stage(name, w / name, args, out, inputs, after, what=what)
 
 
 def _eval_stages(c: _Chain, prompts: str | None, recipes: dict[str, str], ggufs: list[Stage]) -> list[Stage]:
@@ -247,7 +287,7 @@ def _eval_stages(c: _Chain, prompts: str | None, recipes: dict[str, str], ggufs:
         return []
     g = next(g for g in c.plan.gguf if g.name == e.gguf)
     gguf = next(s for s in ggufs if s.name == f"gguf-{g.name}")
-    runs = [_eval_run_stage(c, e, preset, prompts, gguf, f"eval-{preset}") for preset in e.presets]
+    runs = [_eval_run_stage(c, e, preset, prompts, gguf, f"eval-{preset}", c.adapter) for preset in e.presets]
     report = c.workdir / "eval-report" / "report.md"
     args = ["eval", "compare", *(str(s.output) for s in runs), "--out", str(report),
             "--png", str(report.with_suffix(".png"))]
@@ -260,3 +300,77 @@ def _eval_stages(c: _Chain, prompts: str | None, recipes: dict[str, str], ggufs:
     base.what = f"the unpruned source model as GGUF, recipe {g.recipe}" + (", without the final model's imatrix"
                                                                           if g.imatrix else "")
     return [*stages, base, *(_eval_run_stage(c, e, p, prompts, base, f"eval-baseline-{p}") for p in e.presets)]
+
+
+def _variants(c: _Chain, recipes: dict[str, str]) -> list[tuple[str, Stage | None, Path]]:
+    """The checkpoints before the final one, each as (label, GGUF stage to add or None for the evaluated GGUF
+    itself, checkpoint): the pruned one and, when [lora] follows, the Router-KD one."""
+    w, e = c.workdir, c.plan.eval
+    assert e is not None
+    g = next(g for g in c.plan.gguf if g.name == e.gguf)
+    out = []
+    for label, stage in (("pruned", "prune"), ("router-kd", "kd")):
+        model = w / stage / "model"
+        if model == c.final and c.adapter is None:
+            break
+        chain = _Chain(c.plan, c.model, c.data, model, [stage])
+        gguf = None if model == c.final else _gguf_stage(chain, replace(g, imatrix=None), recipes[g.name],
+                                                        f"variant-{label}-gguf")
+        if gguf is not None:
+            gguf.what = f"the {label} checkpoint as GGUF, recipe {g.recipe} (compared with the final model)"
+        out.append((label, gguf, model))
+    return out
+
+
+def _variant_stages(c: _Chain, prompts: str | None, recipes: dict[str, str], ggufs: list[Stage]) -> list[Stage]:
+    """[eval] variants: the same loop runs of the pruned and Router-KD checkpoints (before [lora]), with held-out text
+    every checkpoint's KL to the teacher on it (`heldout-kl-LABEL`), and their comparison."""
+    e, w = c.plan.eval, c.workdir
+    if e is None or prompts is None or not e.variants:
+        return []
+    final = next(s for s in ggufs if s.name == f"gguf-{e.gguf}")
+    stages: list[Stage] = []
+    variants = _variants(c, recipes)
+    for label, gguf, _ in variants:
+        stages += [gguf] if gguf else []
+        stages += [_eval_run_stage(c, e, p, prompts, gguf or final, f"eval-{label}-{p}", label=label)
+                   for p in e.presets]
+    last = "lora" if c.plan.lora is not None else "router-kd"
+    adapter = w / "lora" / "out" / "adapter" if c.adapter else None
+    models = [(label, model, None) for label, _, model in variants] + [(last, c.final, adapter)]
+    kls = [_heldout_kl_stage(c, *m) for m in models] if c.data.get("heldout") else []
+    return [*stages, *kls, _variants_report(c, [m[0] for m in models], stages, kls)]
+
+
+def _variants_report(c: _Chain, labels: list[str], runs: list[Stage], kls: list[Stage]) -> Stage:
+    """`eval compare` of every checkpoint's runs, preset by preset (the unpruned source first, with `baseline`),
+    and their held-out KL."""
+    e, w = c.plan.eval, c.workdir
+    assert e is not None
+    names = (["eval-baseline-{}"] if e.baseline else []) + [f"eval-{x}-{{}}" for x in labels[:-1]] + ["eval-{}"]
+    shown = (["unpruned"] if e.baseline else []) + labels
+    args, after = ["eval", "compare"], [s.name for s in runs if s.name.startswith("eval-")]
+    for p in e.presets:
+        for label, name in zip(shown, names, strict=True):
+            stage = name.format(p)
+            out = next((s.output for s in runs if s.name == stage), w / stage / f"{p}.json")
+            args.append(f"{label}-{p}={out}")
+            after.append(stage)
+    for s in kls:
+        args += ["--kl", f"{s.name.removeprefix('heldout-kl-')}={s.output}"]
+    report = w / "variants-report" / "report.md"
+    args += ["--out", str(report), "--png", str(report.with_suffix(".png"))]
+    return Stage("variants-report", w / "variants-report", args, report, {},
+                 list(dict.fromkeys([*after, *(s.name for s in kls)])),
+                 what="loop rates and held-out KL of the unpruned, pruned, Router-KD and final checkpoints")
+
+
+def _heldout_kl_stage(c: _Chain, label: str, model: Path, adapter: Path | None) -> Stage:
+    """KL(teacher || checkpoint) on the held-out teacher cache (`kd eval`)."""
+    w = c.workdir
+    out = w / f"heldout-kl-{label}" / "kl.json"
+    args = ["kd", "eval", str(model), "--teacher-cache", str(w / "teacher-heldout" / "cache"), "--json", str(out),
+            *(["--adapter", str(adapter)] if adapter else []), *_threads(c.plan)]
+    after = {"pruned": ["prune"], "router-kd": ["kd"]}.get(label, ["lora"])
+    return Stage(f"heldout-kl-{label}", w / f"heldout-kl-{label}", args, out, {}, [*after, "teacher-heldout"],
+                 what=f"held-out KL of the {label} checkpoint to the teacher")
