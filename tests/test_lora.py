@@ -150,3 +150,22 @@ def test_cli_lora_bf16_merged_converts(pruned, kd_cache, tmp_path):
     assert "verified byte-identical" in r.output and "trainable parameters" in r.output
     r = CliRunner().invoke(main, ["convert", str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--outtype", "f32"])
     assert r.exit_code == 0, r.output
+
+
+def test_held_out_kl_with_the_adapter_equals_the_merged_model(pruned, held_cache, lora_run):
+    """`kd eval --adapter` measures the student with the PEFT adapter applied (what the pipeline's variants report
+    does for an adapter served beside the GGUF): the merged checkpoint's KL up to its BF16 rounding (1.2%). The
+    adapter's parameter count follows from the layout alone (the pipeline's estimates, the GLM-5.2 extrapolation)."""
+    from glmgguf.kd.lora import adapter_parameters
+
+    res, d = lora_run
+    plain = evaluate(pruned, held_cache, mtp=False).kl
+    adapted = evaluate(pruned, held_cache, mtp=False, adapter=d / "adapter")
+    merged = evaluate(d / "merged", held_cache, mtp=False).kl
+    assert adapted.model.endswith("+ adapter") and adapted.kl < 0.9 * plain
+    assert abs(adapted.kl - merged) < 0.03 * merged, (adapted.kl, merged)  # measured: 0.03874 vs 0.03923
+    layout = GlmLayout.from_dir(pruned)
+    assert adapter_parameters(layout, ("attn", "shared"), 8, True) == res.log["trainable_parameters"]
+    o_proj = target_modules(layout, ("attn_out", "shared"))
+    assert [m for m in o_proj if "self_attn" in m] == [f"model.layers.{x.index}.self_attn.o_proj"
+                                                         for x in layout.layers if not x.is_mtp]
