@@ -244,6 +244,13 @@ def _lineage_lines(work: Path, model: Path, cfg: dict) -> list[str]:
     return lines
 
 
+def _lora_line(work: Path) -> str:
+    """The shipped plan's LoRA-KD (rank 8 on attention and shared experts, the gates trained, merged)."""
+    log = json.loads((work / "lora" / "out" / "adapter" / "lora_train_log.json").read_text())
+    return (f"- LoRA-KD: rank-8 adapters on attn, shared and the router gates, {len(log['steps']):,} steps training "
+            f"{log['trainable_parameters']:,} parameters to the same teacher; merged into the weights.")
+
+
 def _gguf_type_lines(files: list[Path]) -> list[str]:
     """Per role: tensors, types and bits per weight, from gguf-py's tensor infos (roles from the naming table)."""
     import gguf
@@ -281,7 +288,7 @@ def _expected(work: Path) -> dict[str, list[str]]:
     active: dict[str, int] = {}
     for name, model in (("prune", prune_model), ("kd", kd_model), ("nvfp4", work / "nvfp4" / "model")):
         sizes[name] = sum((model / f).stat().st_size for f in _weight_files(model))
-        total, active[name] = _safetensors_params(kd_model if name == "nvfp4" else model)  # NVFP4 packs kd's
+        total, active[name] = _safetensors_params(kd_model if name == "nvfp4" else model)  # NVFP4 packs kd's shapes
         out[name] = [f"| parameters | {total:,} stored; {active[name]:,} active per token",
                      f"| size on disk | {format_size(sizes[name])} ({sizes[name]:,} bytes) |",
                      f"| context length | {cfg['max_position_embeddings']:,} tokens (config) |",
@@ -289,8 +296,8 @@ def _expected(work: Path) -> dict[str, list[str]]:
                      *_lineage_lines(work, prune_model if name == "prune" else kd_model, cfg),
                      *_hardware_lines(sizes[name], cfg, "checkpoint")]
     nv = json.loads((work / "nvfp4" / "model" / "nvfp4_export.json").read_text())
-    out["nvfp4"].append(f"| format | NVFP4 (modelopt): {nv['experts_nvfp4']:,} routed experts in "
-                        f"{len(nv['quantized_layers'])} layers at 4 bits")
+    out["nvfp4"] += [f"| format | NVFP4 (modelopt): {nv['experts_nvfp4']:,} routed experts in "
+                     f"{len(nv['quantized_layers'])} layers at 4 bits", _lora_line(work)]
     for name, recipe, files in (
             ("gguf-q4_protected", "q4_protected", [work / "gguf-q4_protected" / "q4_protected.gguf"]),
             ("gguf-q8", "q8_0", sorted((work / "gguf-q8" / "split").glob("*.gguf")))):
@@ -300,15 +307,16 @@ def _expected(work: Path) -> dict[str, list[str]]:
                      f"| size on disk | {format_size(sizes[name])} ({sizes[name]:,} bytes) |",
                      f"| context length | {kv['glm-dsa.context_length']:,} tokens (config) |",
                      f"| experts per token | {kv['glm-dsa.expert_used_count']} |",
-                     *_lineage_lines(work, kd_model, cfg), *_gguf_type_lines(files), *_recipe_lines(recipe),
+                     *_lineage_lines(work, kd_model, cfg), _lora_line(work), *_gguf_type_lines(files),
+                     *_recipe_lines(recipe),
                      *_hardware_lines(sizes[name], cfg, "gguf")]
     out["gguf-q4_protected"] += [*_eval_lines(work, ["greedy", "guarded"]), _serve_line(work),
                                  _kld_line(work, "q4_protected.gguf")]
     out["gguf-q8"].append(_kld_line(work, sorted((work / "gguf-q8" / "split").glob("*.gguf"))[0].name))
     made = {"prune": "REAP pruning -> safetensors", "kd": "REAP pruning -> Router-KD -> safetensors",
-            "nvfp4": "REAP pruning -> Router-KD -> NVFP4 (modelopt)",
-            "gguf-q4_protected": "REAP pruning -> Router-KD -> GGUF (q4_protected)",
-            "gguf-q8": "REAP pruning -> Router-KD -> GGUF (q8_0)"}
+            "nvfp4": "REAP pruning -> Router-KD -> LoRA-KD -> NVFP4 (modelopt)",
+            "gguf-q4_protected": "REAP pruning -> Router-KD -> LoRA-KD -> GGUF (q4_protected)",
+            "gguf-q8": "REAP pruning -> Router-KD -> LoRA-KD -> GGUF (q8_0)"}
     family = [f"| {n} | {made[n]} | {cfg['n_routed_experts']} | {active[n]:,} | {format_size(sizes[n])} | ["
               for n in CARDS]
     return {name: lines + family for name, lines in out.items()}
@@ -325,6 +333,7 @@ def test_every_output_has_a_card_whose_front_matter_parses(work):
         assert meta["library_name"] == ("gguf" if name.startswith("gguf") else "transformers")
         assert {"glm_moe_dsa", "moe", "reap-pruned"} <= set(meta["tags"])
         assert ("router-kd" in meta["tags"]) == (name != "prune")
+        assert ("lora" in meta["tags"]) == (name not in ("prune", "kd"))
         assert ("gguf" in meta["tags"]) == name.startswith("gguf"), meta["tags"]
         assert "modelopt" in meta["tags"] if name == "nvfp4" else "modelopt" not in meta["tags"]
 

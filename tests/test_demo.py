@@ -16,9 +16,12 @@ def test_demo_end_to_end(tmp_path, llama_toolchain, trained_testbed_dir):
     assert result.exit_code == 0, result.output
     gguf = tmp_path / "pipeline" / "gguf-q4_protected" / "q4_protected.gguf"
     assert gguf.stat().st_size > 0
-    for stage in ("observe", "prune", "teacher", "kd", "gguf-q4_protected", "eval-greedy", "eval-report"):
+    for stage in ("observe", "prune", "teacher", "kd", "lora", "gguf-q4_protected", "eval-greedy", "eval-report",
+                  "variants-report"):
         assert (tmp_path / "pipeline" / stage / "manifest.json").is_file(), stage
     assert "kept 11 of 16 experts" in result.output and "held-out KL to the teacher" in result.output
+    assert "LoRA-KD: rank 8 on attn,shared + router gates" in result.output
+    assert "| lora-guarded | 16 |" in result.output and "| lora |" in result.output
     assert "Loop evaluation" in result.output
     m = re.search(r"generation: (\d+) tokens at", result.output)
     assert m and int(m.group(1)) > 0, result.output

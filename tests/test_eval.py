@@ -267,6 +267,24 @@ def test_compare_cli_writes_table_and_chart(tmp_path):
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "is not a run file" in r.output
 
 
+def test_compare_labels_runs_and_adds_held_out_kl(tmp_path):
+    """LABEL=RUN names a row (runs of different checkpoints share a file name); --kl adds `kd eval` results."""
+    for name, run in (("a", _fake_run(10, 30, 50)), ("b", _fake_run(2, 40, 50))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "greedy.json").write_text(json.dumps(run))
+    for name, kl in (("pruned", 0.05), ("lora", 0.04)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"kl": kl, "top1": 0.8125, "positions": 256}))
+    r = CliRunner().invoke(main, ["eval", "compare", f"unpruned={tmp_path / 'a' / 'greedy.json'}",
+                                  f"lora={tmp_path / 'b' / 'greedy.json'}",
+                                  "--kl", f"pruned={tmp_path / 'pruned.json'}", "--kl", str(tmp_path / "lora.json")])
+    assert r.exit_code == 0, r.output
+    assert "| unpruned | 50 | 20.0% |" in r.output and "| lora | 50 | 4.0% |" in r.output
+    assert "| pruned | 0.05000 | +0.0% | 81.25% | 256 |" in r.output
+    assert "| lora | 0.04000 | -20.0% | 81.25% | 256 |" in r.output
+    r = CliRunner().invoke(main, ["eval", "compare", f"x={tmp_path / 'missing.json'}"])
+    assert r.exit_code == 2 and "missing.json is not a file" in r.output
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts and bad input
 # ----------------------------------------------------------------------------------------------------------------

@@ -300,18 +300,21 @@ def test_killed_pipeline_resumes_to_the_same_outputs(trained_testbed_dir, tmp_pa
 
 @pytest.mark.slow
 def test_demo_plan_on_the_fp8_release_layout(trained_testbed_dir, tmp_path):
-    """The shipped demo plan (observe, prune, teacher, KD, q4_protected GGUF, evaluation in llama-server) with the
-    testbed stored as the block-FP8 release: everything runs, and the pruned and distilled models stay FP8."""
+    """The shipped demo plan (observe, prune, teacher, KD, LoRA-KD, q4_protected GGUF, evaluations in llama-server)
+    with the testbed stored as the block-FP8 release: everything runs, the pruned and distilled models stay FP8,
+    and the LoRA adapter, which cannot be merged into FP8 weights, is served as a llama.cpp adapter GGUF: the
+    evaluation applies it, the Router-KD variant is the same GGUF without it, the card says how to serve it."""
     from glmgguf.io import CheckpointReader
 
     shipped = (Path(__file__).resolve().parent.parent / "glmgguf" / "pipeline" / "plans" / "testbed.toml").read_text()
     text = (shipped.replace('model = "testbed:tiny"', 'model = "testbed:tiny-fp8"')
             .replace('workdir = "demo-out/pipeline"', 'workdir = "work"')
             .replace("steps = 100", "steps = 10").replace("kd_samples = 256", "kd_samples = 32")
-            .replace("limit = 16", "limit = 4").replace("safety_cap = 256", "safety_cap = 64"))
-    assert 'model = "testbed:tiny-fp8"' in text and "steps = 10" in text
+            .replace("limit = 16", "limit = 4").replace("safety_cap = 256", "safety_cap = 64")
+            .replace('serve = "merged"', 'serve = "adapter"').replace('["attn", "shared"]', '["attn_out", "shared"]'))
+    assert 'model = "testbed:tiny-fp8"' in text and "steps = 10" in text and 'serve = "adapter"' in text
     proc = _pipeline(_write(tmp_path, text), {**os.environ, "OMP_NUM_THREADS": "1"})
-    out, _ = proc.communicate(timeout=1200)
+    out, _ = proc.communicate(timeout=1500)
     assert proc.returncode == 0, out.decode()[-3000:]
     work = tmp_path / "work"
     for model in ("prune/model", "kd/model"):
@@ -319,6 +322,14 @@ def test_demo_plan_on_the_fp8_release_layout(trained_testbed_dir, tmp_path):
         assert reader.fp8 is not None and reader.scales, model
     assert (work / "gguf-q4_protected" / "q4_protected.gguf").stat().st_size > 0
     assert (work / "eval-report" / "report.md").read_text().count("|") > 10
+    assert json.loads((work / "eval-greedy" / "greedy.json").read_text())["spec"]["lora"] == "adapter.gguf"
+    assert "lora" not in json.loads((work / "eval-router-kd-greedy" / "router-kd-greedy.json").read_text())["spec"]
+    report = (work / "variants-report" / "report.md").read_text()
+    assert all(f"| {v}-greedy | 4 |" in report for v in ("unpruned", "pruned", "router-kd", "lora")), report
+    kls = {v: json.loads((work / f"heldout-kl-{v}" / "kl.json").read_text())["kl"] for v in ("router-kd", "lora")}
+    assert kls["lora"] < kls["router-kd"], kls  # the adapter, applied by PEFT, moves the held-out KL down
+    card = (work / "gguf-q4_protected" / "README.md").read_text()
+    assert "--lora adapter.gguf" in card and "served as the llama.cpp adapter `adapter.gguf`" in card
 
 
 STREAM_PLAN = """\

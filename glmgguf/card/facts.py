@@ -28,6 +28,7 @@ MANIFEST = "manifest.json"
 KEEP_MAP = "reap_keep_map.json"
 REAP_STATS = "reap_stats.json"
 KD_LOG = "kd_train_log.json"
+LORA_STAGE, LORA_LOG = "lora", "adapter/lora_train_log.json"  # the pipeline's LoRA-KD stage and its log
 NVFP4_MANIFEST = "nvfp4_export.json"
 KLD_STAGE, KLD_REFERENCE, BASELINE = "kld", "kld-reference", "baseline-gguf"  # the pipeline's stage names
 log = logging.getLogger(__name__)
@@ -91,6 +92,19 @@ class KdFacts:
     trainable_params: int
     first_eval: dict[str, float] | None  # held-out KL / top-1 agreement before training (step 0)
     last_eval: dict[str, float] | None
+
+
+@dataclass(frozen=True)
+class LoraFacts:
+    """LoRA-KD after Router-KD: the adapter's settings and where it went (merged, or an adapter GGUF served with
+    the GGUF, `adapter` its file name)."""
+
+    rank: int
+    targets: tuple[str, ...]
+    train_gates: bool
+    steps: int
+    trainable_params: int
+    adapter: str | None  # None: merged into the weights
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,7 @@ class BuildFacts:
     model: ModelFacts
     prune: PruneFacts | None = None
     kd: KdFacts | None = None
+    lora: LoraFacts | None = None
     gguf: GgufFacts | None = None
     nvfp4: Nvfp4Facts | None = None
     evals: tuple[EvalFacts, ...] = ()
@@ -293,6 +308,20 @@ def kd_facts(ckpt: Path | None) -> KdFacts | None:
     first, last = (evals[0], evals[-1]) if len(evals) >= 2 else (None, None)
     return KdFacts(steps=len(log["steps"]), trainable_params=int(log["trainable_parameters"]),
                    first_eval=first, last_eval=last)
+
+
+def lora_facts(records: list[StageRecord], evals: tuple[EvalFacts, ...]) -> LoraFacts | None:
+    """LoRA-KD in the build's lineage (merged), or the stage whose adapter GGUF its evaluations applied."""
+    rec = next((r for r in records if r.name == LORA_STAGE), None)
+    adapter = next((e.lora for e in evals if e.lora), None)
+    if rec is None and adapter and records:
+        rec = read_stage(records[0].dir.parent / LORA_STAGE)
+    log = read_json(rec.output / LORA_LOG) if rec else None
+    if not log:
+        return None
+    o = log["options"]
+    return LoraFacts(rank=int(o["rank"]), targets=tuple(o["targets"]), train_gates=bool(o["train_gates"]),
+                     steps=len(log["steps"]), trainable_params=int(log["trainable_parameters"]), adapter=adapter)
 
 
 def eval_facts(rec: StageRecord) -> tuple[EvalFacts, ...]:

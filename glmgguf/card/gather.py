@@ -33,7 +33,7 @@ def gather(output: Path, base_model: str | None = None, license: str | None = No
         summary, g = files.gguf_facts(rec.output, _shipped_recipes())
         evals = F.eval_facts(rec)
         return F.BuildFacts(kind="gguf", size_bytes=F.files_size(files.gguf_parts(rec.output)), storage="GGUF",
-                            model=files.gguf_model(summary), gguf=g, evals=evals,
+                            model=files.gguf_model(summary), gguf=g, evals=evals, lora=F.lora_facts(records, evals),
                             baseline=F.baseline_facts(rec, records) if evals else (),
                             kld=F.kld_facts(kld or F.pipeline_kld(rec), g.files[0]), **common)
     if not (rec.output / "config.json").is_file():
@@ -42,4 +42,4 @@ def gather(output: Path, base_model: str | None = None, license: str | None = No
     return F.BuildFacts(kind="nvfp4" if nv else "checkpoint",
                         size_bytes=F.files_size(files.weight_files(rec.output)),
                         storage=files.checkpoint_storage(rec.output), model=files.checkpoint_model(rec.output),
-                        nvfp4=nv, evals=F.eval_facts(rec), **common)
+                        nvfp4=nv, evals=F.eval_facts(rec), lora=F.lora_facts(records, ()), **common)

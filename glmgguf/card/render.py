@@ -48,14 +48,15 @@ def front_matter(f: BuildFacts) -> list[str]:
     if f.license:
         lines.append(f"license: {f.license}")
     tags = ["glm_moe_dsa", "moe", *([f.kind] if f.kind != "checkpoint" else []),
-            *(["reap-pruned"] if f.prune else []), *(["router-kd"] if f.kd else []),
+            *(["reap-pruned"] if f.prune else []), *(["router-kd"] if f.kd else []), *(["lora"] if f.lora else []),
             *([f.nvfp4.format] if f.nvfp4 else [])]
     lines += ["tags:", *[f"- {t}" for t in tags], f"library_name: {LIBRARY[f.kind]}", "---"]
     return lines
 
 
 def _made_by(f: BuildFacts) -> str:
-    steps = [*(["REAP pruning"] if f.prune else []), *(["Router-KD"] if f.kd else [])]
+    steps = [*(["REAP pruning"] if f.prune else []), *(["Router-KD"] if f.kd else []),
+             *(["LoRA-KD" + (" (adapter GGUF)" if f.lora.adapter else "")] if f.lora else [])]
     steps.append({"gguf": f"GGUF ({f.gguf.recipe})" if f.gguf else "GGUF",
                   "nvfp4": f"NVFP4 ({f.nvfp4.format})" if f.nvfp4 else "NVFP4", "checkpoint": "safetensors"}[f.kind])
     return " -> ".join(steps)
@@ -115,6 +116,13 @@ def lineage(f: BuildFacts) -> list[str]:
             line += (f"; held-out KL to the unpruned teacher {a['kl']:.5f} -> {b['kl']:.5f}, top-1 agreement "
                      f"{a['top1']:.3f} -> {b['top1']:.3f}")
         lines.append(line + ".")
+    if f.lora:
+        lo = f.lora
+        where = (f"served as the llama.cpp adapter `{lo.adapter}` (`--lora`), which the evaluations applied"
+                 if lo.adapter else "merged into the weights")
+        lines.append(f"- LoRA-KD: rank-{lo.rank} adapters on {', '.join(lo.targets)}"
+                     f"{' and the router gates' if lo.train_gates else ''}, {lo.steps:,} steps training "
+                     f"{lo.trainable_params:,} parameters to the same teacher; {where}.")
     return ["## How it was made", "", *lines] if lines else []
 
 

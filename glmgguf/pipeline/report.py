@@ -27,6 +27,7 @@ def report_lines(plan: Plan) -> list[str]:
                          f"({100 * log['trainable_fraction']:.4f}%); held-out KL to the teacher {a['kl']:.5f} -> "
                          f"{b['kl']:.5f} ({100 * (1 - b['kl'] / a['kl']):.1f}% lower), top-1 agreement "
                          f"{a['top1']:.3f} -> {b['top1']:.3f}")
+    lines += lora_lines(plan)
     for g in plan.gguf:
         d = w / f"gguf-{g.name}"
         files = sorted(d.rglob("*.gguf")) if (d / "manifest.json").is_file() else []
@@ -40,7 +41,24 @@ def report_lines(plan: Plan) -> list[str]:
     md = w / "eval-report" / "report.md"
     if md.is_file():
         lines += ["", "Loop evaluation (llama-server):", md.read_text().rstrip()]
+    variants = w / "variants-report" / "report.md"
+    if variants.is_file():
+        lines += ["", "Unpruned, pruned, Router-KD and final checkpoints compared (llama-server, held-out KL):",
+                  variants.read_text().rstrip()]
     return lines + draft_lines(plan) + kld_lines(plan)
+
+
+def lora_lines(plan: Plan) -> list[str]:
+    """LoRA-KD's adapter and training, and where its result is (merged checkpoint or adapter GGUF)."""
+    log = read_json(plan.workdir / "lora" / "out" / "adapter" / "lora_train_log.json")
+    if not log or plan.lora is None:
+        return []
+    steps, o = log["steps"], log["options"]
+    served = (f"adapter GGUF {plan.workdir / 'lora-gguf' / 'adapter.gguf'} (llama-server --lora)"
+              if plan.lora.serve == "adapter" else f"merged into {plan.workdir / 'lora' / 'out' / 'model'}")
+    return [f"LoRA-KD: rank {o['rank']} on {','.join(o['targets'])}{' + router gates' if o['train_gates'] else ''}, "
+            f"{len(steps)} steps, {log['trainable_parameters']:,} trainable parameters; train KL "
+            f"{steps[0]['kl']:.5f} -> {steps[-1]['kl']:.5f}; {served}"]
 
 
 def kld_lines(plan: Plan) -> list[str]:
