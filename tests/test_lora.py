@@ -169,3 +169,41 @@ def test_held_out_kl_with_the_adapter_equals_the_merged_model(pruned, held_cache
     o_proj = target_modules(layout, ("attn_out", "shared"))
     assert [m for m in o_proj if "self_attn" in m] == [f"model.layers.{x.index}.self_attn.o_proj"
                                                          for x in layout.layers if not x.is_mtp]
+
+
+def test_merge_into_a_block_fp8_student(trained_testbed_dir, texts, tmp_path):
+    """A merge into the release's block-FP8 projections (the trained testbed stored as the release is, REAP-pruned,
+    FP8 kept): each adapted weight is stored BF16 (its dequantized value plus the adapter; the scale dropped, the
+    module added to `modules_to_not_convert`), every other tensor stays byte-identical, the merged checkpoint gives
+    the adapted model's logits and converts to GGUF."""
+    import json
+
+    from glmgguf.io import CheckpointReader
+    from glmgguf.reap.observe import observe
+    from glmgguf.reap.prune import plan_prune, prune_checkpoint
+    from glmgguf.runner import chunk_sequences
+    from glmgguf.testbed.release_fp8 import write_fp8_copy
+
+    teacher = write_fp8_copy(trained_testbed_dir, tmp_path / "teacher")
+    seqs = test_kd._pack(teacher, texts["train"], n=8)
+    stats = observe(teacher, chunk_sequences(seqs, 4), streaming=False, dtype=torch.float32)
+    layout = GlmLayout.from_dir(teacher)
+    fp8 = tmp_path / "fp8"
+    prune_checkpoint(teacher, plan_prune(layout, stats, keep=8), fp8, stats=stats)
+    build_teacher_cache(teacher, seqs, tmp_path / "cache", top_k=32, dtype=torch.float32)
+    layout = GlmLayout.from_dir(fp8)
+    targets = ("attn_out", "shared")
+    res = train_lora(fp8, tmp_path / "cache", tmp_path / "a", _opts(3, targets=targets, rank=4, train_gates=True),
+                     merge=tmp_path / "m")
+    adapted = [f"{m}.weight" for m in target_modules(layout, targets)]
+    src, merged = CheckpointReader(fp8), CheckpointReader(tmp_path / "m")
+    assert all(n in src.scales and n not in merged.scales and merged.info(n).torch_dtype == torch.bfloat16
+               for n in adapted)
+    skip = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert {n.removesuffix(".weight") for n in adapted} <= set(skip)
+    assert diff_checkpoints(fp8, tmp_path / "m") == sorted(adapted + [f"{g}.weight" for g in gate_modules(layout)])
+    ids = torch.randint(0, layout.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_logits(Student(tmp_path / "m", mtp=False).model, ids), _logits(res.model.eval(), ids),
+                               atol=0.05, rtol=0.02)  # the merged weights are stored in BF16
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--outtype", "f32"])
+    assert r.exit_code == 0, r.output

@@ -12,7 +12,8 @@ Loss and data are Router-KD's (`glmgguf.kd.train.batch_losses`: sparse KL to the
 same result; a non-finite loss stops training. Outputs: the PEFT adapter directory
 (`PeftModel.from_pretrained(student_model, OUT)`) with a training log, and optionally the merged checkpoint (the
 student's layout and names, only the adapted weights and the gates changed, verified by
-`glmgguf.kd.write.write_student`).
+`glmgguf.kd.write.write_student`; adapted block-FP8 weights are merged into their dequantized values and stored
+BF16).
 """
 
 from __future__ import annotations
@@ -114,13 +115,6 @@ def adapter_parameters(layout: GlmLayout, targets: tuple[str, ...], rank: int, t
 def gate_modules(layout: GlmLayout) -> list[str]:
     """Full module names of the trunk's MoE routers."""
     return [f"model.layers.{x.index}.mlp.gate" for x in layout.moe_layers if not x.is_mtp]
-
-
-def check_mergeable(student: Student, opts: LoraOptions) -> None:
-    """Refuse, before training, a merge into weights stored in parts (block-FP8 codes and scales)."""
-    for m in target_modules(student.layout, opts.targets):
-        if len(student.reader.stored_parts(f"{m}.weight")) != 1:
-            raise KdError(f"--merge: {m}.weight is stored block-FP8 (codes and scales); merge into a BF16 student")
 
 
 def attach_adapters(student: Student, opts: LoraOptions):
@@ -276,8 +270,6 @@ def train_lora(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, out
     cache.check_student(student_dir)
     student = Student(student_dir, dtype=getattr(torch, opts.train.dtype), device_map=opts.train.device_map,
                       mtp=False)
-    if merge is not None:
-        check_mergeable(student, opts)
     peft_model = attach_adapters(student, opts)
     n_train, n_total = peft_model.get_nb_trainable_parameters()
     say(f"trainable: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.4f}%), rank {opts.rank} on "

@@ -2,8 +2,11 @@
 
 Every tensor is read once from the student's shards and written once with `ShardedWriter`, in the input's order,
 names, shapes and stored dtypes (a block-FP8 weight as its codes and scales; trained gates are cast back to their
-stored dtype, e.g. BF16); config.json and every other file are copied byte for byte. Before the output directory
-is moved into place it is read back: each tensor that KD does not train must be byte-identical to the input's, each
+stored dtype, e.g. BF16); config.json and every other file are copied byte for byte. A replaced block-FP8 weight
+(a LoRA merge into the release's FP8 projections) is written in BF16 instead: re-quantizing it would round the
+merged change (on the testbed by about a quarter of it), so its scale is dropped and its module is added to
+`quantization_config.modules_to_not_convert`, the one change config.json gets. Before the output directory is
+moved into place it is read back: each tensor that KD does not train must be byte-identical to the input's, each
 replaced tensor must hold exactly the trained values (the input's bytes are hashed as they stream through the
 writer, so the input is read once and the output once). The input is only read.
 """
@@ -72,6 +75,7 @@ def write_student(student: str | os.PathLike, out: str | os.PathLike, replacemen
     unknown = sorted(set(replacements) - set(reader.names()))
     if unknown:
         raise WriteVerifyError(f"{unknown[0]} is not a tensor of {src}")
+    unquantized = sorted(n for n in replacements if n in reader.scales)  # block-FP8 weights written BF16
     stored: dict[str, torch.Tensor] = {}
     for name, t in replacements.items():
         info = reader.info(name)
@@ -79,26 +83,32 @@ def write_student(student: str | os.PathLike, out: str | os.PathLike, replacemen
             raise WriteVerifyError(f"{name}: trained shape {list(t.shape)} differs from the stored {list(info.shape)}")
         if not torch.isfinite(t).all():
             raise WriteVerifyError(f"{name}: trained values are not finite")
-        stored[name] = t.detach().to("cpu").to(info.torch_dtype).contiguous()
+        dtype = torch.bfloat16 if name in unquantized else info.torch_dtype
+        stored[name] = t.detach().to("cpu").to(dtype).contiguous()
     names = reader.names()
     first_shard = min({i.shard for i in reader.tensors.values()})
     meta = dict(read_header(first_shard)[1])
     meta.pop("format", None)
     meta.update(metadata or {})
     parts = {n: reader.stored_parts(n) for n in names}  # a block-FP8 weight: its codes, then its scale
+    written_as = {n: [(n, tuple(stored[n].shape), stored[n].dtype)] if n in unquantized else
+                  [(part, info.shape, info.torch_dtype) for part, info in parts[n]] for n in names}
+    config = _config_bytes(src, unquantized)
     with atomic_dir(out, force=force, inputs=[src]) as tmp:
-        plan = [(part, info.shape, info.torch_dtype) for n in names for part, info in parts[n]]
+        plan = [p for n in names for p in written_as[n]]
         read_hash: dict[str, bytes] = {}  # sha256 of each input tensor's bytes, taken as it streams through
         with ShardedWriter(tmp, plan, max_shard_bytes=_max_shard_bytes(reader), metadata=meta) as writer:
             for i, name in enumerate(names):
-                for part, info in parts[name]:
+                if name in unquantized:
+                    writer.add(name, stored[name])
+                for part, info in parts[name] if name not in unquantized else ():
                     t = reader.read_stored(info)
                     read_hash[part] = hashlib.sha256(tensor_bytes(t)).digest()
                     writer.add(part, stored[name] if part in stored else t)
                     del t
                 if progress:
                     progress(i + 1, 2 * len(names))
-        shutil.copy2(src / "config.json", tmp / "config.json")
+        (tmp / "config.json").write_bytes(config)
         for f in reader.extra_files():
             shutil.copy2(f, tmp / f.name)
         if (src / STATS_NAME).is_file():  # the pruned model's calibration statistics (NVFP4 input scales)
@@ -112,16 +122,18 @@ def write_student(student: str | os.PathLike, out: str | os.PathLike, replacemen
         identical, changed, max_change = 0, [], {}
         for i, name in enumerate(names):
             written = dict(check.stored_parts(name))
-            for part, a in parts[name]:
-                b = written.get(part)
-                if b is None or (a.dtype, a.shape) != (b.dtype, b.shape):
-                    got_as = "missing" if b is None else f"written as {b.dtype}{list(b.shape)}"
-                    raise WriteVerifyError(f"{part}: {got_as}, input {a.dtype}{list(a.shape)}")
+            if sorted(written) != sorted(p for p, _, _ in written_as[name]):
+                raise WriteVerifyError(f"{name}: written as {sorted(written)}, expected {written_as[name]}")
+            for part, shape, dtype in written_as[name]:
+                b = written[part]
+                if (b.torch_dtype, b.shape) != (dtype, shape):
+                    raise WriteVerifyError(f"{part}: written as {b.dtype}{list(b.shape)}, expected "
+                                           f"{dtype}{list(shape)}")
                 got = hashlib.sha256(raw_bytes(b)).digest()
                 if part in stored:
                     if got != hashlib.sha256(tensor_bytes(stored[part])).digest():
                         raise WriteVerifyError(f"{part}: written bytes differ from the trained values")
-                    if got != read_hash[part]:
+                    if got != read_hash.get(part):
                         changed.append(part)
                         max_change[part] = float((check.get(part).float() - reader.get(part).float()).abs().max())
                 elif got != read_hash[part]:
@@ -130,9 +142,21 @@ def write_student(student: str | os.PathLike, out: str | os.PathLike, replacemen
                     identical += 1
             if progress:
                 progress(len(names) + i + 1, 2 * len(names))
-        if (src / "config.json").read_bytes() != (tmp / "config.json").read_bytes():
-            raise WriteVerifyError("config.json changed")
+        if (tmp / "config.json").read_bytes() != config:
+            raise WriteVerifyError("config.json was not written as intended")
     return WriteReport(out, len(plan), identical, sorted(stored), changed, max_change)
+
+
+def _config_bytes(src: Path, unquantized: list[str]) -> bytes:
+    """The student's config.json: its bytes, or with the modules of `unquantized` weights (now BF16) added to
+    `quantization_config.modules_to_not_convert`."""
+    data = (src / "config.json").read_bytes()
+    if not unquantized:
+        return data
+    cfg = json.loads(data)
+    skip = cfg["quantization_config"].setdefault("modules_to_not_convert", [])
+    skip += [m for m in (n.removesuffix(".weight") for n in unquantized) if m not in skip]
+    return (json.dumps(cfg, indent=2) + "\n").encode()
 
 
 def checkpoint_digest(model_dir: str | os.PathLike, names: list[str]) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from glmgguf.io.fp8 import quant_method
 from glmgguf.layout import GlmLayout, LayoutError
 from glmgguf.pipeline.plan import BUILTIN_DATA, BUILTIN_MODELS, Plan, PlanError
 
@@ -141,10 +140,6 @@ def check_inputs(plan: Plan, config: dict, check_files: bool = True) -> GlmLayou
         if plan.reap.keep < layout.experts_per_tok:
             raise PlanError(f"{plan.where('reap', 'keep')}: [reap] keep = {plan.reap.keep} is fewer than the "
                             f"{layout.experts_per_tok} experts each token is routed to")
-    if plan.lora is not None and plan.lora.serve == "merged" and quant_method(config) == "fp8":
-        raise PlanError(f"{plan.where('lora', 'serve')}: [lora] serve = \"merged\" cannot merge adapters into the "
-                        "block-FP8 weights of this model (an FP8 step is larger than the adapter's change): use "
-                        "serve = \"adapter\" (a llama.cpp adapter GGUF) or a BF16 source")
     for i, g in enumerate(plan.gguf):
         try:
             load_recipe(recipe_ref(plan, g.recipe))
