@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -409,8 +410,10 @@ def test_fsdp_lora_equals_one_process_and_resumes_on_one_rank(kd_inputs, tmp_pat
     changed = diff_checkpoints(student, tmp_path / "two-merged")
     assert changed == diff_checkpoints(student, tmp_path / "one-merged") and len(changed) == 35
     one, two = CheckpointReader(tmp_path / "one-merged"), CheckpointReader(tmp_path / "two-merged")
-    for n in changed:  # stored in BF16: at most one step apart (measured: 4.9e-4)
-        assert bool(((two.get(n).float() - one.get(n).float()).abs() <= one.get(n).float().abs() * 2**-7).all()), n
+    for n in changed:  # stored in BF16, rounded from the adapters' differences (measured: at most 4.9e-4 apart, 1.4%
+        a, b = one.get(n).float(), two.get(n).float()  # of a tensor's elements differ)
+        torch.testing.assert_close(b, a, atol=1e-3, rtol=2**-7)
+        assert float((a != b).double().mean()) < 0.05, n
     ids = torch.randint(0, 4000, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         logits = [PeftModel.from_pretrained(Student(student, mtp=False).model, tmp_path / d).eval()(input_ids=ids)
@@ -420,7 +423,8 @@ def test_fsdp_lora_equals_one_process_and_resumes_on_one_rank(kd_inputs, tmp_pat
     _kill_after_checkpoint([*common, "--out", str(out)])
     r = _torchrun([*common, "--out", str(out), "--fsdp", "--resume"], n=1)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "resumed from step" in r.stdout + r.stderr
+    resumed = re.search(r"resumed from step (\d+)", r.stdout + r.stderr)
+    assert resumed and 1 <= int(resumed[1]) < 4, r.stdout + r.stderr
     _assert_same_lora(tmp_path / "two", out)
 
 
