@@ -167,6 +167,8 @@ def load_sharded_lora(student_dir: str | os.PathLike, opts: LoraOptions, dist: D
     dtype = getattr(torch, opts.train.dtype)
     student = Student(student_dir, dtype=dtype, mtp=False, meta=True)
     student.model.config._name_or_path = str(student_dir)  # as a whole load names it (the adapter's base model)
+    for gate in student.gates().values():  # a whole load keeps them in float32 (_keep_in_fp32_modules_strict)
+        gate.weight = nn.Parameter(gate.weight.float(), requires_grad=False)
     peft_model, init = attach_meta_adapters(student, opts)
     root = materialize(student, dtype, dist, opts.train.cpu_offload, values=init, rename=checkpoint_name)
     return student, peft_model, root
