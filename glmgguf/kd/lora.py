@@ -12,7 +12,17 @@ Loss and data are Router-KD's (`glmgguf.kd.train.batch_losses`: sparse KL to the
 same result; a non-finite loss stops training. Outputs: the PEFT adapter directory
 (`PeftModel.from_pretrained(student_model, OUT)`) with a training log, and optionally the merged checkpoint (the
 student's layout and names, only the adapted weights and the gates changed, verified by
-`glmgguf.kd.write.write_student`).
+`glmgguf.kd.write.write_student`; W + scaling * B @ A in the model's dtype, as PEFT merges).
+
+Under `torchrun ... -m glmgguf kd lora ... --fsdp` the student is sharded as Router-KD shards it
+(`glmgguf.kd.fsdp.materialize`): built on the meta device, the adapters injected there (their initial values kept
+as one process draws them, `attach_meta_adapters`), then sharded with FSDP2: every adapter matrix (`lora_A` [r, in],
+`lora_B` [out, r]) and every co-trained gate copy [E, H] is its own float32 unit (master weights, gradients and
+their reduction in float32) inside its decoder layer's unit, which stays in the model's dtype; each rank reads only
+its rows of the checkpoint. The global batch is split evenly across the ranks and FSDP averages the gradients, so a
+step is one process's step (on 1 rank bit for bit; on N ranks up to the order of the sums). Checkpoints are DCP
+directories, resumable on any number of ranks (with --fsdp). After training the adapters are gathered whole on
+every rank (they are small) and rank 0 writes the adapter directory and the merged checkpoint.
 """
 
 from __future__ import annotations
