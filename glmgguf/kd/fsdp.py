@@ -16,6 +16,9 @@ tensor at a time; the buffers (router correction biases, rotary frequencies) are
 
 Checkpoints are DCP directories (each rank writes its shard of the gates and of AdamW's state; `state.json`
 beside them), so a run resumes on any number of ranks.
+
+`materialize` shards any student built on the meta device by the modules holding its trainable parameters (each
+its own float32 unit): LoRA-KD's adapters and gate copies (`glmgguf.kd.lora`) as well as Router-KD's gates.
 """
 
 from __future__ import annotations
