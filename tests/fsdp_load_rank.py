@@ -17,7 +17,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from glmgguf.dist import launch
-from glmgguf.kd.fsdp import load_sharded_student, shard_student
+from glmgguf.kd.fsdp import load_sharded_student, shard_student, trainable_modules
 from glmgguf.kd.routers import free_routers
 from glmgguf.kd.student import Student
 
@@ -34,7 +34,7 @@ def main(mode: str, student_dir: str, out: Path) -> None:
         if mode == "whole":
             student = Student(student_dir, dtype=torch.float32, mtp=True)
             free_routers(student, train_bias=True)
-            root = shard_student(student, dist, torch.float32, cpu_offload=False)
+            root = shard_student(student, trainable_modules(student), dist, torch.float32, cpu_offload=False)
         else:
             student, root, _ = load_sharded_student(student_dir, torch.float32, True, True, dist, False)
         report = {"peak_rss": peak_rss(), "load_rss": peak_rss() - before, "bytes_read": student.reader.bytes_read,

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -199,11 +200,6 @@ def _assert_same_training(a: Path, b: Path) -> None:
 def test_fsdp_kd_equals_one_process_and_resumes_on_one_rank(kd_inputs, tmp_path):
     """2 ranks on the same global batch train the gates one process trains; a 2-rank run killed (SIGKILL) after a
     checkpoint and resumed on 1 rank ends where the uninterrupted run ends."""
-    import signal
-    import time
-
-    import psutil
-
     from glmgguf.kd.write import diff_checkpoints
 
     student, cache = kd_inputs
@@ -215,10 +211,27 @@ def test_fsdp_kd_equals_one_process_and_resumes_on_one_rank(kd_inputs, tmp_path)
     _assert_same_training(tmp_path / "one", tmp_path / "two")
     assert json.loads((tmp_path / "one" / "kd_train_log.json").read_text())["steps"][-1]["loss"] < _losses(
         tmp_path / "one")[0]  # it trains: measured 0.232 -> 0.171
-    # killed: a 2-rank run checkpointing every step, SIGKILLed as soon as a checkpoint exists
-    out, work = tmp_path / "killed", tmp_path / "killed.work"
+    out = tmp_path / "killed"
+    _kill_after_checkpoint([*common, "--out", str(out)])
+    r = _torchrun([*common, "--out", str(out), "--fsdp", "--resume"], n=1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    resumed = json.loads((out / "kd_train_log.json").read_text())["resumed_from"]
+    assert 1 <= resumed < 6 and f"resumed from step {resumed}" in r.stdout + r.stderr
+    _assert_same_training(tmp_path / "two", out)
+
+
+def _kill_after_checkpoint(args: list[str]) -> None:
+    """Run `args` (with `--out OUT`) on 2 ranks with --fsdp, checkpointing every step, and SIGKILL the ranks and
+    their launcher as soon as OUT.work holds a checkpoint."""
+    import signal
+    import time
+
+    import psutil
+
+    out = Path(args[args.index("--out") + 1])
+    work = out.with_name(out.name + ".work")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "glmgguf", *common, "--out", str(out), "--fsdp", "--save-every", "1"]
+           str(_free_port()), "-m", "glmgguf", *args, "--fsdp", "--save-every", "1"]
     p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (work / "LATEST").is_file() and p.poll() is None and time.monotonic() < deadline:
@@ -228,11 +241,6 @@ def test_fsdp_kd_equals_one_process_and_resumes_on_one_rank(kd_inputs, tmp_path)
         proc.send_signal(signal.SIGKILL)
     p.wait()
     assert not out.exists() and (work / "LATEST").is_file()
-    r = _torchrun([*common, "--out", str(out), "--fsdp", "--resume"], n=1)
-    assert r.returncode == 0, r.stdout + r.stderr
-    resumed = json.loads((out / "kd_train_log.json").read_text())["resumed_from"]
-    assert 1 <= resumed < 6 and f"resumed from step {resumed}" in r.stdout + r.stderr
-    _assert_same_training(tmp_path / "two", out)
 
 
 def _rank_share(reader, rank: int, world: int) -> int:
@@ -338,17 +346,102 @@ def test_fsdp_from_block_fp8_with_bias(trained_testbed_dir, calib, tmp_path):
     _assert_same_training(tmp_path / "one", tmp_path / "two")
 
 
-def test_fsdp_bad_launches(kd_inputs, tmp_path):
+@pytest.mark.parametrize("command", ["train", "lora"])
+def test_fsdp_bad_launches(kd_inputs, tmp_path, command):
     """A global batch the ranks cannot share evenly; --fsdp without torchrun; ranks without --fsdp."""
     student, cache = kd_inputs
-    common = ["kd", "train", str(student), "--teacher-cache", str(cache), "--steps", "1", "--out", str(tmp_path / "o")]
+    common = ["kd", command, str(student), "--teacher-cache", str(cache), "--steps", "1", "--out",
+              str(tmp_path / "o")]
     r = _torchrun([*common, "--batch-size", "3", "--fsdp"])
     assert r.returncode != 0
     assert "Error: --batch-size (the global batch) 3 is not divisible by the world size 2" in r.stdout + r.stderr
     res = CliRunner().invoke(main, [*common, "--fsdp"])
-    assert res.exit_code == 1 and "--fsdp shards the student over the ranks of a torchrun launch" in res.output
+    assert res.exit_code == 1 and "--fsdp shards the student over the ranks of a torchrun launch: torchrun " \
+        f"--nproc-per-node N -m glmgguf kd {command} ... --fsdp" in res.output
     r = _torchrun(common)
     assert r.returncode != 0 and "launched with 2 ranks but without --fsdp" in r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA-KD with FSDP2
+# ---------------------------------------------------------------------------------------------------------------
+
+LORA = ["--steps", "4", "--batch-size", "2", "--lr", "3e-3", "--rank", "3", "--target", "attn,shared,dense",
+        "--train-gates", "--gate-lr", "1e-2"]
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter_model.safetensors")
+
+
+def _assert_same_lora(a: Path, b: Path) -> None:
+    """Per-step losses within 2e-5 (measured: 4.6e-6, float32 sums in another order); adapters and gates within
+    3e-4 (measured: 7.1e-5, 0.03% of the elements more than 1e-5 apart: AdamW's first steps normalise gradients
+    near zero, whose last bits depend on that order)."""
+    steps = [json.loads((d / "lora_train_log.json").read_text())["steps"] for d in (a, b)]
+    assert [r["kl"] for r in steps[1]] == pytest.approx([r["kl"] for r in steps[0]], rel=2e-5)
+    ta, tb = _adapter(a), _adapter(b)
+    assert sorted(ta) == sorted(tb) and len(ta) == 70  # 33 adapted linears (A and B) and 4 gates
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], atol=3e-4, rtol=0)
+    diff = torch.cat([(ta[k] - tb[k]).abs().flatten() for k in ta])
+    assert float((diff > 1e-5).double().mean()) < 0.005
+
+
+def test_fsdp_lora_equals_one_process_and_resumes_on_one_rank(kd_inputs, tmp_path):
+    """2 ranks (rank-3 adapters: shards of 2 and 1 rows) on the same global batch train the adapters and gates one
+    process trains; the adapter loads with PEFT to one process's logits and the merged checkpoint changes the same
+    tensors by the same amounts; a 2-rank run killed after a checkpoint and resumed on 1 rank ends where the
+    uninterrupted run ends."""
+    from peft import PeftModel
+
+    from glmgguf.io import CheckpointReader
+    from glmgguf.kd.student import Student
+    from glmgguf.kd.write import diff_checkpoints
+
+    student, cache = kd_inputs
+    common = ["kd", "lora", str(student), "--teacher-cache", str(cache), *LORA]
+    _one_process([*common, "--out", str(tmp_path / "one"), "--merge", str(tmp_path / "one-merged")])
+    r = _torchrun([*common, "--out", str(tmp_path / "two"), "--merge", str(tmp_path / "two-merged"), "--fsdp"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    _assert_same_lora(tmp_path / "one", tmp_path / "two")
+    changed = diff_checkpoints(student, tmp_path / "two-merged")
+    assert changed == diff_checkpoints(student, tmp_path / "one-merged") and len(changed) == 35
+    one, two = CheckpointReader(tmp_path / "one-merged"), CheckpointReader(tmp_path / "two-merged")
+    for n in changed:  # stored in BF16, rounded from the adapters' differences (measured: at most 4.9e-4 apart, 1.4%
+        a, b = one.get(n).float(), two.get(n).float()  # of a tensor's elements differ)
+        torch.testing.assert_close(b, a, atol=1e-3, rtol=2**-7)
+        assert float((a != b).double().mean()) < 0.05, n
+    ids = torch.randint(0, 4000, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = [PeftModel.from_pretrained(Student(student, mtp=False).model, tmp_path / d).eval()(input_ids=ids)
+                  .logits for d in ("one", "two")]
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=0)
+    out = tmp_path / "killed"
+    _kill_after_checkpoint([*common, "--out", str(out)])
+    r = _torchrun([*common, "--out", str(out), "--fsdp", "--resume"], n=1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    resumed = re.search(r"resumed from step (\d+)", r.stdout + r.stderr)
+    assert resumed and 1 <= int(resumed[1]) < 4, r.stdout + r.stderr
+    _assert_same_lora(tmp_path / "two", out)
+
+
+def test_fsdp_lora_bf16_on_one_rank_is_one_process_bit_for_bit(kd_inputs, tmp_path):
+    """In BF16 the sharded student (the frozen units in BF16, the adapters and the co-trained gates float32 units)
+    on 1 rank trains what one process trains, bit for bit. (On 2 ranks BF16 sums over another batch split differ
+    in their last bits, and AdamW carries that into the adapters: measured 4e-3 relative loss after 4 steps.)"""
+    student, cache = kd_inputs
+    common = ["kd", "lora", str(student), "--teacher-cache", str(cache), *LORA[2:], "--steps", "2", "--dtype", "bf16"]
+    _one_process([*common, "--out", str(tmp_path / "one")])
+    r = _torchrun([*common, "--out", str(tmp_path / "fsdp"), "--fsdp"], n=1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    steps = [json.loads((tmp_path / d / "lora_train_log.json").read_text())["steps"] for d in ("one", "fsdp")]
+    assert [r["kl"] for r in steps[0]] == [r["kl"] for r in steps[1]]
+    one, fsdp = _adapter(tmp_path / "one"), _adapter(tmp_path / "fsdp")
+    assert sorted(one) == sorted(fsdp) and all(torch.equal(one[k], fsdp[k]) for k in one)
+    assert {v.dtype for v in fsdp.values()} == {torch.float32}
 
 
 # ---------------------------------------------------------------------------------------------------------------

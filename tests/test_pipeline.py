@@ -484,7 +484,8 @@ EVAL = '\n[eval]\ngguf = "q8"\npresets = ["greedy", "guarded"]\nbaseline = true\
      "plan.toml:37: [lora] serve = \"adapter\": llama.cpp applies no LoRA to attn (q_a/q_b/kv_a/kv_b)"),
     (SMALL_PLAN + LORA + 'serve = "gguf"\n', "serve = 'gguf' is not one of merged, adapter"),
     (SMALL_PLAN + LORA.replace("rank = 4", "rank = 0"), "plan.toml:39: [lora] rank must be at least 1"),
-    (SMALL_PLAN + LORA + "\n[launch]\nnproc_per_node = 2\n", "[lora] trains in one process"),
+    (SMALL_PLAN + LORA + "batch_size = 3\n\n[launch]\nnproc_per_node = 2\n",
+     "plan.toml:40: [lora] batch_size 3 is not divisible by the 2 ranks of [launch]"),
     (SMALL_PLAN.split("[kd]")[0] + '[[gguf]]\nname = "q8"\nrecipe = "q8_0"\n' + EVAL,
      "[eval] variants evaluates the pruned and Router-KD checkpoints"),
 ])

@@ -245,6 +245,10 @@ def eval_cmd(model: Path, cache: Path, data: tuple[Path, ...], batch_size: int, 
                    "[default: cpu].")
 @click.option("--merge", type=click.Path(file_okay=False, path_type=Path),
               help="Also write the merged checkpoint here (STUDENT's layout; only adapted tensors change).")
+@click.option("--fsdp", is_flag=True,
+              help="Under torchrun: shard the student over the ranks with FSDP2 (each adapter its own float32 "
+                   "unit) and split each batch across them (--batch-size is the global batch); rank 0 writes OUT.")
+@click.option("--cpu-offload", is_flag=True, help="With --fsdp: keep the parameter shards in host memory.")
 @click.option("--save-every", default=50, show_default=True, type=click.IntRange(min=0),
               help="Checkpoint every N steps (0: never).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --work-dir.")
@@ -254,27 +258,40 @@ def eval_cmd(model: Path, cache: Path, data: tuple[Path, ...], batch_size: int, 
 @click.option("--force", is_flag=True, help="Overwrite OUT and the --merge directory; discard earlier checkpoints.")
 def lora_cmd(student: Path, cache: Path, out: Path, targets: str, rank: int, alpha: float, train_gates: bool,
              gate_lr: float | None, lr: float, steps: int, batch_size: int, schedule: str, warmup_steps: int,
-             grad_clip: float, seed: int, dtype: str, device_map: str | None, merge: Path | None,
-             save_every: int, resume: bool, work_dir: Path | None, threads: int | None, force: bool) -> None:
-    """Train LoRA adapters of STUDENT (and with --train-gates its routers) to match the teacher cache."""
+             grad_clip: float, seed: int, dtype: str, device_map: str | None, merge: Path | None, fsdp: bool,
+             cpu_offload: bool, save_every: int, resume: bool, work_dir: Path | None, threads: int | None,
+             force: bool) -> None:
+    """Train LoRA adapters of STUDENT (and with --train-gates its routers) to match the teacher cache.
+
+    On many GPUs: `torchrun --nproc-per-node N -m glmgguf kd lora ... --fsdp` (rank 0 writes OUT)."""
     from tqdm import tqdm
 
+    from glmgguf.dist import launch
     from glmgguf.kd.lora import LoraOptions, train_lora
     from glmgguf.kd.train import TrainOptions
 
     _threads(threads)
+    if cpu_offload and not fsdp:
+        raise click.UsageError("--cpu-offload needs --fsdp")
     train = TrainOptions(steps=steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, schedule=schedule,
                          grad_clip=grad_clip, seed=seed, mtp=False, save_every=save_every, dtype=DTYPES[dtype],
-                         device_map=None if device_map in (None, "cpu") else device_map)
+                         device_map=None if device_map in (None, "cpu") else device_map, fsdp=fsdp,
+                         cpu_offload=cpu_offload)
     opts = LoraOptions(train=train, rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",")),
                        train_gates=train_gates, gate_lr=gate_lr)
-    with tqdm(total=steps, unit="step", desc="LoRA-KD", dynamic_ncols=True) as bar:
-        def progress(step: int, total: int, rec: dict) -> None:
-            bar.update(1)
-            bar.set_postfix_str(f"KL {rec['kl']:.4f}, lr {rec['lr']:.2e}")
+    with launch(device_map or "auto") as dist:
+        if dist is not None and fsdp:
+            train.device_map = None  # each rank reads its own shards onto its device
+        with tqdm(total=steps, unit="step", desc="LoRA-KD", dynamic_ncols=True,
+                  disable=dist is not None and not dist.main) as bar:
+            def progress(step: int, total: int, rec: dict) -> None:
+                bar.update(1)
+                bar.set_postfix_str(f"KL {rec['kl']:.4f}, lr {rec['lr']:.2e}")
 
-        res = train_lora(student, cache, out, opts, merge=merge, work_dir=work_dir, resume=resume, force=force,
-                         progress=progress, log=bar.write)
+            res = train_lora(student, cache, out, opts, merge=merge, work_dir=work_dir, resume=resume, force=force,
+                             progress=progress, log=bar.write, dist=dist)
+    if res is None:
+        return
     recs = res.log["steps"]
     click.echo(f"train KL {recs[0]['kl']:.5f} (step 1) -> {recs[-1]['kl']:.5f} (step {len(recs)}); "
                f"{res.log['trainable_parameters']:,} trainable parameters, {res.seconds_per_step:.3f} s/step")

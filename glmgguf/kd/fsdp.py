@@ -16,6 +16,9 @@ tensor at a time; the buffers (router correction biases, rotary frequencies) are
 
 Checkpoints are DCP directories (each rank writes its shard of the gates and of AdamW's state; `state.json`
 beside them), so a run resumes on any number of ranks.
+
+`materialize` shards any student built on the meta device by the modules holding its trainable parameters (each
+its own float32 unit): LoRA-KD's adapters and gate copies (`glmgguf.kd.lora`) as well as Router-KD's gates.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,16 +62,18 @@ class ShardedStudent(nn.Module):
         return self._student[0].forward(ids)
 
 
-def shard_student(student: Student, dist: Dist, dtype: torch.dtype, cpu_offload: bool) -> ShardedStudent:
-    """Wrap `student` (routers already freed to float32) with FSDP2 over all ranks; returns the root."""
+def shard_student(student: Student, trainable: list[nn.Module], dist: Dist, dtype: torch.dtype,
+                  cpu_offload: bool) -> ShardedStudent:
+    """Wrap `student` with FSDP2 over all ranks, each module of `trainable` (its parameters float32 trainable, or
+    trained in float32) its own float32 unit; returns the root."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(torch.device(dist.device).type, (dist.world,))
     offload: OffloadPolicy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    gates = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    float32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     frozen = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for gate in student.gates().values():
-        fully_shard(gate, mesh=mesh, mp_policy=gates, offload_policy=offload)
+    for module in trainable:
+        fully_shard(module, mesh=mesh, mp_policy=float32, offload_policy=offload)
     units: list[nn.Module] = list(student.model.model.layers)
     if student.mtp is not None:  # its decoder forward is called directly: shard its called submodules
         units += [student.mtp.self_attn, student.mtp.mlp]
@@ -83,25 +89,39 @@ def shard_student(student: Student, dist: Dist, dtype: torch.dtype, cpu_offload:
     return root
 
 
+def trainable_modules(student: Student) -> list[nn.Module]:
+    """The modules that hold trainable parameters of their own (the FSDP units trained in float32)."""
+    return [m for m in student.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
 def load_sharded_student(model_dir: str | os.PathLike, dtype: torch.dtype, mtp: bool, train_bias: bool, dist: Dist,
                          cpu_offload: bool) -> tuple[Student, ShardedStudent, dict[str, nn.Parameter]]:
     """The student sharded over the ranks without ever being whole on one: built on the meta device, routers
-    freed, `shard_student`, materialized (`to_empty`) and every rank's shards filled from the checkpoint.
-    Returns (student, FSDP root, HF name -> trainable sharded parameter)."""
-    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaRotaryEmbedding
-
+    freed, `materialize`d. Returns (student, FSDP root, HF name -> trainable sharded parameter)."""
     from glmgguf.kd.routers import free_routers
+
+    student = Student(model_dir, dtype=dtype, mtp=mtp, meta=True)
+    names = list(free_routers(student, train_bias))
+    root = materialize(student, dtype, dist, cpu_offload)
+    return student, root, router_parameters(student, names)
+
+
+def materialize(student: Student, dtype: torch.dtype, dist: Dist, cpu_offload: bool,
+                values: dict[str, torch.Tensor] | None = None,
+                rename: Callable[[str], str] | None = None) -> ShardedStudent:
+    """Shard a student built on the meta device (its trainable parameters chosen: `trainable_modules`), allocate
+    this rank's shards (`to_empty`) and fill them: a parameter in `values` (trunk name -> whole tensor) from
+    there, every other from the checkpoint (tensor `rename(name)`; see `fill_shards`). Returns the FSDP root."""
+    from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaRotaryEmbedding
 
     if cpu_offload and torch.device(dist.device).type == "cpu":  # FSDP's offload pins memory for an accelerator
         log.warning("--cpu-offload: the ranks compute on the CPU, where the shards already are; ignored")
         cpu_offload = False
-    student = Student(model_dir, dtype=dtype, mtp=mtp, meta=True)
-    names = list(free_routers(student, train_bias))
-    root = shard_student(student, dist, dtype, cpu_offload)
+    root = shard_student(student, trainable_modules(student), dist, dtype, cpu_offload)
     root.to_empty(device="cpu" if cpu_offload else dist.device)
     student.model.model.rotary_emb = GlmMoeDsaRotaryEmbedding(student.config).to(dist.device)
-    fill_shards(student, dtype)
-    return student, root, router_parameters(student, names)
+    fill_shards(student, dtype, values or {}, rename or (lambda name: name))
+    return root
 
 
 def _parts(student: Student) -> list[tuple[str, nn.Module]]:
@@ -113,25 +133,36 @@ def _parts(student: Student) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def fill_shards(student: Student, dtype: torch.dtype) -> None:
-    """Read this rank's rows of every sharded parameter and every buffer (whole) from the checkpoint; the trunk's
+def fill_shards(student: Student, dtype: torch.dtype, values: dict[str, torch.Tensor],
+                rename: Callable[[str], str]) -> None:
+    """Read this rank's rows of every sharded parameter and every buffer (whole) from the checkpoint (a trunk
+    parameter in `values` from there; the checkpoint holds a trunk tensor `name` as `rename(name)`); the trunk's
     rotary frequencies are computed, not stored. A value is rounded to its storage dtype (`dtype`; float32 for the
     correction bias) first, as a whole load rounds it before the routers are freed to float32."""
     for prefix, module in _parts(student):
+        own = values if prefix == "" else {}
         for key, p in module.named_parameters():
-            _fill_parameter(student.reader, prefix + key, p, dtype)
+            if key in own:
+                rows = shard_rows(p)
+                _local(p).copy_(own[key][rows.start:rows.stop])
+            else:
+                _fill_parameter(student.reader, prefix + rename(key), p, dtype)
         for key, b in module.named_buffers():
-            name = prefix + key
+            name = prefix + rename(key)
             if name in student.reader:
                 b.copy_(student.reader.get(name).to(storage_dtype(name, dtype)))
             elif not name.startswith("model.rotary_emb."):
                 raise KdError(f"no value for buffer {name}: the checkpoint lacks it")
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
 def _fill_parameter(reader: CheckpointReader, name: str, p: torch.Tensor, dtype: torch.dtype) -> None:
     """Copy rows `shard_rows(p)` of checkpoint tensor `name` into `p`'s local shard (fused experts: those experts;
     an MTP indexer tensor the checkpoint lacks is zero, as `glmgguf.modeling.load_decoder_layer` makes it)."""
-    local = p.to_local() if isinstance(p, DTensor) else p
+    local = _local(p)
     rows = shard_rows(p)
     prefix = name.rsplit("mlp.experts.", 1)[0]
     if name.endswith("mlp.experts.gate_up_proj"):

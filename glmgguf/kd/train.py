@@ -94,6 +94,14 @@ def batch_losses(forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Ten
     return trunk + mtp_weight * mtp.to(dev), trunk, mtp
 
 
+def rank_rows(rows: list[int], dist: Dist | None) -> list[int]:
+    """This rank's even share of a global batch's `rows` (all of them in one process)."""
+    if dist is None:
+        return rows
+    per = dist.divide(len(rows), "--batch-size (the global batch)")
+    return rows[dist.rank * per:(dist.rank + 1) * per]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,11 +251,7 @@ class _Training:
 
     def batch_rows(self, step: int) -> list[int]:
         """The rows of `step`'s global batch this process computes (with FSDP its even share)."""
-        rows = rows_for_step(step, len(self.cache), self.opts.batch_size, self.opts.seed)
-        if self.dist is None:
-            return rows
-        per = self.dist.divide(len(rows), "--batch-size (the global batch)")
-        return rows[self.dist.rank * per:(self.dist.rank + 1) * per]
+        return rank_rows(rows_for_step(step, len(self.cache), self.opts.batch_size, self.opts.seed), self.dist)
 
     def mean_over_ranks(self, values: list[torch.Tensor | None]) -> list[float | None]:
         """Batch means as floats; with FSDP the mean over the ranks' equal shares (the global batch's mean)."""
@@ -399,7 +403,7 @@ def train_router(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, o
     t0 = time.perf_counter()
     opts = options or TrainOptions()
     check_options(opts)
-    dist = _check_launch(opts, dist, eval_cache)
+    dist = check_launch(opts, dist, eval_cache)
     main = dist is None or dist.main
     say = (log or (lambda s: None)) if main else (lambda s: None)
     out = Path(out)
@@ -429,11 +433,13 @@ def train_router(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, o
     return TrainResult(out, log_doc, report, time.perf_counter() - t0, t.resumed_from, t.records)
 
 
-def _check_launch(opts: TrainOptions, dist: Dist | None, eval_cache: str | os.PathLike | None) -> Dist | None:
-    """The process group training uses (None: one process); refuses launches that would not train as asked."""
+def check_launch(opts: TrainOptions, dist: Dist | None, eval_cache: str | os.PathLike | None,
+                  command: str = "train") -> Dist | None:
+    """The process group training uses (None: one process); refuses launches that would not train as asked
+    (`command`: the `kd` subcommand, for the message)."""
     if opts.fsdp and dist is None:
         raise KdError("--fsdp shards the student over the ranks of a torchrun launch: "
-                      "torchrun --nproc-per-node N -m glmgguf kd train ... --fsdp")
+                      f"torchrun --nproc-per-node N -m glmgguf kd {command} ... --fsdp")
     if dist is None:
         return None
     if not opts.fsdp:

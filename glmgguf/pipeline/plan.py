@@ -138,8 +138,9 @@ class KdSection:
 
 @dataclass
 class LoraSection:
-    """[lora]: LoRA adapters (and optionally the router gates) trained after [kd] to the same teacher cache; served
-    merged into the checkpoint every later stage reads, or as a llama.cpp adapter GGUF beside the GGUF outputs."""
+    """[lora]: LoRA adapters (and optionally the router gates) trained after [kd] to the same teacher cache (with
+    [launch]: FSDP2 over its ranks, offloaded as [kd] cpu_offload says); served merged into the checkpoint every
+    later stage reads, or as a llama.cpp adapter GGUF beside the GGUF outputs."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -452,8 +453,9 @@ def _check_lora(plan: Plan, fail: Callable[..., PlanError]) -> None:
             raise fail("lora", key, f"[lora] {key} must be at least 1")
     if not lo.lr > 0 or not lo.alpha > 0 or (lo.gate_lr is not None and not lo.gate_lr > 0):
         raise fail("lora", None, "[lora] lr, gate_lr and alpha must be positive")
-    if plan.launch is not None and plan.launch.world > 1:
-        raise fail("lora", None, "[lora] trains in one process: run it without [launch] (FSDP is not supported)")
+    if plan.launch is not None and lo.batch_size % plan.launch.world:
+        raise fail("lora", "batch_size", f"[lora] batch_size {lo.batch_size} is not divisible by the "
+                                         f"{plan.launch.world} ranks of [launch] (each takes an equal share)")
 
 
 def _check_launch(plan: Plan, fail: Callable[..., PlanError]) -> None:

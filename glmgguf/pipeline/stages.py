@@ -190,8 +190,12 @@ def _lora_stages(c: _Chain) -> list[Stage]:
     merged = lo.serve == "merged"
     if merged:
         args += ["--merge", str(out / "model")]
+    launcher = _torchrun(c.plan)
+    if launcher:
+        args += ["--fsdp", *(["--cpu-offload"] if c.plan.kd and c.plan.kd.cpu_offload else [])]
     what = "LoRA adapters trained to the teacher" + (", merged into the checkpoint" if merged else "")
-    train = Stage("lora", w / "lora", args, out, {}, [*c.after, "teacher"], what=what, output_dir_first=True)
+    train = Stage("lora", w / "lora", args, out, {}, [*c.after, "teacher"], what=what, output_dir_first=True,
+                  launcher=launcher)
     if merged:
         c.final, c.after = out / "model", [train.name]
         return [train]
