@@ -43,6 +43,7 @@ SCRIPTS: dict[str, str] = {
     "eval_loops": "loop detector false positives and loop rates of the tiny testbed by sampler",
     "kd_recovery": "Router-KD: held-out KL of REAP-pruned students before and after KD",
     "kd_cost": "Router-KD step time and peak memory on the `small` testbed; GLM-5.2 extrapolation",
+    "lora_recovery": "LoRA-KD after Router-KD: held-out KL by rank and target modules, step time, memory; GLM-5.2",
     "mtp_acceptance": "MTP draft acceptance in llama-server: unpruned, REAP-pruned, after Router-KD",
     "dist_scaling": "torchrun with 1 vs 2 CPU ranks (observe, FSDP Router-KD); per-GPU memory of FSDP KD for GLM-5.2",
     "glm52_sizes": "GGUF size and bits per weight of every shipped recipe at GLM-5.2's size (from its config)",
@@ -141,6 +142,8 @@ RUNTIME: dict[str, Callable[[dict], tuple[float, bool]]] = {
     "patches_parity": lambda d: (d["seconds"], True),
     "eval_loops": lambda d: (sum(r["seconds"] for r in d["runs"].values()), False),
     "kd_recovery": lambda d: (d["wall_s"], True),
+    "lora_recovery": lambda d: (sum(r["wall_s"] for k in ("router_kd_lrs", "lora_lrs", "lora") for r in d[k])
+                                + d["router_kd_2x"]["wall_s"], False),
     "mtp_acceptance": lambda d: (d["wall_s"], True),
     "dist_scaling": lambda d: (sum(v["process_wall_s"] for p in ("observe", "kd") for k, v in d["measured"][p].items()
                                    if k != "speedup"), False),
@@ -330,6 +333,18 @@ def sec_kd(d: dict) -> list[str]:
     return out
 
 
+def sec_lora(d: dict) -> list[str]:
+    g = d["glm52"]["rank8_attn_shared_gates"]
+    rows = [[f"8 x {gpu}", f"{v['lora_s_per_step']:.1f} s", f"{v['lora_hours']:.1f} h"]
+            for gpu, v in g["per_gpu"].items()]
+    return [f"Trained tiny testbed pruned to {d['keep']}/16 experts, {d['steps']} steps each, learning rates chosen "
+            "on a validation set; held-out KL (exact, full vocabulary):", "", d["table"].rstrip(), "",
+            f"GLM-5.2 at {d['glm52']['assume']['keep']} experts, rank 8 on attention + shared experts + gates: "
+            f"{g['adapter_parameters']:,} trainable parameters, LoRA / Router-KD step time "
+            f"{d['glm52']['step_ratio']:.2f}x (measured), {d['glm52']['assume']['steps']} steps offloaded:", "",
+            *table(["GPUs", "s/step", "time"], rows)]
+
+
 def sec_glm52_sizes(d: dict) -> list[str]:
     models = d["models"]
     names = list(next(iter(models.values()))["recipes"])
@@ -399,6 +414,7 @@ SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "convert_vs_upstream": sec_convert, "quantize_vs_upstream": sec_quantize, "recipe_kld": sec_recipe_kld,
     "reap_quality": sec_reap_quality, "reap_memory": sec_reap_memory, "nvfp4_export": sec_nvfp4,
     "patches_parity": sec_patches, "eval_loops": sec_eval_loops, "kd_recovery": sec_kd, "kd_cost": sec_kd_cost,
+    "lora_recovery": sec_lora,
     "glm52_sizes": sec_glm52_sizes,
     "nvfp4_quality": sec_nvfp4_quality,
     "mtp_acceptance": sec_mtp,
