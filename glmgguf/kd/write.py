@@ -4,7 +4,7 @@ Every tensor is read once from the student's shards and written once with `Shard
 names, shapes and stored dtypes (a block-FP8 weight as its codes and scales; trained gates are cast back to their
 stored dtype, e.g. BF16); config.json and every other file are copied byte for byte. A replaced block-FP8 weight
 (a LoRA merge into the release's FP8 projections) is written in BF16 instead: re-quantizing it would round the
-merged change (on the testbed by about a quarter of it), so its scale is dropped and its module is added to
+merged change with the weight, so its scale is dropped and its module is added to
 `quantization_config.modules_to_not_convert`, the one change config.json gets. Before the output directory is
 moved into place it is read back: each tensor that KD does not train must be byte-identical to the input's, each
 replaced tensor must hold exactly the trained values (the input's bytes are hashed as they stream through the
