@@ -531,3 +531,5 @@ def test_lora_stages_merged_and_as_adapter(tmp_path):
     kl = a["heldout-kl-lora"].args
     assert kl[2] == str(work / "kd" / "model") and kl[kl.index("--adapter") + 1] == str(work / "lora" / "out" /
                                                                                           "adapter")
+    launched = _stages(tmp_path, heldout + LORA + "\n[launch]\nnproc_per_node = 2\n")["lora"]
+    assert launched.launcher[:3] == ["--standalone", "--nproc-per-node", "2"] and "--fsdp" in launched.args
