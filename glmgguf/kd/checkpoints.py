@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from glmgguf.errors import storage_errors
@@ -68,6 +68,36 @@ def save_checkpoint(work: Path, step: int, params: dict[str, nn.Parameter], opt:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     publish_checkpoint(work, tmp, d)
+
+
+def save_trainable(work: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, state: dict,
+                   root: nn.Module | None = None, dist=None) -> None:
+    """A periodic checkpoint of the trained tensors: DCP shards under FSDP (`root`, `dist`), else one file each."""
+    if dist is not None:
+        from glmgguf.kd.fsdp import save_sharded
+
+        save_sharded(work, step, params, opt, root, state, dist)
+    else:
+        save_checkpoint(work, step, params, opt, state)
+
+
+def load_trainable(ckpt: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
+                   root: nn.Module | None = None) -> None:
+    """The trained tensors and optimizer state of a checkpoint into `params` / `opt` (DCP under FSDP, `root`)."""
+    from glmgguf.kd.errors import KdError
+    from glmgguf.kd.fsdp import is_sharded_checkpoint, load_sharded
+
+    if is_sharded_checkpoint(ckpt) != (root is not None):
+        raise KdError(f"checkpoint {ckpt} was written {'with' if root is None else 'without'} --fsdp: resume it "
+                      "the same way")
+    if root is not None:
+        load_sharded(ckpt, params, opt, root)
+        return
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n].to(p.device))
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
 
 
 def publish_checkpoint(work: Path, tmp: Path, final: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -20,6 +22,41 @@ def _threads(n: int | None) -> None:
 
 
 _threads_opt = click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch.")
+
+
+def _training_options(lr: float, trained: str) -> Callable[[Callable], Callable]:
+    """The options `kd train` and `kd lora` share (the student, the optimizer, FSDP, checkpoints); `lr` is the
+    default learning rate, `trained` what trains in float32."""
+    options = [
+        click.option("--teacher-cache", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="Cache written by `glmgguf kd teacher` from the unpruned teacher."),
+        click.option("--lr", default=lr, show_default=True, type=float, help="AdamW learning rate."),
+        click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimizer steps."),
+        click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1),
+                     help="Sequences per step (under --fsdp the global batch, split across the ranks)."),
+        click.option("--schedule", type=click.Choice(KD_SCHEDULES), default="constant", show_default=True,
+                     help="Learning-rate schedule after warmup (cosine ends at 10%)."),
+        click.option("--warmup", "warmup_steps", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Linear warmup steps."),
+        click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0.0),
+                     help="Clip the gradient norm (0: off)."),
+        click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="f32", show_default=True,
+                     help=f"Dtype the frozen model runs in ({trained} train in float32 either way)."),
+        click.option("--device-map", default=None, type=DEVICE_MAP_PARAM,
+                     help="accelerate device_map of the student: 'auto' places it across all GPUs, 'cuda', 'cpu' "
+                          "[default: cpu]; under --fsdp cpu or cuda per rank."),
+        click.option("--fsdp", is_flag=True,
+                     help="Under torchrun: shard the student over the ranks with FSDP2 and split each batch across "
+                          "them; rank 0 writes the outputs."),
+        click.option("--cpu-offload", is_flag=True, help="With --fsdp: keep the parameter shards in host memory."),
+        click.option("--save-every", default=50, show_default=True, type=click.IntRange(min=0),
+                     help="Checkpoint every N steps (0: none)."),
+        click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --work-dir."),
+        click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="Checkpoints  [default: OUT.work]"),
+        _threads_opt,
+    ]
+    return lambda f: functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
 
 
 @click.group("kd")
@@ -80,48 +117,23 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
 
 @kd.command("train")
 @click.argument("student", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--teacher-cache", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Cache written by `glmgguf kd teacher` from the unpruned teacher.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output checkpoint: STUDENT with only the router tensors changed.")
-@click.option("--lr", default=5e-5, show_default=True, type=float, help="AdamW learning rate.")
-@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
-@click.option("--schedule", type=click.Choice(KD_SCHEDULES), default="constant", show_default=True,
-              help="Learning-rate schedule after warmup (cosine ends at 10%).")
-@click.option("--warmup", "warmup_steps", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Linear warmup steps.")
+@_training_options(5e-5, "routers")
 @click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0.0))
-@click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="Clip the gradient norm (0: off).")
 @click.option("--train-bias", is_flag=True,
               help="Also train e_score_correction_bias (straight-through gradient; it only selects experts).")
 @click.option("--no-mtp", is_flag=True, help="Leave the MTP block's router unchanged.")
 @click.option("--mtp-weight", default=1.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Weight of the MTP head's KL in the loss.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the data order.")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="f32", show_default=True,
-              help="Dtype the frozen model runs in (routers train in float32 either way).")
-@click.option("--device-map", default=None, type=DEVICE_MAP_PARAM,
-              help="accelerate device_map of the student: 'auto' places it across all GPUs, 'cuda', 'cpu' "
-                   "[default: cpu].")
 @click.option("--no-gradient-checkpointing", is_flag=True, help="Keep all activations (faster, more memory).")
-@click.option("--fsdp", is_flag=True,
-              help="Under torchrun: shard the student over the ranks with FSDP2 and split each batch across them "
-                   "(--batch-size is the global batch; --device-map picks cpu or cuda per rank).")
-@click.option("--cpu-offload", is_flag=True, help="With --fsdp: keep the parameter shards in host memory.")
-@click.option("--save-every", default=50, show_default=True, type=click.IntRange(min=0),
-              help="Checkpoint every N steps (0: only at the end).")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --work-dir.")
-@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Checkpoints  [default: OUT.work]")
 @click.option("--eval-cache", type=click.Path(file_okay=False, path_type=Path),
               help="A held-out teacher cache to measure during training.")
 @click.option("--eval-every", default=0, show_default=True, type=click.IntRange(min=0),
               help="With --eval-cache: measure every N steps (and at start and end).")
 @click.option("--data", "data", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The KD text files: checked against the cache (refused when the cache was made from others).")
-@_threads_opt
 @click.option("--force", is_flag=True, help="Overwrite OUT; discard checkpoints of an earlier run.")
 def train_cmd(student: Path, cache: Path, out: Path, lr: float, steps: int, batch_size: int, schedule: str,
               warmup_steps: int, weight_decay: float, grad_clip: float, train_bias: bool, no_mtp: bool,
@@ -217,10 +229,9 @@ def eval_cmd(model: Path, cache: Path, data: tuple[Path, ...], batch_size: int, 
 
 @kd.command("lora")
 @click.argument("student", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--teacher-cache", "cache", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Cache written by `glmgguf kd teacher` from the unpruned teacher.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="PEFT adapter directory (PeftModel.from_pretrained on STUDENT).")
+@_training_options(1e-3, "the adapters")
 @click.option("--target", "targets", default="attn,shared", show_default=True,
               help="Modules that get adapters, comma-separated: attn (MLA projections), attn_out (o_proj only: "
                    "with shared and dense, what `kd lora-gguf` can write), shared (shared experts of the MoE "
@@ -229,32 +240,10 @@ def eval_cmd(model: Path, cache: Path, data: tuple[Path, ...], batch_size: int, 
 @click.option("--alpha", default=16.0, show_default=True, type=float, help="LoRA alpha (scale alpha / rank).")
 @click.option("--train-gates", is_flag=True, help="Also train the MoE router gates (saved with the adapter).")
 @click.option("--gate-lr", type=float, help="With --train-gates: the gates' learning rate  [default: --lr]")
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate.")
-@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
-@click.option("--schedule", type=click.Choice(KD_SCHEDULES), default="constant", show_default=True,
-              help="Learning-rate schedule after warmup (cosine ends at 10%).")
-@click.option("--warmup", "warmup_steps", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--grad-clip", default=1.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="Clip the gradient norm (0: off).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the data order and the adapters' init.")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="f32", show_default=True,
-              help="Dtype the frozen model runs in (the adapters train in float32 either way).")
-@click.option("--device-map", default=None, type=DEVICE_MAP_PARAM,
-              help="accelerate device_map of the student: 'auto' places it across all GPUs, 'cuda', 'cpu' "
-                   "[default: cpu].")
 @click.option("--merge", type=click.Path(file_okay=False, path_type=Path),
-              help="Also write the merged checkpoint here (STUDENT's layout; only adapted tensors change).")
-@click.option("--fsdp", is_flag=True,
-              help="Under torchrun: shard the student over the ranks with FSDP2 (each adapter its own float32 "
-                   "unit) and split each batch across them (--batch-size is the global batch); rank 0 writes OUT.")
-@click.option("--cpu-offload", is_flag=True, help="With --fsdp: keep the parameter shards in host memory.")
-@click.option("--save-every", default=50, show_default=True, type=click.IntRange(min=0),
-              help="Checkpoint every N steps (0: never).")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --work-dir.")
-@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Checkpoints  [default: OUT.work]")
-@_threads_opt
+              help="Also write the merged checkpoint here (STUDENT's layout; only adapted tensors change; adapted "
+                   "block-FP8 weights stored BF16).")
 @click.option("--force", is_flag=True, help="Overwrite OUT and the --merge directory; discard earlier checkpoints.")
 def lora_cmd(student: Path, cache: Path, out: Path, targets: str, rank: int, alpha: float, train_gates: bool,
              gate_lr: float | None, lr: float, steps: int, batch_size: int, schedule: str, warmup_steps: int,

@@ -38,12 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from glmgguf.choices import LORA_TARGETS
 from glmgguf.dist import Dist
-from glmgguf.kd.checkpoints import clear_work, latest_checkpoint, save_checkpoint
+from glmgguf.kd.checkpoints import clear_work, latest_checkpoint, load_trainable, save_trainable
 from glmgguf.kd.errors import KdError, NanLossError
 from glmgguf.kd.options import TrainOptions, check_options, lr_at, rows_for_step
 from glmgguf.kd.student import Student, router_names
@@ -241,30 +240,13 @@ class _Run:
         st = json.loads((ckpt / "state.json").read_text())
         if {k: st.get(k) for k in self.state} != self.state:
             raise KdError(f"checkpoint {ckpt} belongs to another student, teacher cache or settings")
-        self._load(ckpt)
+        load_trainable(ckpt, self.params, self.opt, self.root)
         self.start, self.records = int(st["step"]), list(st["records"])
         say(f"resumed from step {self.start} ({ckpt})")
 
-    def _load(self, ckpt: Path) -> None:
-        if self.root is not None:
-            from glmgguf.kd.fsdp import load_sharded
-
-            load_sharded(ckpt, self.params, self.opt, self.root)
-            return
-        saved = load_file(str(ckpt / "trainable.safetensors"))
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(saved[n].to(p.device))
-        self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-
     def save(self, step: int) -> None:
-        state = {**self.state, "records": self.records}
-        if self.dist is not None:
-            from glmgguf.kd.fsdp import save_sharded
-
-            save_sharded(self.work, step, self.params, self.opt, self.root, state, self.dist)
-        else:
-            save_checkpoint(self.work, step, self.params, self.opt, state)
+        save_trainable(self.work, step, self.params, self.opt, {**self.state, "records": self.records}, self.root,
+                       self.dist)
 
     def mean(self, t: torch.Tensor) -> float:
         """A scalar of this rank's share as a float; sharded, the mean over the ranks' equal shares."""

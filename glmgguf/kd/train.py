@@ -42,12 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from glmgguf.dist import Dist
-from glmgguf.kd.checkpoints import clear_work, latest_checkpoint, plot_curve, save_checkpoint
+from glmgguf.kd.checkpoints import clear_work, latest_checkpoint, load_trainable, plot_curve, save_trainable
 from glmgguf.kd.errors import KdError, NanLossError
 from glmgguf.kd.loss import sparse_kl
 from glmgguf.kd.options import TrainOptions, check_options, lr_at, rows_for_step
@@ -212,36 +211,15 @@ class _Training:
             diff = {k: (st["options"].get(k), v) for k, v in self.run_state["options"].items()
                     if st["options"].get(k) != v}
             raise KdError(f"checkpoint {ckpt} was made with other settings: {diff} (checkpoint, now)")
-        self._load(ckpt)
+        load_trainable(ckpt, self.params, self.opt, self.root)
         self.start = self.resumed_from = int(st["step"])
         self.records = list(st.get("records", []))
         self.evals = list(st.get("evals", []))
         self.say(f"resumed from step {self.start} ({ckpt})")
 
-    def _load(self, ckpt: Path) -> None:
-        """The trainable tensors and optimizer state of a checkpoint (DCP with FSDP, else safetensors + torch)."""
-        from glmgguf.kd.fsdp import is_sharded_checkpoint, load_sharded
-
-        if is_sharded_checkpoint(ckpt) != (self.root is not None):  # also told apart by the options' "fsdp"
-            raise KdError(f"checkpoint {ckpt} was written {'with' if self.root is None else 'without'} --fsdp: "
-                          "resume it the same way")
-        if self.root is not None:
-            load_sharded(ckpt, self.params, self.opt, self.root)
-            return
-        saved = load_file(str(ckpt / "trainable.safetensors"))
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(saved[n].to(p.device))
-        self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-
     def save(self, step: int) -> None:
         state = {**self.run_state, "records": self.records, "evals": self.evals}
-        if self.dist is not None:
-            from glmgguf.kd.fsdp import save_sharded
-
-            save_sharded(self.work, step, self.params, self.opt, self.root, state, self.dist)
-        else:
-            save_checkpoint(self.work, step, self.params, self.opt, state)
+        save_trainable(self.work, step, self.params, self.opt, state, self.root, self.dist)
 
     def trained(self) -> dict[str, torch.Tensor]:
         """The trained tensors, whole, on the CPU (with FSDP gathered on every rank: a collective)."""
