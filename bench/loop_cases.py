@@ -3,14 +3,16 @@
 Everything is built at run time from this machine's Python install (nothing copied into the repository) and is
 deterministic for one install: the same Python version and installed packages give the same cases.
 
-Natural kinds (512-token chunks, at most `PER_FILE` chunks from one document, documents in path-hash order):
-`code` (standard-library modules), `tests` (the stdlib's own test suite: unrolled asserts, tables of cases),
-`data` (data literals: codec tables, html entities, pretty-printed dicts and lists of real values), `docs` (stdlib
-docstrings, the pydoc topic texts, then the installed packages' docstrings), `prose` (license, README and METADATA
-texts of installed packages, then their markdown and reST files), `json`, `tables` (markdown and CSV) and `lists`
-(bullet and numbered lists), the last three rendered from the stdlib's own definitions (name, kind, line, arguments,
-first docstring line; not from the installed packages, whose same-named methods and overloads, listed without their
-class, repeat lines verbatim).
+Natural kinds (512-token chunks, at most `PER_FILE` chunks from one document, documents in path-hash order, a
+document seen before skipped): `code` (standard-library modules), `tests` (the stdlib's own test suite: unrolled
+asserts, tables of cases), `data` (data literals: codec tables, html entities, pretty-printed dicts and lists of real
+values; then the installed packages' YAML files), `docs` (stdlib docstrings, the pydoc topic texts, then the
+installed packages' docstrings), `prose` (license, README and METADATA texts of installed packages, their markdown
+and reST files, then their text files that are at least half letters), `json`, `tables` (markdown and CSV) and
+`lists` (bullet and numbered lists), the last three first rendered from the stdlib's own definitions (name, kind,
+line, arguments, first docstring line; not from the installed packages, whose same-named methods and overloads,
+listed without their class, repeat lines verbatim), then the installed packages' JSON files, their CSV files, and
+the bullet and numbered items of their markdown, reST and text files.
 
 Loop families (a natural prefix of 32-400 tokens, then the loop up to max(3 iterations, 512 tokens) past its start,
 the detection deadline; periods up to 512 tokens): `exact` (a natural block of 1-512 tokens repeated), `counter`
@@ -28,6 +30,7 @@ import csv
 import hashlib
 import importlib.metadata
 import io
+import itertools
 import json
 import math
 import pprint
@@ -179,29 +182,51 @@ def _lists() -> Iterator[str]:
         else:
             yield f"Steps in {module}:\n\n" + "".join(f"{j + 1}. {r['kind'].capitalize()} {r['name']} at line "
                                                       f"{r['line']}.\n" for j, r in enumerate(recs))
+    yield from map(_list_items, _site_texts("*.md", "*.rst", "*.txt"))
+
+
+LIST_ITEM = re.compile(r"^ *(?:[-*+]|\d+[.)]) +\S.*(?:\n(?: {2,}\S.*)?)*", re.M)
+
+
+def _list_items(text: str) -> str:
+    """The bullet and numbered items of a document (with their indented continuation lines), in order."""
+    return "".join(m.group(0).rstrip() + "\n" for m in LIST_ITEM.finditer(text))
+
+
+def _site_texts(*patterns: str, letters: float = 0.0) -> Iterator[str]:
+    """The installed packages' files matching `patterns` (in that order, each in path-hash order), those with at
+    least `letters` of their characters letters (a numeric table in a .txt file is not prose)."""
+    for pattern in patterns:
+        for path in _site_files(pattern):
+            text = _read(path)
+            if text and sum(c.isalpha() for c in text) >= letters * len(text):
+                yield text
 
 
 SOURCES: dict[str, Callable[[], Iterator[str]]] = {
     "code": lambda: iter(stdlib_corpus("train") + stdlib_corpus("heldout")),
     "tests": lambda: (_read(p) for p in _files("test*.py", "test") + _files("*/test*.py", "test")),
-    "data": _data_literals,
+    "data": lambda: itertools.chain(_data_literals(), _site_texts("*.yaml")),
     "docs": _docstrings,
-    "prose": _package_texts,
-    "json": _json_docs,
-    "tables": _tables,
+    "prose": lambda: itertools.chain(_package_texts(), _site_texts("*.txt", letters=0.5)),
+    "json": lambda: itertools.chain(_json_docs(), _site_texts("*.json")),
+    "tables": lambda: itertools.chain(_tables(), _site_texts("*.csv")),
     "lists": _lists,
 }
 
 
 def natural_chunks(tok: Tokenizer, kind: str, n: int) -> list[Case]:
-    """Up to `n` 512-token chunks of one natural kind (at most PER_FILE from one document)."""
+    """Up to `n` 512-token chunks of one natural kind (at most PER_FILE from one document; a document seen before is
+    skipped)."""
     out: list[Case] = []
-    docs = SOURCES[kind]()
+    docs, seen = SOURCES[kind](), set()
     while len(out) < n:
         batch = [d for _, d in zip(range(64), docs, strict=False)]
         if not batch:
             break
-        for enc in tok.encode_batch([d for d in batch if d.strip()], add_special_tokens=False):
+        fresh = [d for d in batch if d.strip() and _key(d) not in seen]
+        seen.update(map(_key, fresh))
+        for enc in tok.encode_batch(list(dict.fromkeys(fresh)), add_special_tokens=False):
             ids = enc.ids
             out += [Case(kind, ids[i:i + CHUNK]) for i in range(0, len(ids) - CHUNK + 1, CHUNK)][:PER_FILE]
     return out[:n]
