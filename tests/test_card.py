@@ -382,7 +382,7 @@ def test_stale_evaluation_is_left_out(work, tmp_path, caplog):
     """An evaluation of an earlier GGUF (its recorded upstream fingerprint is not the GGUF's) is not this GGUF's."""
     from glmgguf.card.gather import gather
 
-    for name in ("gguf-q4_protected", "eval-greedy", "eval-guarded", "eval-report", "kd", "prune"):
+    for name in ("gguf-q4_protected", "eval-greedy", "eval-guarded", "eval-report", "lora", "kd", "prune"):
         (tmp_path / name).symlink_to(work / name)
     manifest = json.loads((work / "eval-guarded" / "manifest.json").read_text())
     manifest["upstream"]["gguf-q4_protected"] = "0" * 64
@@ -412,7 +412,7 @@ def test_stale_kld_and_baseline_are_left_out(work, tmp_path, caplog):
     """A KLD of an earlier GGUF, or a baseline converted from another source model, is not this GGUF's."""
     from glmgguf.card.gather import gather
 
-    names = ["gguf-q4_protected", "kd", "prune", "eval-greedy", "eval-guarded", "eval-report", "kld-reference",
+    names = ["gguf-q4_protected", "lora", "kd", "prune", "eval-greedy", "eval-guarded", "eval-report", "kld-reference",
              "eval-baseline-greedy", "eval-baseline-guarded"]
     fresh = gather(work / "gguf-q4_protected")
     assert fresh.kld is not None and [b.preset for b in fresh.baseline] == ["greedy", "guarded"]

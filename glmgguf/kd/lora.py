@@ -384,6 +384,8 @@ def train_lora(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, out
         dist.same("student files", checkpoint_identity(student_dir))
         dist.same("teacher caches", cache.cache_id)
     student, peft_model, root = _load(student_dir, opts, dist)
+    if opts.train.gradient_checkpointing:
+        student.checkpoint_activations()
     n_train, n_total = peft_model.get_nb_trainable_parameters()
     say(f"trainable: {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.4f}%), rank {opts.rank} on "
         f"{','.join(opts.targets)}{' + router gates' if opts.train_gates else ''}")

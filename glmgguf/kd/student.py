@@ -115,6 +115,11 @@ class Student:
             out[self.mtp_index] = self.mtp.mlp.gate
         return out
 
+    def checkpoint_activations(self) -> None:
+        """Recompute each decoder layer's activations in the backward pass instead of keeping them."""
+        self.model.config.use_cache = False
+        self.model.activation_checkpointing_enable({"use_reentrant": False})
+
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
         if self.mtp is not None:

@@ -165,8 +165,7 @@ class _Training:
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.999))
         if opts.gradient_checkpointing:
-            student.model.config.use_cache = False
-            student.model.activation_checkpointing_enable({"use_reentrant": False})
+            student.checkpoint_activations()
         student_id = checkpoint_digest(student_dir, router_names(layout, True, True))
         run_state = {"cache_id": cache.cache_id, "student": student_id, "options": opts.run_key()}
         return cls(student, params, opt, opts, cache, held, work, run_state, say, names, (n_train, n_total),
