@@ -207,3 +207,16 @@ def test_merge_into_a_block_fp8_student(trained_testbed_dir, texts, tmp_path):
                                atol=0.05, rtol=0.02)  # the merged weights are stored in BF16
     r = CliRunner().invoke(main, ["convert", str(tmp_path / "m"), str(tmp_path / "m.gguf"), "--outtype", "f32"])
     assert r.exit_code == 0, r.output
+
+
+def test_eval_cache_measures_the_adapted_student(pruned, kd_cache, held_cache, tmp_path):
+    """`--eval-cache` measures the adapted student during training, as `kd train` does; the last measurement is
+    what `kd eval --adapter` gives for the written adapter."""
+    train = TrainOptions(steps=4, lr=3e-3, batch_size=4, mtp=False, save_every=0, eval_every=2)
+    res = train_lora(pruned, kd_cache, tmp_path / "a", LoraOptions(train=train, rank=4, targets=("attn_out",)),
+                     eval_cache=held_cache)
+    evals = res.log["evals"]
+    assert [e["step"] for e in evals] == [0, 2, 4] and evals[-1]["kl"] < evals[0]["kl"], evals
+    assert evals[0]["kl"] == pytest.approx(evaluate(pruned, held_cache, mtp=False).kl, rel=1e-6)
+    after = evaluate(pruned, held_cache, mtp=False, adapter=tmp_path / "a").kl
+    assert evals[-1]["kl"] == pytest.approx(after, rel=1e-5), (evals[-1], after)

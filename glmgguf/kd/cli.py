@@ -54,6 +54,10 @@ def _training_options(lr: float, trained: str) -> Callable[[Callable], Callable]
         click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --work-dir."),
         click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Checkpoints  [default: OUT.work]"),
+        click.option("--eval-cache", type=click.Path(file_okay=False, path_type=Path),
+                     help="A held-out teacher cache to measure during training (not with --fsdp)."),
+        click.option("--eval-every", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="With --eval-cache: measure every N steps (and at start and end)."),
         click.option("--no-gradient-checkpointing", is_flag=True, help="Keep all activations (faster, more memory)."),
         _threads_opt,
     ]
@@ -128,10 +132,6 @@ def teacher_cmd(model: Path, data: tuple[Path, ...], out: Path, top_k: int, seq_
 @click.option("--mtp-weight", default=1.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Weight of the MTP head's KL in the loss.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the data order.")
-@click.option("--eval-cache", type=click.Path(file_okay=False, path_type=Path),
-              help="A held-out teacher cache to measure during training.")
-@click.option("--eval-every", default=0, show_default=True, type=click.IntRange(min=0),
-              help="With --eval-cache: measure every N steps (and at start and end).")
 @click.option("--data", "data", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The KD text files: checked against the cache (refused when the cache was made from others).")
 @click.option("--force", is_flag=True, help="Overwrite OUT; discard checkpoints of an earlier run.")
@@ -248,8 +248,8 @@ def eval_cmd(model: Path, cache: Path, data: tuple[Path, ...], batch_size: int, 
 def lora_cmd(student: Path, cache: Path, out: Path, targets: str, rank: int, alpha: float, train_gates: bool,
              gate_lr: float | None, lr: float, steps: int, batch_size: int, schedule: str, warmup_steps: int,
              grad_clip: float, seed: int, dtype: str, device_map: str | None, merge: Path | None, fsdp: bool,
-             cpu_offload: bool, save_every: int, resume: bool, work_dir: Path | None,
-             no_gradient_checkpointing: bool, threads: int | None, force: bool) -> None:
+             cpu_offload: bool, save_every: int, resume: bool, work_dir: Path | None, eval_cache: Path | None,
+             eval_every: int, no_gradient_checkpointing: bool, threads: int | None, force: bool) -> None:
     """Train LoRA adapters of STUDENT (and with --train-gates its routers) to match the teacher cache.
 
     On many GPUs: `torchrun --nproc-per-node N -m glmgguf kd lora ... --fsdp` (rank 0 writes OUT)."""
@@ -265,7 +265,8 @@ def lora_cmd(student: Path, cache: Path, out: Path, targets: str, rank: int, alp
     train = TrainOptions(steps=steps, lr=lr, batch_size=batch_size, warmup_steps=warmup_steps, schedule=schedule,
                          grad_clip=grad_clip, seed=seed, mtp=False, save_every=save_every, dtype=DTYPES[dtype],
                          device_map=None if device_map in (None, "cpu") else device_map, fsdp=fsdp,
-                         cpu_offload=cpu_offload, gradient_checkpointing=not no_gradient_checkpointing)
+                         cpu_offload=cpu_offload, gradient_checkpointing=not no_gradient_checkpointing,
+                         eval_every=eval_every)
     opts = LoraOptions(train=train, rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",")),
                        train_gates=train_gates, gate_lr=gate_lr)
     with launch(device_map or "auto") as dist:
@@ -278,12 +279,15 @@ def lora_cmd(student: Path, cache: Path, out: Path, targets: str, rank: int, alp
                 bar.set_postfix_str(f"KL {rec['kl']:.4f}, lr {rec['lr']:.2e}")
 
             res = train_lora(student, cache, out, opts, merge=merge, work_dir=work_dir, resume=resume, force=force,
-                             progress=progress, log=bar.write, dist=dist)
+                             progress=progress, log=bar.write, dist=dist, eval_cache=eval_cache)
     if res is None:
         return
-    recs = res.log["steps"]
+    recs, evals = res.log["steps"], res.log["evals"]
     click.echo(f"train KL {recs[0]['kl']:.5f} (step 1) -> {recs[-1]['kl']:.5f} (step {len(recs)}); "
                f"{res.log['trainable_parameters']:,} trainable parameters, {res.seconds_per_step:.3f} s/step")
+    if len(evals) >= 2:
+        click.echo(f"held-out KL {evals[0]['kl']:.5f} (step {evals[0]['step']}) -> {evals[-1]['kl']:.5f} "
+                   f"(step {evals[-1]['step']})")
 
 
 @kd.command("lora-gguf")

@@ -47,7 +47,7 @@ from glmgguf.kd.errors import KdError, NanLossError
 from glmgguf.kd.options import TrainOptions, check_options, lr_at, rows_for_step
 from glmgguf.kd.student import Student, router_names
 from glmgguf.kd.teacher import TeacherCache
-from glmgguf.kd.train import ProgressFn, batch_losses, check_launch, rank_rows
+from glmgguf.kd.train import ProgressFn, batch_losses, check_launch, held_out_cache, rank_rows
 from glmgguf.kd.write import WriteReport, checkpoint_digest, write_student
 from glmgguf.layout import GlmLayout, LayerKind
 
@@ -211,6 +211,8 @@ class _Run:
     start: int = 0
     dist: Dist | None = None
     root: nn.Module | None = None  # the FSDP root (its forward is the student's)
+    held: TeacherCache | None = None  # measured every `eval_every` steps (`--eval-cache`)
+    evals: list[dict] = field(default_factory=list)
 
     @property
     def params(self) -> dict[str, nn.Parameter]:
@@ -241,12 +243,21 @@ class _Run:
         if {k: st.get(k) for k in self.state} != self.state:
             raise KdError(f"checkpoint {ckpt} belongs to another student, teacher cache or settings")
         load_trainable(ckpt, self.params, self.opt, self.root)
-        self.start, self.records = int(st["step"]), list(st["records"])
+        self.start, self.records, self.evals = int(st["step"]), list(st["records"]), list(st.get("evals", []))
         say(f"resumed from step {self.start} ({ckpt})")
 
     def save(self, step: int) -> None:
-        save_trainable(self.work, step, self.params, self.opt, {**self.state, "records": self.records}, self.root,
-                       self.dist)
+        save_trainable(self.work, step, self.params, self.opt,
+                       {**self.state, "records": self.records, "evals": self.evals}, self.root, self.dist)
+
+    def measure(self, student: Student, step: int, batch_size: int, say: Callable[[str], None]) -> None:
+        """KL and top-1 agreement of the adapted student on the held-out cache."""
+        from glmgguf.kd.evaluate import evaluate_student
+
+        assert self.held is not None
+        res = evaluate_student(student, self.held, batch_size=batch_size)
+        self.evals.append({"step": step, "kl": res.kl, "top1": res.top1})
+        say(f"step {step}: eval-cache KL {res.kl:.5f}, top-1 agreement {res.top1:.4f}")
 
     def mean(self, t: torch.Tensor) -> float:
         """A scalar of this rank's share as a float; sharded, the mean over the ranks' equal shares."""
@@ -265,16 +276,20 @@ def _new_run(peft_model, student_dir: str | os.PathLike, layout: GlmLayout, cach
                 dist=dist, root=root)
 
 
-def _train(student: Student, run: _Run, cache: TeacherCache, opts: TrainOptions,
-           progress: ProgressFn | None) -> float:
-    """Train the adapters (and gates) from `run.start`, each rank its share of every global batch; returns the
-    seconds per step."""
+def _train(student: Student, run: _Run, cache: TeacherCache, opts: TrainOptions, progress: ProgressFn | None,
+           say: Callable[[str], None]) -> float:
+    """Train the adapters (and gates) from `run.start`, each rank its share of every global batch, measuring the
+    held-out cache every `eval_every` steps (and before and after); returns the seconds per step (measurements
+    left out)."""
     from glmgguf.kd.fsdp import full_tensor
 
     params = list(run.params.values())
     last_saved = run.start or None
+    evaluating = run.held is not None and opts.eval_every > 0
+    if evaluating and run.start == 0:
+        run.measure(student, 0, opts.batch_size, say)
     student.train(True)
-    t0 = time.perf_counter()
+    t0, measuring = time.perf_counter(), 0.0
     for step in range(run.start, opts.steps):
         lr = lr_at(step, opts)
         for g in run.opt.param_groups:
@@ -293,10 +308,15 @@ def _train(student: Student, run: _Run, cache: TeacherCache, opts: TrainOptions,
         run.records.append({"step": step + 1, "kl": loss_v, "lr": lr, "grad_norm": norm_v})
         if progress:
             progress(step + 1, opts.steps, run.records[-1])
+        if evaluating and ((step + 1) % opts.eval_every == 0 or step + 1 == opts.steps):
+            m0 = time.perf_counter()
+            run.measure(student, step + 1, opts.batch_size, say)
+            student.train(True)
+            measuring += time.perf_counter() - m0
         _checkpoint(run, step + 1, opts)
         last_saved = step + 1 if opts.save_every and (step + 1) % opts.save_every == 0 else last_saved
     student.train(False)
-    return (time.perf_counter() - t0) / max(1, opts.steps - run.start)
+    return (time.perf_counter() - t0 - measuring) / max(1, opts.steps - run.start)
 
 
 def _checkpoint(run: _Run, done: int, opts: TrainOptions) -> None:
@@ -335,12 +355,13 @@ def merged_tensors(adapter: dict[str, torch.Tensor], peft_model, student: Studen
     return out
 
 
-def _log_doc(peft_model, student_dir: str | os.PathLike, cache: TeacherCache, opts: LoraOptions,
-             records: list[dict], seconds_per_step: float) -> dict:
+def _log_doc(peft_model, student_dir: str | os.PathLike, cache: TeacherCache, opts: LoraOptions, run: _Run,
+             seconds_per_step: float) -> dict:
     n_train, n_total = peft_model.get_nb_trainable_parameters()
+    held = None if run.held is None else {"path": run.held.path.resolve().name, "cache_id": run.held.cache_id}
     return {"student": Path(student_dir).resolve().name, "teacher_cache": cache.cache_id,
-            "options": asdict(opts), "trainable_parameters": n_train,
-            "total_parameters": n_total, "seconds_per_step": seconds_per_step, "steps": records}
+            "options": asdict(opts), "trainable_parameters": n_train, "total_parameters": n_total,
+            "seconds_per_step": seconds_per_step, "steps": run.records, "eval_cache": held, "evals": run.evals}
 
 
 def _load(student_dir: str | os.PathLike, opts: LoraOptions, dist: Dist | None
@@ -359,7 +380,7 @@ def train_lora(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, out
                options: LoraOptions | None = None, *, merge: str | os.PathLike | None = None,
                work_dir: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
                progress: ProgressFn | None = None, log: Callable[[str], None] | None = None,
-               dist: Dist | None = None) -> LoraResult | None:
+               dist: Dist | None = None, eval_cache: str | os.PathLike | None = None) -> LoraResult | None:
     """Train LoRA adapters (and optionally the gates) of `student_dir` to the teacher of `cache_dir`; write the
     PEFT adapter directory `out` and, with `merge`, the merged checkpoint there. `work_dir` (default OUT.work)
     holds the periodic checkpoints; `resume` continues the latest. With `dist` (torchrun) and `options.train.fsdp`
@@ -391,13 +412,17 @@ def train_lora(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, out
         f"{','.join(opts.targets)}{' + router gates' if opts.train_gates else ''}")
     run = _new_run(peft_model, student_dir, student.layout, cache, opts,
                    Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work"), dist, root)
+    if eval_cache is not None and dist is not None:
+        raise KdError("--eval-cache is not supported with --fsdp: measure the adapter with `glmgguf kd eval "
+                      "--adapter`")
+    run.held = held_out_cache(eval_cache, student_dir, cache, say)
     run.begin(resume, force, say)
-    per_step = _train(student, run, cache, opts.train, progress if main else None)
+    per_step = _train(student, run, cache, opts.train, progress if main else None, say)
     adapter = adapter_state(peft_model)
     if not main:
         run.barrier()  # rank 0 writes
         return None
-    doc = _log_doc(peft_model, student_dir, cache, opts, run.records, per_step)
+    doc = _log_doc(peft_model, student_dir, cache, opts, run, per_step)
     report = _write_outputs(peft_model, adapter, student, cache, opts, doc, out, merge, force, say)
     clear_work(run.work)
     run.barrier()

@@ -113,13 +113,19 @@ def _open_caches(student_dir: str | os.PathLike, cache_dir: str | os.PathLike,
     if data:
         cache.check_text(data)
     keep_map = cache.check_student(student_dir)
-    held = None
-    if eval_cache is not None:
-        held = TeacherCache(eval_cache)
-        held.check_tokenizer(student_dir)
-        if held.manifest["text"]["token_sha256"] == cache.manifest["text"]["token_sha256"]:
-            say("note: the evaluation cache holds the same text as the training cache")
-    return cache, held, keep_map
+    return cache, held_out_cache(eval_cache, student_dir, cache, say), keep_map
+
+
+def held_out_cache(eval_cache: str | os.PathLike | None, student_dir: str | os.PathLike, cache: TeacherCache,
+                   say: Callable[[str], None]) -> TeacherCache | None:
+    """The `--eval-cache` measured during training, checked against the student's tokenizer (None without one)."""
+    if eval_cache is None:
+        return None
+    held = TeacherCache(eval_cache)
+    held.check_tokenizer(student_dir)
+    if held.manifest["text"]["token_sha256"] == cache.manifest["text"]["token_sha256"]:
+        say("note: the evaluation cache holds the same text as the training cache")
+    return held
 
 
 @dataclass

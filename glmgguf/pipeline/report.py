@@ -53,12 +53,14 @@ def lora_lines(plan: Plan) -> list[str]:
     log = read_json(plan.workdir / "lora" / "out" / "adapter" / "lora_train_log.json")
     if not log or plan.lora is None:
         return []
-    steps, o = log["steps"], log["options"]
+    steps, o, evals = log["steps"], log["options"], log.get("evals") or []
     served = (f"adapter GGUF {plan.workdir / 'lora-gguf' / 'adapter.gguf'} (llama-server --lora)"
               if plan.lora.serve == "adapter" else f"merged into {plan.workdir / 'lora' / 'out' / 'model'}")
     return [f"LoRA-KD: rank {o['rank']} on {','.join(o['targets'])}{' + router gates' if o['train_gates'] else ''}, "
             f"{len(steps)} steps, {log['trainable_parameters']:,} trainable parameters; train KL "
-            f"{steps[0]['kl']:.5f} -> {steps[-1]['kl']:.5f}; {served}"]
+            f"{steps[0]['kl']:.5f} -> {steps[-1]['kl']:.5f}"
+            + (f", held-out {evals[0]['kl']:.5f} -> {evals[-1]['kl']:.5f}" if len(evals) >= 2 else "")
+            + f"; {served}"]
 
 
 def kld_lines(plan: Plan) -> list[str]:

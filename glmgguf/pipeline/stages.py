@@ -193,9 +193,12 @@ def _lora_stages(c: _Chain) -> list[Stage]:
     launcher = _torchrun(c.plan)
     if launcher:
         args += ["--fsdp", *(["--cpu-offload"] if c.plan.kd and c.plan.kd.cpu_offload else [])]
+    after = [*c.after, "teacher"]
+    if c.data.get("heldout") and not launcher:  # with FSDP: measured after training (the variants' heldout-kl)
+        args += ["--eval-cache", str(w / "teacher-heldout" / "cache"), "--eval-every", str(max(1, lo.steps // 4))]
+        after.append("teacher-heldout")
     what = "LoRA adapters trained to the teacher" + (", merged into the checkpoint" if merged else "")
-    train = Stage("lora", w / "lora", args, out, {}, [*c.after, "teacher"], what=what, output_dir_first=True,
-                  launcher=launcher)
+    train = Stage("lora", w / "lora", args, out, {}, after, what=what, output_dir_first=True, launcher=launcher)
     if merged:
         c.final, c.after = out / "model", [train.name]
         return [train]
