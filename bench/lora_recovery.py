@@ -138,6 +138,7 @@ def glm52_cost(rank: int, targets: str, gates: bool, step_ratio: float) -> dict:
     return {"adapter_parameters": params, "adapter_bf16_bytes": 2 * params,
             "train_state_bytes": 16 * params,  # float32 weight, gradient and AdamW's two moments
             "per_gpu": {e.gpu: {"router_kd_bytes": e.per_gpu_bytes, "fits": e.fits,
+                                "lora_bytes": e.per_gpu_bytes + 16 * params // g["world"],  # adapter state sharded
                                 "router_kd_s_per_step": e.seconds_per_step,
                                 "lora_s_per_step": e.seconds_per_step * step_ratio,
                                 "lora_hours": e.hours(g["steps"]) * step_ratio} for e in est}}

@@ -335,14 +335,14 @@ def sec_kd(d: dict) -> list[str]:
 
 def sec_lora(d: dict) -> list[str]:
     g = d["glm52"]["rank8_attn_shared_gates"]
-    rows = [[f"8 x {gpu}", f"{v['lora_s_per_step']:.1f} s", f"{v['lora_hours']:.1f} h"]
-            for gpu, v in g["per_gpu"].items()]
+    rows = [[f"8 x {gpu}", f"{v['lora_bytes'] / 1e9:.1f} GB", f"{v['lora_s_per_step']:.1f} s",
+             f"{v['lora_hours']:.1f} h"] for gpu, v in g["per_gpu"].items()]
     return [f"Trained tiny testbed pruned to {d['keep']}/16 experts, {d['steps']} steps each, learning rates chosen "
             "on a validation set; held-out KL (exact, full vocabulary):", "", d["table"].rstrip(), "",
             f"GLM-5.2 at {d['glm52']['assume']['keep']} experts, rank 8 on attention + shared experts + gates: "
             f"{g['adapter_parameters']:,} trainable parameters, LoRA / Router-KD step time "
             f"{d['glm52']['step_ratio']:.2f}x (measured), {d['glm52']['assume']['steps']} steps offloaded:", "",
-            *table(["GPUs", "s/step", "time"], rows)]
+            *table(["GPUs", "per GPU", "s/step", "time"], rows)]
 
 
 def sec_glm52_sizes(d: dict) -> list[str]:
