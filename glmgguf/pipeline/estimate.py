@@ -190,11 +190,14 @@ def _lora_estimates(plan: Plan, final: GlmLayout, fp8: bool, kd_memory: int) -> 
     lo = plan.lora
     assert lo is not None
     adapter = 4 * adapter_parameters(final, tuple(lo.targets), lo.rank, lo.train_gates)
+    world = plan.launch.world if plan.launch is not None else 1
+    memory = kd_memory + 3 * adapter // world  # with the adapters' gradients and AdamW moments (sharded)
+    note = ("per GPU: FSDP2 as Router-KD, plus the adapters" if world > 1
+            else "the frozen student resident, as Router-KD")
     if lo.serve == "merged":
-        return {"lora": Estimate(tensor_bytes(final, fp8=fp8)[0] + adapter, kd_memory + 3 * adapter,
-                                 "the frozen student resident, as Router-KD; the merged checkpoint written")}
-    return {"lora": Estimate(adapter, kd_memory + 3 * adapter, "the frozen student resident, as Router-KD"),
-            "lora-gguf": Estimate(adapter, 2 * adapter)}
+        return {"lora": Estimate(tensor_bytes(final, fp8=fp8)[0] + adapter, memory,
+                                 note + "; the merged checkpoint written")}
+    return {"lora": Estimate(adapter, memory, note), "lora-gguf": Estimate(adapter, 2 * adapter)}
 
 
 def _variant_estimates(plan: Plan, final: GlmLayout, out: dict[str, Estimate], size: int) -> dict[str, Estimate]:
