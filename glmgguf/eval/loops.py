@@ -21,14 +21,21 @@ A generation is a *loop* once one of these holds (token ids, checked after every
   the last `edit_ngram` (3) tokens: the one whose `edit_context` (32) tokens before agree most with the latest
   ones, so a block made of two similar records aligns with the block one iteration back, not with the other
   record. Catches the short blocks with dense edits that (d) misses (a token changed every 20-40 tokens, a name
-  renamed in many places).
+  renamed in many places);
+- (f) random edits: an edited repeat as in (e) with d <= `random_max_period` (160) and at most `random_rate` (15%)
+  of the span edited, the edits at new places in every copy: at most `random_net_rate` (2.5%) of the span is left
+  once the edits undone by the next copy are taken off (a token matching two iterations back but not one), and
+  under `random_fixed` (35%) of the edits sit where the copy one iteration back was edited too (or has no aligned
+  token). A template changes the same slot in every copy; a loop with a word swapped at random restores it in the
+  next. Catches short blocks with one word swapped per copy, as many edits as templated records carry.
 
-(a) and (b) are the fast path for exact loops. The thresholds of (d) and (e) were chosen on the labelled set of
+(a) and (b) are the fast path for exact loops. The thresholds of (d), (e) and (f) were chosen on the labelled set of
 bench/loop_detection.py (crafted loop families against 512-token chunks of natural text of eight kinds):
 16-token runs ignore the short shared fragments of templated text (JSON records, tables, unrolled asserts); a
 fixed 256-token window flagged copy-pasted test methods and argparse records copied once, the span does not; for
 (e), 6% edits is the largest rate with no false loop (7% flags indented JSON records whose only change is a name
-and a line number).
+and a line number); for (f), the loosest thresholds on seeds 0-2 of the loops with no false loop (2.5% left over,
+35% at edited places, d <= 160; 3%, or d <= 224, flag a table of bisect cases and a run of filter asserts).
 
 *Borderline* (never a loop; kept apart): a periodic stretch of >= `borderline_span` tokens (48) holding >= 3
 copies of its block, or a whole-output seq-rep-4 >= `borderline_seq_rep4` (0.5).
@@ -76,9 +83,9 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class Loop:
-    """A confirmed loop: `kind` periodic | repeat | near_repeat | edited_repeat | think_restart, its period
-    (tokens; for near_repeat and edited_repeat the distance to the copy), copies (for near_repeat: copied tokens /
-    period; for edited_repeat: the span / period), where found."""
+    """A confirmed loop: `kind` periodic | repeat | near_repeat | edited_repeat | random_edits | think_restart, its
+    period (tokens; for near_repeat, edited_repeat and random_edits the distance to the copy), copies (for
+    near_repeat: copied tokens / period; for edited_repeat and random_edits: the span / period), where found."""
 
     kind: str
     period: int
@@ -137,8 +144,9 @@ class NearRepeat:
 
 
 class EditedRepeat:
-    """Rule (e): the share of the last span(d) tokens that are not copies of the text `d` tokens back (one or two
-    iterations), with an alignment that follows substitutions, small insertions and deletions; O(band) per token.
+    """Rules (e) and (f): the share of the last span(d) tokens that are not copies of the text `d` tokens back (one
+    or two iterations), with an alignment that follows substitutions, small insertions and deletions, and how many of
+    those edits the next copy undid or the copy before made too; O(band) per token.
     """
 
     def __init__(self, config: LoopConfig) -> None:
