@@ -28,7 +28,7 @@ from glmgguf.eval.stats import two_proportion_z, wilson
 
 
 NO_NEAR = LoopConfig(near_coverage=1.01)  # rule (d) off
-NO_EDITS = LoopConfig(edit_rate=-1.0)  # rule (e) off
+NO_EDITS = LoopConfig(edit_rate=-1.0, random_rate=-1.0)  # rules (e) and (f) off
 
 
 def _random_tokens(n: int, seed: int = 0) -> list[int]:
@@ -82,13 +82,15 @@ def test_issue_streams_are_loops_within_max_3_iterations_512_tokens(case):
 
 
 
-def _edited_stream(size: int, edits: int, copies: int, seed: int = 11) -> list[int]:
-    """200 natural tokens, then `copies` of a `size`-token block, `edits` random positions replaced in each copy."""
+def _edited_stream(size: int, edits: int, copies: int, seed: int = 11, fixed: bool = False) -> list[int]:
+    """200 natural tokens, then `copies` of a `size`-token block, `edits` random positions replaced in each copy (the
+    same positions in every copy when `fixed`: a template with `edits` slots)."""
     rng = random.Random(seed)
     block, out = _random_tokens(size, seed=seed), _random_tokens(200, seed=seed + 1)
+    slots = rng.sample(range(size), edits) if fixed else []
     for _ in range(copies):
         b = list(block)
-        for i in rng.sample(range(size), edits):
+        for i in slots if fixed else rng.sample(range(size), edits):
             b[i] = 5000 + rng.randrange(3000)
         out += b
     return out
@@ -135,10 +137,19 @@ def test_two_templated_records_repeated_are_found_at_the_period_of_the_pair(seed
 
 
 def test_records_with_three_fields_changed_each_are_not_a_loop():
-    """Templated records: 3 of 24 tokens new in each (12.5% edits, over rule (e)'s 6%)."""
-    loop, _ = detect(_edited_stream(24, 3, 30), NO_NEAR)
+    """Templated records: 3 of 24 tokens new in each, at the same places (12.5% edits, over rule (e)'s 6%)."""
+    loop, _ = detect(_edited_stream(24, 3, 30, fixed=True), NO_NEAR)
     assert loop is None
-    assert detect(_edited_stream(24, 3, 30))[0] is None
+    assert detect(_edited_stream(24, 3, 30, fixed=True))[0] is None
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_block_with_two_tokens_changed_at_random_places_is_random_edits(seed):
+    """2 of 24 tokens new in each copy (8.3% edits, over rule (e)'s 6%), at new places, each undone by the next copy:
+    rule (f); the same edits at fixed places are the template above."""
+    loop, _ = detect(_edited_stream(24, 2, 30, seed), NO_NEAR)
+    assert loop is not None and loop.kind == "random_edits" and loop.period % 24 == 0
+    assert 200 < loop.at_token <= 200 + 512
 
 
 def test_random_text_is_neither_loop_nor_borderline():

@@ -21,14 +21,21 @@ A generation is a *loop* once one of these holds (token ids, checked after every
   the last `edit_ngram` (3) tokens: the one whose `edit_context` (32) tokens before agree most with the latest
   ones, so a block made of two similar records aligns with the block one iteration back, not with the other
   record. Catches the short blocks with dense edits that (d) misses (a token changed every 20-40 tokens, a name
-  renamed in many places).
+  renamed in many places);
+- (f) random edits: an edited repeat as in (e) with d <= `random_max_period` (160) and at most `random_rate` (15%)
+  of the span edited, the edits at new places in every copy: at most `random_net_rate` (2.5%) of the span is left
+  once the edits undone by the next copy are taken off (a token matching two iterations back but not one), and
+  under `random_fixed` (35%) of the edits sit where the copy one iteration back was edited too (or has no aligned
+  token). A template changes the same slot in every copy; a loop with a word swapped at random restores it in the
+  next. Catches short blocks with one word swapped per copy, as many edits as templated records carry.
 
-(a) and (b) are the fast path for exact loops. The thresholds of (d) and (e) were chosen on the labelled set of
+(a) and (b) are the fast path for exact loops. The thresholds of (d), (e) and (f) were chosen on the labelled set of
 bench/loop_detection.py (crafted loop families against 512-token chunks of natural text of eight kinds):
 16-token runs ignore the short shared fragments of templated text (JSON records, tables, unrolled asserts); a
 fixed 256-token window flagged copy-pasted test methods and argparse records copied once, the span does not; for
 (e), 6% edits is the largest rate with no false loop (7% flags indented JSON records whose only change is a name
-and a line number).
+and a line number); for (f), the loosest thresholds on seeds 0-2 of the loops with no false loop (2.5% left over,
+35% at edited places, d <= 160; 3%, or d <= 224, flag a table of bisect cases and a run of filter asserts).
 
 *Borderline* (never a loop; kept apart): a periodic stretch of >= `borderline_span` tokens (48) holding >= 3
 copies of its block, or a whole-output seq-rep-4 >= `borderline_seq_rep4` (0.5).
@@ -65,6 +72,10 @@ class LoopConfig:
     edit_ngram: int = 3
     edit_candidates: int = 4
     edit_context: int = 32
+    random_rate: float = 0.15
+    random_net_rate: float = 0.025
+    random_fixed: float = 0.35
+    random_max_period: int = 160
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -72,9 +83,9 @@ class LoopConfig:
 
 @dataclass(frozen=True)
 class Loop:
-    """A confirmed loop: `kind` periodic | repeat | near_repeat | edited_repeat | think_restart, its period
-    (tokens; for near_repeat and edited_repeat the distance to the copy), copies (for near_repeat: copied tokens /
-    period; for edited_repeat: the span / period), where found."""
+    """A confirmed loop: `kind` periodic | repeat | near_repeat | edited_repeat | random_edits | think_restart, its
+    period (tokens; for near_repeat, edited_repeat and random_edits the distance to the copy), copies (for
+    near_repeat: copied tokens / period; for edited_repeat and random_edits: the span / period), where found."""
 
     kind: str
     period: int
@@ -133,8 +144,9 @@ class NearRepeat:
 
 
 class EditedRepeat:
-    """Rule (e): the share of the last span(d) tokens that are not copies of the text `d` tokens back (one or two
-    iterations), with an alignment that follows substitutions, small insertions and deletions; O(band) per token.
+    """Rules (e) and (f): the share of the last span(d) tokens that are not copies of the text `d` tokens back (one
+    or two iterations), with an alignment that follows substitutions, small insertions and deletions, and how many of
+    those edits the next copy undid or the copy before made too; O(band) per token.
     """
 
     def __init__(self, config: LoopConfig) -> None:
@@ -142,6 +154,8 @@ class EditedRepeat:
         self._ends: dict[tuple[int, ...], list[int]] = {}  # n-gram -> indices of its latest edit_candidates ends
         self._src: list[int] = []  # per token: its aligned position one iteration back (-1: none)
         self._bad = [0]  # prefix sums of tokens that are edits or closer than edit_min_period to their copy
+        self._undone = [0]  # prefix sums of copied tokens that match two iterations back but not one (edits undone)
+        self._fixed = [0]  # prefix sums of edits whose aligned token one iteration back is an edit too (or none)
         self._ptr = [-1, -1]  # aligned position of the latest token, one and two iterations back
         self._miss = [0, 0]  # consecutive mismatches of each pointer
 
@@ -188,23 +202,41 @@ class EditedRepeat:
         self._ptr = [p if n - p <= c.near_reach else -1 for p in self._ptr]
 
     def feed(self, tokens: list[int]) -> Loop | None:
-        """Account for tokens[-1] (the stream so far, [n]); an edited_repeat Loop once the span is mostly copies."""
+        """Account for tokens[-1] (the stream so far, [n]); an edited_repeat Loop once the span is mostly copies, or
+        a random_edits Loop once its edits are mostly undone by the next copy."""
         c, n = self.c, len(tokens) - 1
-        hit = False
-        for k in (0, 1):
-            if self._ptr[k] >= 0:
-                hit = self._step(tokens, k) or hit
+        hit = direct = self._ptr[0] >= 0 and self._step(tokens, 0)
+        if self._ptr[1] >= 0:
+            hit = self._step(tokens, 1) or hit
         if not hit and self._ptr[0] >= 0:  # the aligned token's own source: two iterations back along the alignment
             two_back = self._src[self._ptr[0]]
             hit = two_back >= 0 and tokens[two_back] == tokens[n]
         self._realign(tokens)
-        self._src.append(self._ptr[0])
-        d = n - self._ptr[0] if self._ptr[0] >= 0 else 0
-        self._bad.append(self._bad[-1] + (not hit or d < c.edit_min_period))
+        src = self._ptr[0]
+        self._src.append(src)
+        d = n - src if src >= 0 else 0
+        bad = not hit or d < c.edit_min_period
+        self._bad.append(self._bad[-1] + bad)
+        self._undone.append(self._undone[-1] + (not bad and not direct))
+        self._fixed.append(self._fixed[-1] + (bad and (src < 0 or self._bad[src + 1] > self._bad[src])))
         w = span(d, c)
-        if d >= c.edit_min_period and n + 1 >= w and self._bad[-1] - self._bad[-1 - w] <= c.edit_rate * w:
+        if d < c.edit_min_period or n + 1 < w:
+            return None
+        edits = self._bad[-1] - self._bad[-1 - w]
+        if edits <= c.edit_rate * w:
             return Loop("edited_repeat", d, round(w / d, 2), n + 1)
+        if self._random_edits(d, w, edits):
+            return Loop("random_edits", d, round(w / d, 2), n + 1)
         return None
+
+    def _random_edits(self, d: int, w: int, edits: int) -> bool:
+        """Rule (f) on the last w tokens, `edits` of them edits: few edits left once those the next copy undid are
+        taken off, and few at a place the copy one iteration back had edited too."""
+        c = self.c
+        undone = self._undone[-1] - self._undone[-1 - w]
+        fixed = self._fixed[-1] - self._fixed[-1 - w]
+        return (d <= c.random_max_period and edits <= c.random_rate * w and edits - undone <= c.random_net_rate * w
+                and fixed < c.random_fixed * edits)
 
 
 class LoopDetector:
