@@ -20,7 +20,8 @@ batch 8, cosine schedule, 5 warmup steps), timed, with its peak RSS as the OS re
 The table reports the held-out KL; no choice is made on it. The GLM-5.2 figures are arithmetic: the adapter's
 parameters from the layout (`kd.lora.adapter_parameters`) with float32 AdamW state, and the time per step as
 Router-KD's FSDP2 model (`pipeline.fsdp_estimate`, 8 GPUs, offloaded) times the measured LoRA / Router-KD
-step-time ratio. Writes bench/results/lora_recovery.json and prints a markdown table.
+step-time ratio (Router-KD's two runs averaged; at least 1, since LoRA-KD does all of Router-KD's work).
+Writes bench/results/lora_recovery.json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -186,15 +187,18 @@ def main() -> None:
     a = ap.parse_args()
     doc = json.loads(RESULTS.read_text()) if a.no_run else measure_all(a, {**os.environ, "OMP_NUM_THREADS": "1"})
     default = doc["lora"][0]
-    ratio = default["seconds_per_step"] / doc["router_kd"]["seconds_per_step"]
-    doc["glm52"] = {"assume": GLM52, "step_ratio": ratio,
+    kd_s = [r["seconds_per_step"] for r in (doc["router_kd"], doc["router_kd_2x"])]
+    measured = default["seconds_per_step"] / (sum(kd_s) / len(kd_s))
+    ratio = max(1.0, measured)  # LoRA-KD does Router-KD's work and more: a ratio below 1 is the machine's noise
+    doc["glm52"] = {"assume": GLM52, "measured_step_ratio": measured, "step_ratio": ratio,
                     "rank8_attn_shared_gates": glm52_cost(8, "attn,shared", True, ratio)}
     doc["table"] = table(doc)
     RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
     print(doc["table"])
     g = doc["glm52"]["rank8_attn_shared_gates"]
     print(f"GLM-5.2 at 168 experts, rank 8 on attention + shared experts + gates: {g['adapter_parameters']:,} "
-          f"trainable parameters; LoRA / Router-KD step time {ratio:.2f}x; 8 x H100 offloaded: "
+          f"trainable parameters; LoRA / Router-KD step time {measured:.2f}x measured, {ratio:.2f}x used; "
+          "8 x H100 offloaded: "
           f"{g['per_gpu']['H100']['lora_hours']:.1f} h for {GLM52['steps']} steps")
 
 
