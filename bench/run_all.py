@@ -44,6 +44,8 @@ SCRIPTS: dict[str, str] = {
     "kd_recovery": "Router-KD: held-out KL of REAP-pruned students before and after KD",
     "kd_cost": "Router-KD step time and peak memory on the `small` testbed; GLM-5.2 extrapolation",
     "lora_recovery": "LoRA-KD after Router-KD: held-out KL by rank and target modules, step time, memory; GLM-5.2",
+    "lora_loops": "loop rates in llama-server of the unpruned, pruned, Router-KD and LoRA-KD testbed (raw, guarded, "
+                  "greedy)",
     "mtp_acceptance": "MTP draft acceptance in llama-server: unpruned, REAP-pruned, after Router-KD",
     "dist_scaling": "torchrun with 1 vs 2 CPU ranks (observe, FSDP Router-KD); per-GPU memory of FSDP KD for GLM-5.2",
     "glm52_sizes": "GGUF size and bits per weight of every shipped recipe at GLM-5.2's size (from its config)",
@@ -142,6 +144,7 @@ RUNTIME: dict[str, Callable[[dict], tuple[float, bool]]] = {
     "patches_parity": lambda d: (d["seconds"], True),
     "eval_loops": lambda d: (sum(r["seconds"] for r in d["runs"].values()), False),
     "kd_recovery": lambda d: (d["wall_s"], True),
+    "lora_loops": lambda d: (d["wall_s"], True),
     "lora_recovery": lambda d: (sum(r["wall_s"] for k in ("router_kd_lrs", "lora_lrs", "lora") for r in d[k])
                                 + d["router_kd_2x"]["wall_s"], False),
     "mtp_acceptance": lambda d: (d["wall_s"], True),
@@ -346,6 +349,12 @@ def sec_lora(d: dict) -> list[str]:
             *table(["GPUs", "per GPU", "s/step", "time"], rows)]
 
 
+def sec_lora_loops(d: dict) -> list[str]:
+    return [f"The shipped testbed plan's checkpoints as q4_protected GGUFs, the first {d['limit']} fuzz prompts, safety "
+            f"cap {d['safety_cap']} tokens; loops / prompts (95% Wilson CI, z against the unpruned run):", "",
+            d["table"].rstrip()]
+
+
 def sec_glm52_sizes(d: dict) -> list[str]:
     models = d["models"]
     names = list(next(iter(models.values()))["recipes"])
@@ -415,7 +424,7 @@ SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "convert_vs_upstream": sec_convert, "quantize_vs_upstream": sec_quantize, "recipe_kld": sec_recipe_kld,
     "reap_quality": sec_reap_quality, "reap_memory": sec_reap_memory, "nvfp4_export": sec_nvfp4,
     "patches_parity": sec_patches, "eval_loops": sec_eval_loops, "kd_recovery": sec_kd, "kd_cost": sec_kd_cost,
-    "lora_recovery": sec_lora,
+    "lora_recovery": sec_lora, "lora_loops": sec_lora_loops,
     "glm52_sizes": sec_glm52_sizes,
     "nvfp4_quality": sec_nvfp4_quality,
     "mtp_acceptance": sec_mtp,
