@@ -350,8 +350,8 @@ def sec_lora(d: dict) -> list[str]:
 
 
 def sec_lora_loops(d: dict) -> list[str]:
-    return [f"The shipped testbed plan's checkpoints as q4_protected GGUFs, the first {d['limit']} fuzz prompts, safety "
-            f"cap {d['safety_cap']} tokens; loops / prompts (95% Wilson CI, z against the unpruned run):", "",
+    return [f"The shipped testbed plan's checkpoints as q4_protected GGUFs, the first {d['limit']} fuzz prompts, "
+            f"safety cap {d['safety_cap']} tokens; loops / prompts (95% Wilson CI, z against the unpruned run):", "",
             d["table"].rstrip()]
 
 
