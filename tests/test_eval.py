@@ -28,6 +28,7 @@ from glmgguf.eval.stats import two_proportion_z, wilson
 
 
 NO_NEAR = LoopConfig(near_coverage=1.01)  # rule (d) off
+ONLY_E = LoopConfig(near_coverage=1.01, random_rate=-1.0)  # rules (d) and (f) off: rule (e)'s alignment alone
 NO_EDITS = LoopConfig(edit_rate=-1.0, random_rate=-1.0)  # rules (e) and (f) off
 
 
@@ -120,7 +121,7 @@ def test_block_with_an_inner_repeated_3gram_and_a_token_changed_every_copy_is_an
     changed matches two copies back along the alignment (missed before that: 2 of these seeds)."""
     block = _random_tokens(22, seed=seed)
     block[11:14] = block[0:3]
-    loop, _ = detect(_edited_block_stream(block, 30, seed), NO_NEAR)
+    loop, _ = detect(_edited_block_stream(block, 30, seed), ONLY_E)
     assert loop is not None and loop.kind == "edited_repeat" and loop.period == 22
     assert 200 < loop.at_token <= 200 + 512
 
@@ -131,7 +132,7 @@ def test_two_templated_records_repeated_are_found_at_the_period_of_the_pair(seed
     re-anchors 24 tokens back (the context agrees there), not 12 (the other record; missed before: these seeds)."""
     template = _random_tokens(12, seed=100 + seed)
     block = [t for k in range(2) for t in template[:3] + [4000 + k, 4100 + k] + template[5:]]
-    loop, _ = detect(_edited_block_stream(block, 25, seed), NO_NEAR)
+    loop, _ = detect(_edited_block_stream(block, 25, seed), ONLY_E)
     assert loop is not None and loop.kind == "edited_repeat" and loop.period == 24
     assert 200 < loop.at_token <= 200 + 512
 
