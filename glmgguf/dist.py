@@ -145,7 +145,9 @@ def launch(device: str, timeout_s: float = 1800) -> Iterator[Dist | None]:
         torch.cuda.set_device(dev)
     _join(backend, dev, timedelta(seconds=timeout_s))
     try:
-        yield Dist(rank, world, local, dev, backend)
+        d = Dist(rank, world, local, dev, backend)
+        yield d
+        d.barrier()  # leave together: a gloo rank whose group goes while a peer still works can abort at exit
     finally:
         dist.destroy_process_group()
 
