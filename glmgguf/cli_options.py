@@ -41,7 +41,9 @@ DEVICE_PARAM = DeviceParam(DEVICE)
 DEVICE_MAP_PARAM = DeviceParam(DEVICE_MAP)
 
 
-def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+def stack_options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """One decorator applying `decorators` in the order written (the first is the outermost)."""
+
     def apply(f: F) -> F:
         for d in reversed(decorators):
             f = d(f)
@@ -51,7 +53,7 @@ def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
 
 def text_options(what: str, flag: str = "--data") -> Callable[[F], F]:
     """--data (or `flag`), --seq-len, --max-tokens, --num-samples, --seed, --text-field, --batch-size."""
-    return _stack(
+    return stack_options(
         click.option(flag, "data", multiple=True, required=True,
                      type=click.Path(dir_okay=False, path_type=Path),
                      help=f"{what}: .txt, .jsonl or .parquet with 'text' or chat 'messages' (repeatable)."),
@@ -71,7 +73,7 @@ def text_options(what: str, flag: str = "--data") -> Callable[[F], F]:
 
 def streaming_options(dtype_help: str) -> Callable[[F], F]:
     """--streaming, --device, --dtype, --work-dir, --spill-threshold."""
-    return _stack(
+    return stack_options(
         click.option("--streaming", is_flag=True,
                      help="One decoder layer resident at a time, loaded from the shards (for models larger than "
                           "memory)."),
@@ -86,3 +88,22 @@ def streaming_options(dtype_help: str) -> Callable[[F], F]:
                      help="Streaming: hidden states larger than this go to --work-dir (and the run becomes "
                           "resumable)."),
     )
+
+
+def dequantize_command(group: click.Group, what: str, module: str, default: str) -> None:
+    """Add `GROUP dequantize SRC OUT` to `group`: a plain checkpoint from `what` (`module`'s `dequantize_export`),
+    written in `--dtype` (`default`)."""
+
+    @group.command("dequantize", help=f"Write a plain checkpoint from {what} for transformers or llama.cpp.")
+    @click.argument("src", type=click.Path(file_okay=False, path_type=Path))
+    @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+    @click.option("--dtype", type=click.Choice(["bf16", "f32"]), default=default, show_default=True)
+    @click.option("--force", is_flag=True, help="Overwrite OUT.")
+    def dequantize_cmd(src: Path, out: Path, dtype: str, force: bool) -> None:
+        import importlib
+
+        import torch
+
+        export = importlib.import_module(module).dequantize_export
+        export(src, out, dtype=getattr(torch, DTYPES[dtype]), force=force)
+        click.echo(f"wrote {out}")

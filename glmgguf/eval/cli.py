@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from glmgguf.cli_options import stack_options
 
 if TYPE_CHECKING:
     from glmgguf.eval.probes import Prompt
@@ -130,7 +131,7 @@ def _probe_options(f: Callable) -> Callable:
         click.option("--force", is_flag=True, help="Overwrite the output and discard its journal."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
-    return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
+    return stack_options(*options)(f)
 
 
 def _spec(opts: dict[str, Any], overrides: dict[str, Any]) -> tuple[list[Prompt], RunSpec]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from glmgguf.choices import DTYPES, GPTQ_FORMATS
-from glmgguf.cli_options import DEVICE_PARAM, parse_size_option, text_options
+from glmgguf.cli_options import DEVICE_PARAM, dequantize_command, parse_size_option, text_options
 from glmgguf.gptq import quant as gq
 
 
@@ -92,16 +92,4 @@ def export_cmd(src: Path, out: Path, data: tuple[Path, ...], seq_len: int, max_t
                "after a failed Cholesky")
 
 
-@gptq.command("dequantize")
-@click.argument("src", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--dtype", type=click.Choice(["bf16", "f32"]), default="bf16", show_default=True)
-@click.option("--force", is_flag=True, help="Overwrite OUT.")
-def dequantize_cmd(src: Path, out: Path, dtype: str, force: bool) -> None:
-    """Write a plain checkpoint from a GPTQ export (INT4 modules dequantized) for transformers or llama.cpp."""
-    import torch
-
-    from glmgguf.gptq.dequantize import dequantize_export
-
-    dequantize_export(src, out, dtype=getattr(torch, DTYPES[dtype]), force=force)
-    click.echo(f"wrote {out}")
+dequantize_command(gptq, "a GPTQ export (INT4 modules dequantized)", "glmgguf.gptq.dequantize", "bf16")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from pathlib import Path
 import click
 
 from glmgguf.choices import DTYPES, KD_SCHEDULES
-from glmgguf.cli_options import DEVICE_MAP_PARAM, parse_size_option, streaming_options, text_options
+from glmgguf.cli_options import DEVICE_MAP_PARAM, parse_size_option, stack_options, streaming_options, text_options
 
 
 def _threads(n: int | None) -> None:
@@ -61,7 +60,7 @@ def _training_options(lr: float, trained: str) -> Callable[[Callable], Callable]
         click.option("--no-gradient-checkpointing", is_flag=True, help="Keep all activations (faster, more memory)."),
         _threads_opt,
     ]
-    return lambda f: functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
+    return stack_options(*options)
 
 
 @click.group("kd")

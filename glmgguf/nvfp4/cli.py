@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from glmgguf.choices import NVFP4_FORMATS
-from glmgguf.cli_options import DEVICE_PARAM, parse_size_option
+from glmgguf.cli_options import DEVICE_PARAM, dequantize_command, parse_size_option
 
 
 @click.group("nvfp4")
@@ -69,16 +69,4 @@ def export_cmd(src: Path, out: Path, calib: tuple[Path, ...], device: str, exclu
                "input scale (never routed in calibration)")
 
 
-@nvfp4.command("dequantize")
-@click.argument("src", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--dtype", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True)
-@click.option("--force", is_flag=True, help="Overwrite OUT.")
-def dequantize_cmd(src: Path, out: Path, dtype: str, force: bool) -> None:
-    """Write a plain checkpoint from an NVFP4 export (experts dequantized) for transformers or llama.cpp."""
-    import torch
-
-    from glmgguf.nvfp4.dequantize import dequantize_export
-
-    dequantize_export(src, out, dtype={"f32": torch.float32, "bf16": torch.bfloat16}[dtype], force=force)
-    click.echo(f"wrote {out}")
+dequantize_command(nvfp4, "an NVFP4 export (experts dequantized)", "glmgguf.nvfp4.dequantize", "f32")
