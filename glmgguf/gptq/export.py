@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +32,7 @@ from glmgguf.gptq.formats import GptqFormat, get_format
 from glmgguf.gptq.sequential import GptqReport, GptqSettings, run_sequential
 from glmgguf.io import CheckpointReader, ShardedWriter, atomic_dir
 from glmgguf.io.dequantized import copy_extra_files, natural_key
-from glmgguf.io.writer import PlanEntry
+from glmgguf.io.writer import PlanEntry, plan_bytes
 from glmgguf.layout import parse_hf_name, released_as_fp8
 
 MANIFEST_NAME = "gptq_export.json"
@@ -73,8 +72,7 @@ class GptqPlan:
 
     @property
     def bytes_out(self) -> int:
-        size = {dt: torch.empty((), dtype=dt).element_size() for dt in {dt for _, _, dt in self.entries}}
-        return sum(math.prod(shape) * size[dt] for _, shape, dt in self.entries)
+        return plan_bytes(self.entries)
 
     def describe(self) -> str:
         experts = sum(".mlp.experts." in m for m in self.targets)

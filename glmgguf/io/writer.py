@@ -23,6 +23,11 @@ from glmgguf.io.reader import INDEX_NAME
 PlanEntry = tuple[str, tuple[int, ...], torch.dtype]
 
 
+def plan_bytes(plan: Iterable[PlanEntry]) -> int:
+    """The tensor bytes a plan writes (headers aside)."""
+    return sum(math.prod(shape) * element_size(torch_to_safetensors()[dtype]) for _, shape, dtype in plan)
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor (contiguous CPU copy when needed)."""
     t = t.detach().to("cpu").contiguous()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +34,7 @@ from glmgguf import __version__
 from glmgguf.checkpoint import GlmCheckpoint, open_checkpoint
 from glmgguf.io import CheckpointReader, ShardedWriter, atomic_dir
 from glmgguf.io.dequantized import copy_extra_files, natural_key
-from glmgguf.io.writer import PlanEntry
+from glmgguf.io.writer import PlanEntry, plan_bytes
 from glmgguf.layout import GlmLayout, Role, parse_hf_name
 from glmgguf.nvfp4 import quant as nq
 from glmgguf.nvfp4.calibration import InputAmax, input_amax_from_stats, load_stats
@@ -99,8 +98,7 @@ class ExportPlan:
 
     @property
     def bytes_out(self) -> int:
-        size = {dt: torch.empty((), dtype=dt).element_size() for dt in {dt for _, _, dt in self.entries}}
-        return sum(math.prod(shape) * size[dt] for _, shape, dt in self.entries)
+        return plan_bytes(self.entries)
 
     def describe(self) -> str:
         n_exp = sum(isinstance(s, ExpertStep) for s in self.steps)
