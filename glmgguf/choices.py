@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from glmgguf.gguf.plan import OUTTYPES, IndexerMode, MtpMode
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPES = {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}  # option value -> torch dtype name
 REAP_METRICS = ("reap", "frequency", "ean", "random")  # saliency that ranks experts for pruning
@@ -29,3 +33,15 @@ def device_problem(value: str, pattern: re.Pattern) -> str | None:
     if pattern.fullmatch(value):
         return None
     return f"{value!r} is not a device: use {DEVICE_EXAMPLES[pattern.pattern]}"
+
+
+def usable_device(device: str | torch.device, error: type[Exception]) -> torch.device:
+    """`device` as the torch device to compute on: the CPU or an available CUDA device; otherwise `error`."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise error("--device cuda: CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise error(f"unsupported device {device!r} (cpu or cuda)")
+    return dev

@@ -26,6 +26,7 @@ import torch
 
 from glmgguf import __version__
 from glmgguf.checkpoint import GlmCheckpoint, open_checkpoint
+from glmgguf.choices import usable_device
 from glmgguf.gptq import quant as gq
 from glmgguf.gptq.errors import ExportError
 from glmgguf.gptq.formats import GptqFormat, get_format
@@ -217,12 +218,7 @@ class ExportResult:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ExportError("--device cuda: CUDA is not available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise ExportError(f"unsupported device {device!r} (cpu or cuda)")
-    return dev
+    return usable_device(device, ExportError)
 
 
 def _manifest(plan: GptqPlan, res: ExportResult, settings: GptqSettings, dev: torch.device, calib: dict) -> dict:

@@ -32,6 +32,7 @@ import torch
 
 from glmgguf import __version__
 from glmgguf.checkpoint import GlmCheckpoint, open_checkpoint
+from glmgguf.choices import usable_device
 from glmgguf.io import CheckpointReader, ShardedWriter, atomic_dir
 from glmgguf.io.dequantized import copy_extra_files, natural_key
 from glmgguf.io.writer import PlanEntry, plan_bytes
@@ -252,12 +253,7 @@ class ExportResult:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ExportError("--device cuda: CUDA is not available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise ExportError(f"unsupported device {device!r} (cpu or cuda)")
-    return dev
+    return usable_device(device, ExportError)
 
 
 def quantize_expert(tensors: dict[str, torch.Tensor], gate_up_amax: torch.Tensor, down_amax: torch.Tensor,
