@@ -1,7 +1,8 @@
 """The plan as a chain of stages, each one `glmgguf` command writing into its own directory under the workdir.
 
-observe -> prune -> teacher -> kd -> gguf-NAME ... -> nvfp4 -> kld-reference -> kld -> eval (-> baseline-gguf ->
-eval-baseline-PRESET ...). The command line of each stage is the stage's settings: the runner fingerprints it
+observe -> prune -> teacher -> kd -> lora (-> lora-gguf) -> gguf-NAME ... -> nvfp4 -> kld-reference -> kld -> eval
+(-> baseline-gguf -> eval-baseline-PRESET ...) (-> variant-LABEL-gguf, eval-LABEL-PRESET, heldout-kl-LABEL ... ->
+variants-report). The command line of each stage is the stage's settings: the runner fingerprints it
 together with the stage's inputs to decide what to redo.
 """
 
@@ -99,7 +100,8 @@ def build_stages(plan: Plan, model: Path, data: dict[str, list[Path]], recipes: 
     stages = [*_observe_stages(c), *_prune_stages(c), *_kd_stages(c), *_lora_stages(c)]
     ggufs = [_gguf_stage(c, g, recipes[g.name]) for g in plan.gguf]
     stages += [*ggufs, *_nvfp4_stages(c), *_kld_stages(c, ggufs, kld_text)]
-    return stages + _eval_stages(c, prompts, recipes, ggufs) + _variant_stages(c, prompts, recipes, ggufs)
+    evals = _eval_stages(c, prompts, recipes, ggufs)
+    return stages + evals + _variant_stages(c, prompts, recipes, ggufs, evals)
 
 
 def _observe_stages(c: _Chain) -> list[Stage]:
@@ -309,9 +311,9 @@ def _eval_stages(c: _Chain, prompts: str | None, recipes: dict[str, str], ggufs:
     return [*stages, base, *(_eval_run_stage(c, e, p, prompts, base, f"eval-baseline-{p}") for p in e.presets)]
 
 
-def _variants(c: _Chain, recipes: dict[str, str]) -> list[tuple[str, Stage | None, Path]]:
+def _variants(c: _Chain, recipes: dict[str, str]) -> list[tuple[str, Stage | None, Path, str]]:
     """The checkpoints before the final one, each as (label, GGUF stage to add or None for the evaluated GGUF
-    itself, checkpoint): the pruned one and, when [lora] follows, the Router-KD one."""
+    itself, checkpoint, the stage that wrote it): the pruned one and, when [lora] follows, the Router-KD one."""
     w, e = c.workdir, c.plan.eval
     assert e is not None
     g = next(g for g in c.plan.gguf if g.name == e.gguf)
@@ -325,59 +327,57 @@ def _variants(c: _Chain, recipes: dict[str, str]) -> list[tuple[str, Stage | Non
                                                         f"variant-{label}-gguf")
         if gguf is not None:
             gguf.what = f"the {label} checkpoint as GGUF, recipe {g.recipe} (compared with the final model)"
-        out.append((label, gguf, model))
+        out.append((label, gguf, model, stage))
     return out
 
 
-def _variant_stages(c: _Chain, prompts: str | None, recipes: dict[str, str], ggufs: list[Stage]) -> list[Stage]:
+def _variant_stages(c: _Chain, prompts: str | None, recipes: dict[str, str], ggufs: list[Stage],
+                    evals: list[Stage]) -> list[Stage]:
     """[eval] variants: the same loop runs of the pruned and Router-KD checkpoints (before [lora]), with held-out text
-    every checkpoint's KL to the teacher on it (`heldout-kl-LABEL`), and their comparison."""
+    every checkpoint's KL to the teacher on it (`heldout-kl-LABEL`), and their comparison with the final model's
+    runs and the unpruned baseline's (`evals`)."""
     e, w = c.plan.eval, c.workdir
     if e is None or prompts is None or not e.variants:
         return []
     final = next(s for s in ggufs if s.name == f"gguf-{e.gguf}")
+    by_name = {s.name: s for s in evals}
+    runs: dict[str, dict[str, Stage]] = {}  # label -> preset -> evaluation stage, in the report's order
+    if e.baseline:
+        runs["unpruned"] = {p: by_name[f"eval-baseline-{p}"] for p in e.presets}
     stages: list[Stage] = []
-    variants = _variants(c, recipes)
-    for label, gguf, _ in variants:
-        stages += [gguf] if gguf else []
-        stages += [_eval_run_stage(c, e, p, prompts, gguf or final, f"eval-{label}-{p}", label=label)
-                   for p in e.presets]
+    models: list[tuple[str, Path, Path | None, str]] = []
+    for label, gguf, model, made_by in _variants(c, recipes):
+        runs[label] = {p: _eval_run_stage(c, e, p, prompts, gguf or final, f"eval-{label}-{p}", label=label)
+                       for p in e.presets}
+        stages += [*([gguf] if gguf else []), *runs[label].values()]
+        models.append((label, model, None, made_by))
     last = "lora" if c.plan.lora is not None else "router-kd"
-    adapter = w / "lora" / "out" / "adapter" if c.adapter else None
-    models = [(label, model, None) for label, _, model in variants] + [(last, c.final, adapter)]
+    runs[last] = {p: by_name[f"eval-{p}"] for p in e.presets}
+    models.append((last, c.final, w / "lora" / "out" / "adapter" if c.adapter else None,
+                   "lora" if c.plan.lora is not None else "kd"))
     kls = [_heldout_kl_stage(c, *m) for m in models] if c.data.get("heldout") else []
-    return [*stages, *kls, _variants_report(c, [m[0] for m in models], stages, kls)]
+    return [*stages, *kls, _variants_report(c, runs, kls)]
 
 
-def _variants_report(c: _Chain, labels: list[str], runs: list[Stage], kls: list[Stage]) -> Stage:
-    """`eval compare` of every checkpoint's runs, preset by preset (the unpruned source first, with `baseline`),
-    and their held-out KL."""
+def _variants_report(c: _Chain, runs: dict[str, dict[str, Stage]], kls: list[Stage]) -> Stage:
+    """`eval compare` of every checkpoint's runs (`runs`: label -> preset -> stage), preset by preset, and their
+    held-out KL."""
     e, w = c.plan.eval, c.workdir
     assert e is not None
-    names = (["eval-baseline-{}"] if e.baseline else []) + [f"eval-{x}-{{}}" for x in labels[:-1]] + ["eval-{}"]
-    shown = (["unpruned"] if e.baseline else []) + labels
-    args, after = ["eval", "compare"], [s.name for s in runs if s.name.startswith("eval-")]
-    for p in e.presets:
-        for label, name in zip(shown, names, strict=True):
-            stage = name.format(p)
-            out = next((s.output for s in runs if s.name == stage), w / stage / f"{p}.json")
-            args.append(f"{label}-{p}={out}")
-            after.append(stage)
-    for s in kls:
-        args += ["--kl", f"{s.name.removeprefix('heldout-kl-')}={s.output}"]
+    args = ["eval", "compare", *(f"{label}-{p}={r[p].output}" for p in e.presets for label, r in runs.items())]
+    args += [a for s in kls for a in ("--kl", f"{s.name.removeprefix('heldout-kl-')}={s.output}")]
     report = w / "variants-report" / "report.md"
     args += ["--out", str(report), "--png", str(report.with_suffix(".png"))]
-    return Stage("variants-report", w / "variants-report", args, report, {},
-                 list(dict.fromkeys([*after, *(s.name for s in kls)])),
+    after = [s.name for r in runs.values() for s in r.values()] + [s.name for s in kls]
+    return Stage("variants-report", w / "variants-report", args, report, {}, after,
                  what="loop rates and held-out KL of the unpruned, pruned, Router-KD and final checkpoints")
 
 
-def _heldout_kl_stage(c: _Chain, label: str, model: Path, adapter: Path | None) -> Stage:
-    """KL(teacher || checkpoint) on the held-out teacher cache (`kd eval`)."""
+def _heldout_kl_stage(c: _Chain, label: str, model: Path, adapter: Path | None, made_by: str) -> Stage:
+    """KL(teacher || checkpoint) on the held-out teacher cache (`kd eval`), the checkpoint written by `made_by`."""
     w = c.workdir
     out = w / f"heldout-kl-{label}" / "kl.json"
     args = ["kd", "eval", str(model), "--teacher-cache", str(w / "teacher-heldout" / "cache"), "--json", str(out),
             *(["--adapter", str(adapter)] if adapter else []), *_threads(c.plan)]
-    after = {"pruned": ["prune"], "router-kd": ["kd"]}.get(label, ["lora"])
-    return Stage(f"heldout-kl-{label}", w / f"heldout-kl-{label}", args, out, {}, [*after, "teacher-heldout"],
+    return Stage(f"heldout-kl-{label}", w / f"heldout-kl-{label}", args, out, {}, [made_by, "teacher-heldout"],
                  what=f"held-out KL of the {label} checkpoint to the teacher")
