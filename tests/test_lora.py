@@ -133,6 +133,9 @@ def test_bad_options_are_one_clear_error(pruned, kd_cache, tmp_path):
         train_lora(pruned, kd_cache, tmp_path / "x", _opts(rank=0))
     with pytest.raises(KdError, match="--target must be"):
         train_lora(pruned, kd_cache, tmp_path / "x", _opts(targets=("mlp",)))
+    for merge in (tmp_path / "x", tmp_path / "x" / "merged"):  # before any work, even with --force
+        with pytest.raises(KdError, match="must be separate folders"):
+            train_lora(pruned, kd_cache, tmp_path / "x", _opts(), merge=merge, force=True)
     r = CliRunner().invoke(main, ["kd", "lora", str(pruned), "--teacher-cache", str(kd_cache), "--out",
                                   str(tmp_path / "x"), "--target", "experts"])
     assert r.exit_code != 0 and "routed experts" in r.output and "Traceback" not in r.output

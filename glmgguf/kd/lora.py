@@ -394,6 +394,9 @@ def train_lora(student_dir: str | os.PathLike, cache_dir: str | os.PathLike, out
     main = dist is None or dist.main
     say = (log or (lambda s: None)) if main else (lambda s: None)
     out = Path(out)
+    if merge is not None and (Path(merge).resolve().is_relative_to(out.resolve())
+                              or out.resolve().is_relative_to(Path(merge).resolve())):
+        raise KdError(f"--merge {merge} and --out {out} must be separate folders (one would replace the other)")
     check_output(out, force, [student_dir, cache_dir])
     if merge is not None:
         check_output(Path(merge), force, [student_dir, cache_dir])
