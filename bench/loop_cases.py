@@ -103,14 +103,24 @@ def _definitions() -> Iterator[tuple[str, list[dict]]]:
         except SyntaxError:
             continue
         recs = []
-        for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-                doc = (ast.get_docstring(node) or "").strip().split("\n")[0]
-                args = [a.arg for a in node.args.args] if not isinstance(node, ast.ClassDef) else []
-                recs.append({"name": node.name, "kind": type(node).__name__.removesuffix("Def").lower(),
-                             "line": node.lineno, "args": args, "doc": doc})
+        for name, node in _qualified_definitions(tree):
+            doc = (ast.get_docstring(node) or "").strip().split("\n")[0]
+            args = [a.arg for a in node.args.args] if not isinstance(node, ast.ClassDef) else []
+            recs.append({"name": name, "kind": type(node).__name__.removesuffix("Def").lower(),
+                         "line": node.lineno, "args": args, "doc": doc})
         if recs:
             yield (ast.get_docstring(tree) or "module").split("\n")[0][:60], recs
+
+
+def _qualified_definitions(node: ast.AST, prefix: str = "") -> Iterator[tuple[str, ast.AST]]:
+    """(qualified name, node) of the functions and classes under `node`, in source order: a method is named with its
+    class (`Tree.insert`), as an API listing names it."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            yield prefix + child.name, child
+            yield from _qualified_definitions(child, f"{prefix}{child.name}.")
+        else:
+            yield from _qualified_definitions(child, prefix)
 
 
 def _module_docstrings(text: str) -> str:
@@ -393,11 +403,17 @@ def loop_cases(pool: Pool, family: str, n: int, seed: int = 0) -> list[Case]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_case(case: Case, config: LoopConfig | None = None) -> Loop | None:
-    """Feed the case's tokens (and text) to a detector up to its deadline; the loop it reports, if any."""
+def token_pieces(tok: Tokenizer) -> list[str]:
+    """The text of every token id decoded alone, as a server streams it with the token."""
+    return [tok.decode([i]) for i in range(tok.get_vocab_size())]
+
+
+def run_case(case: Case, pieces: list[str] | None = None, config: LoopConfig | None = None) -> Loop | None:
+    """Feed the case's tokens (with their text from `pieces`, id -> text, when given) to a detector up to its
+    deadline; the loop it reports, if any."""
     det = LoopDetector(config)
     for i, t in enumerate(case.tokens[:case.deadline]):
-        det.feed(t)
+        det.feed(t, None if pieces is None else pieces[t])
         if case.text is not None:
             det.feed_text(case.text[i])
         if det.loop is not None:
@@ -405,12 +421,12 @@ def run_case(case: Case, config: LoopConfig | None = None) -> Loop | None:
     return None
 
 
-def score(cases: list[Case], config: LoopConfig | None = None) -> dict[str, dict]:
+def score(cases: list[Case], pieces: list[str] | None = None, config: LoopConfig | None = None) -> dict[str, dict]:
     """Per group: cases, hits (a loop found: after the start and by the deadline for loops, anywhere for natural
     text), early (loops found inside the natural prefix), the rate and the detection kinds."""
     out: dict[str, dict] = {}
     for case in cases:
-        loop = run_case(case, config)
+        loop = run_case(case, pieces, config)
         s = out.setdefault(case.group, {"cases": 0, "hits": 0, "early": 0, "kinds": {}})
         s["cases"] += 1
         if loop is None:

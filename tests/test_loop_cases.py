@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.loop_cases import LOOP_FAMILIES, NATURAL_KINDS, Pool, loop_cases, natural_chunks, score
+from bench.loop_cases import LOOP_FAMILIES, NATURAL_KINDS, Pool, loop_cases, natural_chunks, score, token_pieces
 
 N_LOOPS = 20
 N_CHUNKS = 25
@@ -20,6 +20,11 @@ def glm_tokenizer():
 
 
 @pytest.fixture(scope="module")
+def pieces(glm_tokenizer):
+    return token_pieces(glm_tokenizer)
+
+
+@pytest.fixture(scope="module")
 def pool(glm_tokenizer):
     return Pool(glm_tokenizer, chunks=20)
 
@@ -30,17 +35,17 @@ MEASURED = {"exact": 20, "counter": 20, "noisy": 20, "paragraph": 20, "nested": 
 
 
 @pytest.mark.parametrize("family", LOOP_FAMILIES)
-def test_loop_family_recall_within_deadline(pool, family):
+def test_loop_family_recall_within_deadline(pool, pieces, family):
     """Each loop found after its start and within max(3 iterations, 512 tokens); never inside the prefix."""
     cases = loop_cases(pool, family, N_LOOPS, seed=1)
     assert all(c.period <= 512 for c in cases)
-    s = score(cases)[family]
+    s = score(cases, pieces)[family]
     assert s["early"] == 0
     assert s["hits"] == MEASURED[family], s
 
 
 @pytest.mark.parametrize("kind", NATURAL_KINDS)
-def test_no_false_loop_on_natural_text(glm_tokenizer, kind):
+def test_no_false_loop_on_natural_text(glm_tokenizer, pieces, kind):
     chunks = natural_chunks(glm_tokenizer, kind, N_CHUNKS)
     assert len(chunks) == N_CHUNKS and all(len(c.tokens) == 512 for c in chunks)
-    assert score(chunks)[kind]["hits"] == 0
+    assert score(chunks, pieces)[kind]["hits"] == 0

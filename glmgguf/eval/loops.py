@@ -43,6 +43,8 @@ copies of its block, or a whole-output seq-rep-4 >= `borderline_seq_rep4` (0.5).
 
 from __future__ import annotations
 
+import re
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -76,6 +78,14 @@ class LoopConfig:
     random_net_rate: float = 0.025
     random_fixed: float = 0.35
     random_max_period: int = 160
+    count_rate: float = 0.02
+    word_min_period: int = 4
+    word_context: int = 12
+    word_rate: float = 0.06
+    word_random_rate: float = 0.2
+    word_net_rate: float = 0.08
+    word_fixed: float = 0.7
+    word_max_period: int = 160
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -149,8 +159,10 @@ class EditedRepeat:
     those edits the next copy undid or the copy before made too; O(band) per token.
     """
 
-    def __init__(self, config: LoopConfig) -> None:
+    def __init__(self, config: LoopConfig, min_period: int | None = None, context: int | None = None) -> None:
         self.c = config
+        self.min_period = min_period or config.edit_min_period  # nearer copies count as edits
+        self.context = context or config.edit_context  # items compared when choosing where to re-anchor
         self._ends: dict[tuple[int, ...], list[int]] = {}  # n-gram -> indices of its latest edit_candidates ends
         self._src: list[int] = []  # per token: its aligned position one iteration back (-1: none)
         self._bad = [0]  # prefix sums of tokens that are edits or closer than edit_min_period to their copy
@@ -173,14 +185,14 @@ class EditedRepeat:
         return False
 
     def _anchor(self, t: list[int], ends: list[int]) -> int:
-        """The earlier end of the last n-gram (within reach) whose preceding `edit_context` tokens agree most with
+        """The earlier end of the last n-gram (within reach) whose preceding `context` tokens agree most with
         the latest ones, the latest on a tie (-1: none): the block's own period, not a shorter internal one."""
         c, n = self.c, len(t) - 1
         best, anchor = -1, -1
         for q in reversed(ends):
             if n - q > c.near_reach:
                 break
-            agree = sum(t[n - j] == t[q - j] for j in range(c.edit_ngram, min(c.edit_context, q + 1)))
+            agree = sum(t[n - j] == t[q - j] for j in range(c.edit_ngram, min(self.context, q + 1)))
             if agree > best:
                 best, anchor = agree, q
         return anchor
@@ -201,42 +213,125 @@ class EditedRepeat:
             self._ptr[1], self._miss[1] = self._src[self._ptr[0]], 0
         self._ptr = [p if n - p <= c.near_reach else -1 for p in self._ptr]
 
-    def feed(self, tokens: list[int]) -> Loop | None:
-        """Account for tokens[-1] (the stream so far, [n]); an edited_repeat Loop once the span is mostly copies, or
-        a random_edits Loop once its edits are mostly undone by the next copy."""
-        c, n = self.c, len(tokens) - 1
-        hit = direct = self._ptr[0] >= 0 and self._step(tokens, 0)
+    def align(self, t: list[int]) -> int:
+        """Account for t[-1] (the stream so far, [n]): follow the alignment and count its edits; the distance to the
+        aligned position one iteration back (0: none)."""
+        n = len(t) - 1
+        hit = direct = self._ptr[0] >= 0 and self._step(t, 0)
         if self._ptr[1] >= 0:
-            hit = self._step(tokens, 1) or hit
+            hit = self._step(t, 1) or hit
         if not hit and self._ptr[0] >= 0:  # the aligned token's own source: two iterations back along the alignment
             two_back = self._src[self._ptr[0]]
-            hit = two_back >= 0 and tokens[two_back] == tokens[n]
-        self._realign(tokens)
+            hit = two_back >= 0 and t[two_back] == t[n]
+        self._realign(t)
         src = self._ptr[0]
         self._src.append(src)
         d = n - src if src >= 0 else 0
-        bad = not hit or d < c.edit_min_period
+        bad = not hit or d < self.min_period
         self._bad.append(self._bad[-1] + bad)
         self._undone.append(self._undone[-1] + (not bad and not direct))
         self._fixed.append(self._fixed[-1] + (bad and (src < 0 or self._bad[src + 1] > self._bad[src])))
+        return d if d >= self.min_period else 0
+
+    @property
+    def source(self) -> int:
+        """The latest item's aligned position one iteration back (-1: none)."""
+        return self._src[-1]
+
+    def counts(self, w: int) -> tuple[int, int, int]:
+        """(edits, edits undone by the next copy, edits where the copy one iteration back was edited) of the last
+        w positions."""
+        return (self._bad[-1] - self._bad[-1 - w], self._undone[-1] - self._undone[-1 - w],
+                self._fixed[-1] - self._fixed[-1 - w])
+
+    def feed(self, tokens: list[int]) -> Loop | None:
+        """Account for tokens[-1]; an edited_repeat Loop once the span is mostly copies, or a random_edits Loop once
+        its edits are mostly undone by the next copy."""
+        c, n = self.c, len(tokens) - 1
+        d = self.align(tokens)
         w = span(d, c)
-        if d < c.edit_min_period or n + 1 < w:
+        if not d or n + 1 < w:
             return None
-        edits = self._bad[-1] - self._bad[-1 - w]
+        edits, undone, fixed = self.counts(w)
         if edits <= c.edit_rate * w:
             return Loop("edited_repeat", d, round(w / d, 2), n + 1)
-        if self._random_edits(d, w, edits):
+        if d <= c.random_max_period and random_edits(w, edits, undone, fixed, c.random_rate, c.random_net_rate,
+                                                     c.random_fixed):
             return Loop("random_edits", d, round(w / d, 2), n + 1)
         return None
 
-    def _random_edits(self, d: int, w: int, edits: int) -> bool:
-        """Rule (f) on the last w tokens, `edits` of them edits: few edits left once those the next copy undid are
-        taken off, and few at a place the copy one iteration back had edited too."""
+
+
+
+class CountedRepeat(EditedRepeat):
+    """Rule (g): rule (e)'s alignment where a number one more than its aligned number one iteration back (two more,
+    two back) is a copy: a counter ("Attempt 17", `name36` -> `name37`) changing in every copy, however often it
+    recurs in one. `values` maps the number tokens seen so far to their value."""
+
+    def __init__(self, config: LoopConfig, values: dict[int, int]) -> None:
+        super().__init__(config)
+        self.values = values
+
+    def _step(self, t: list[int], k: int) -> bool:
+        c = self._ptr[k] + 1
+        was, now = self.values.get(t[c]), self.values.get(t[-1])
+        if was is not None and now is not None and now == was + k + 1:
+            self._ptr[k], self._miss[k] = c, 0
+            return True
+        return super()._step(t, k)
+
+    def feed(self, tokens: list[int]) -> Loop | None:
+        """Account for tokens[-1]; a counted_repeat Loop once at most `count_rate` of the span are edits."""
+        d = self.align(tokens)
+        w = span(d, self.c)
+        if d and len(tokens) >= w and self.counts(w)[0] <= self.c.count_rate * w:
+            return Loop("counted_repeat", d, round(w / d, 2), len(tokens))
+        return None
+
+
+class WordRepeat:
+    """Rule (h): rules (e) and (f) on the words of the text (split at whitespace, whitespace dropped), where a word
+    swapped for another is one edit whatever its tokens, and a run of spaces that a swap splits changes no word.
+    Spans are measured in tokens as for (e): the words that end in the last span(d) tokens, d the tokens to the
+    aligned word's copy."""
+
+    def __init__(self, config: LoopConfig) -> None:
+        self.c = config
+        self._align = EditedRepeat(config, min_period=config.word_min_period, context=config.word_context)
+        self._ids: dict[str, int] = {}
+        self._words: list[int] = []
+        self._tok_end: list[int] = []  # per word: tokens fed when it ended
+        self._partial = ""
+
+    def feed(self, piece: str, tokens: int) -> Loop | None:
+        """Add the text of token number `tokens` (1-based); the loop confirmed at a word it completes, if any."""
+        *words, self._partial = re.split(r"\s+", self._partial + piece)
+        loop = None
+        for word in filter(None, words):
+            loop = loop or self._word(word, tokens)
+        return loop
+
+    def _word(self, word: str, tokens: int) -> Loop | None:
         c = self.c
-        undone = self._undone[-1] - self._undone[-1 - w]
-        fixed = self._fixed[-1] - self._fixed[-1 - w]
-        return (d <= c.random_max_period and edits <= c.random_rate * w and edits - undone <= c.random_net_rate * w
-                and fixed < c.random_fixed * edits)
+        self._words.append(self._ids.setdefault(word, len(self._ids)))
+        self._tok_end.append(tokens)
+        if not self._align.align(self._words):
+            return None
+        d = tokens - self._tok_end[self._align.source]
+        w_tokens = span(d, c)
+        if tokens < w_tokens or d > c.word_max_period:
+            return None
+        w = len(self._words) - bisect_right(self._tok_end, tokens - w_tokens)
+        edits, undone, fixed = self._align.counts(w)
+        if edits <= c.word_rate * w or random_edits(w, edits, undone, fixed, c.word_random_rate, c.word_net_rate,
+                                                    c.word_fixed):
+            return Loop("word_repeat", d, round(w_tokens / d, 2), tokens)
+        return None
+
+def random_edits(w: int, edits: int, undone: int, fixed: int, rate: float, net_rate: float, fixed_share: float) -> bool:
+    """Rule (f)'s test of a span of w positions: few edits, fewer left once those the next copy undid are taken off,
+    and few at a place the copy one iteration back had edited too."""
+    return edits <= rate * w and edits - undone <= net_rate * w and fixed < fixed_share * edits
 
 
 class LoopDetector:
@@ -259,19 +354,24 @@ class LoopDetector:
         self.borderline_stretch = False
         self._near = NearRepeat(self.config)
         self._edited = EditedRepeat(self.config)
+        self._values: dict[int, int] = {}  # number tokens seen -> their value
+        self._counted = CountedRepeat(self.config, self._values)
+        self._words = WordRepeat(self.config)
 
-    def rekey(self, tokens: Sequence[int]) -> Loop | None:
-        """Analyse the tokens again under other keys (e.g. their text instead of ids); the text state stays."""
+    def rekey(self, tokens: Sequence[int], pieces: Sequence[str] | None = None) -> Loop | None:
+        """Analyse the tokens again under other keys (e.g. their text instead of ids), with their text pieces if
+        known; the text state stays."""
         think = self.loop if self.loop is not None and self.loop.kind == "think_restart" else None
         self.loop = None
         self._reset_tokens()
-        for t in tokens:
-            self.feed(t)
+        for i, t in enumerate(tokens):
+            self.feed(t, None if pieces is None else pieces[i])
         self.loop = self.loop or think
         return self.loop
 
-    def feed(self, token: int) -> Loop | None:
-        """Add one token; returns the loop once confirmed (and keeps returning it)."""
+    def feed(self, token: int, piece: str | None = None) -> Loop | None:
+        """Add one token (and its text piece: rules (g) and (h) need it); returns the loop once confirmed (and keeps
+        returning it)."""
         n = len(self.tokens)
         self.tokens.append(token)
         if n >= len(self._hist):
@@ -288,7 +388,18 @@ class LoopDetector:
             self.loop = self._near.feed(self.tokens)
         if self.loop is None:
             self.loop = self._edited.feed(self.tokens)
+        if piece is not None:
+            self._feed_text_rules(token, piece)
         return self.loop
+
+    def _feed_text_rules(self, token: int, piece: str) -> None:
+        """Rules (g) and (h), which know the token's text."""
+        number = piece.strip()
+        if number.isascii() and number.isdigit():
+            self._values[token] = int(number)
+        counted = self._counted.feed(self.tokens)
+        words = self._words.feed(piece, len(self.tokens))
+        self.loop = self.loop or counted or words
 
     def _check(self, length: int, run: np.ndarray, periods: np.ndarray) -> None:
         c = self.config
@@ -335,10 +446,11 @@ class LoopDetector:
                                            and 1 - d4 >= self.config.borderline_seq_rep4)
 
 
-def detect(tokens: Sequence[int], config: LoopConfig | None = None) -> tuple[Loop | None, bool]:
-    """Run the detector over a finished token sequence: (loop or None, borderline)."""
+def detect(tokens: Sequence[int], config: LoopConfig | None = None,
+           pieces: Sequence[str] | None = None) -> tuple[Loop | None, bool]:
+    """Run the detector over a finished token sequence (and its text pieces, if known): (loop or None, borderline)."""
     det = LoopDetector(config)
-    for t in tokens:
-        if det.feed(t) is not None:
+    for i, t in enumerate(tokens):
+        if det.feed(t, None if pieces is None else pieces[i]) is not None:
             break
     return det.loop, det.borderline()

@@ -110,13 +110,13 @@ class TokenKeys:
         for item in items:
             piece = str(item.get("token", ""))
             self.pieces.append(piece)
-            self.det.feed(self._key(piece) if self.by_text else int(item["id"]))
+            self.det.feed(self._key(piece) if self.by_text else int(item["id"]), piece)
         if text and not items:
             if not self.by_text:  # a token without an id: key the whole output by text from here on
                 self.by_text = True
-                self.det.rekey([self._key(p) for p in self.pieces])
+                self.det.rekey([self._key(p) for p in self.pieces], self.pieces)
             self.pieces.append(text)
-            self.det.feed(self._key(text))
+            self.det.feed(self._key(text), text)
 
 
 class Cancelled(Exception):
