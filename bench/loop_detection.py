@@ -6,7 +6,7 @@ must be found after its start and within max(3 iterations, 512 tokens)), 512-tok
 detector's rules were not developed on; the development seeds (`--dev-seeds`, 0-3) are measured too and reported
 as found per family.
 
-    .venv/bin/python bench/loop_detection.py [--loops 200] [--chunks 3000] [--seed 4] [--dev-seeds 0,1,2,3]
+    .venv/bin/python -m bench.loop_detection [--loops 200] [--chunks 3000] [--seed 4] [--dev-seeds 0,1,2,3]
 
 Writes bench/results/loop_detection.json (with the README's tables) and prints the tables.
 """
