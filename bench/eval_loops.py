@@ -53,7 +53,8 @@ def false_positives(tok: Tokenizer, max_chunks: int) -> dict:
                 break
     chunks = chunks[:max_chunks]
     t0 = time.perf_counter()
-    verdicts = [detect(c) for c in chunks]
+    pieces = [tok.decode([i]) for i in range(tok.get_vocab_size())]
+    verdicts = [detect(c, pieces=[pieces[t] for t in c]) for c in chunks]
     loops = sum(loop is not None for loop, _ in verdicts)
     borderline = sum(b for _, b in verdicts)
     return {"chunks": len(chunks), "tokens_per_chunk": 512, "loops": loops, "loop_rate": loops / len(chunks),
