@@ -49,12 +49,14 @@ def test_periodic_tail_is_a_loop_at_the_window():
 
 def test_long_block_repeated_is_a_loop_within_the_deadline_and_three_copies_are_not():
     block = _random_tokens(60, seed=1)
-    loop, _ = detect(_random_tokens(10, seed=2) + block * 25)
-    assert loop is not None and loop.kind == "edited_repeat" and loop.period == 60
-    # found once <= 25 of the last span(60) = 428 tokens (6%) are not copies: the 70 tokens before the first copy,
-    # 3 more while the alignment is found (a 3-gram), so at 70 + 3 + 428 - 25
-    assert loop.at_token == 70 + 3 + 428 - 25
-    assert detect(_random_tokens(10, seed=2) + block * 25, NO_EDITS)[0].at_token == 70 + 407  # (d): 95% of 428
+    stream = _random_tokens(10, seed=2) + block * 25
+    loop, _ = detect(stream)
+    assert loop is not None and loop.kind == "near_repeat" and loop.period == 60
+    assert loop.at_token == 70 + 407  # (d): 95% of span(60) = 428 tokens copied
+    loop, _ = detect(stream, NO_NEAR)
+    # (e): found once <= 21 of the last 428 tokens (5%) are not copies: the 70 tokens before the first copy, 3 more
+    # while the alignment is found (a 3-gram), so at 70 + 3 + 428 - 21
+    assert loop is not None and loop.kind == "edited_repeat" and loop.at_token == 70 + 3 + 428 - 21
     loop, borderline = detect(_random_tokens(10, seed=2) + block * 3 + _random_tokens(100, seed=3))
     assert loop is None and borderline
 
@@ -109,8 +111,8 @@ def _edited_block_stream(block: list[int], copies: int, seed: int) -> list[int]:
 
 
 def test_short_block_with_a_token_changed_every_copy_is_an_edited_repeat():
-    """A 24-token block, one random token changed per copy, found by rule (e) alone (rule (d) switched off)."""
-    loop, _ = detect(_edited_stream(24, 1, 30), NO_NEAR)
+    """A 24-token block, one random token changed per copy, found by rule (e) alone (rules (d) and (f) off)."""
+    loop, _ = detect(_edited_stream(24, 1, 30), ONLY_E)
     assert loop is not None and loop.kind == "edited_repeat" and loop.period in (24, 48)
     assert 200 < loop.at_token <= 200 + 512
 
