@@ -29,7 +29,6 @@ from glmgguf.eval.stats import two_proportion_z, wilson
 
 NO_NEAR = LoopConfig(near_coverage=1.01)  # rule (d) off
 ONLY_E = LoopConfig(near_coverage=1.01, random_rate=-1.0)  # rules (d) and (f) off: rule (e)'s alignment alone
-NO_EDITS = LoopConfig(edit_rate=-1.0, random_rate=-1.0)  # rules (e) and (f) off
 
 
 def _random_tokens(n: int, seed: int = 0) -> list[int]:
