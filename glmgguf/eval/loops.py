@@ -130,6 +130,12 @@ def span(period: int, config: LoopConfig) -> int:
     return min(config.span, max(488 - period, 2 * period - 8))
 
 
+def random_edits(w: int, edits: int, undone: int, fixed: int, rate: float, net_rate: float, fixed_share: float) -> bool:
+    """Rule (f)'s test of a span of w positions: few edits, fewer left once those the next copy undid are taken off,
+    and few at a place the copy one iteration back had edited too."""
+    return edits <= rate * w and edits - undone <= net_rate * w and fixed < fixed_share * edits
+
+
 class NearRepeat:
     """Rule (d): the share of the last span(p) tokens that copy earlier text, updated per token in O(n-gram).
 
@@ -342,11 +348,6 @@ class WordRepeat:
                                                     c.word_fixed):
             return Loop("word_repeat", d, round(w_tokens / d, 2), tokens)
         return None
-
-def random_edits(w: int, edits: int, undone: int, fixed: int, rate: float, net_rate: float, fixed_share: float) -> bool:
-    """Rule (f)'s test of a span of w positions: few edits, fewer left once those the next copy undid are taken off,
-    and few at a place the copy one iteration back had edited too."""
-    return edits <= rate * w and edits - undone <= net_rate * w and fixed < fixed_share * edits
 
 
 class LoopDetector:
