@@ -1,6 +1,7 @@
 """Loop detection on a generated token stream, and the n-gram diversity metrics.
 
-A generation is a *loop* once one of these holds (token ids, checked after every token):
+A generation is a *loop* once one of these holds (token ids, and for (g) and (h) their text, checked after every
+token):
 
 - (a) periodic tail: the last `window` tokens (96) are exactly periodic with a period <= `max_period` (32);
 - (b) repeated block: the output ends with a block of p <= `max_block` tokens (256) repeated
@@ -46,11 +47,10 @@ fixed 256-token window flagged copy-pasted test methods and argparse records cop
 (e), 5% edits is the largest rate with no false loop (6% flags JSON records of `numbers.Integral`'s operator
 methods, which differ in the name, the line number and the operands' order); for (f), the loosest thresholds on
 seeds 0-2 of the loops with no false loop (2.5% left over, 35% at edited places, d <= 160; 3%, or d <= 224, flag a
-table of bisect cases and a run of filter asserts); for
-(g), half the largest rate with no false loop (4%; every counter loop is found at 0%); for (h), those finding the
-most of the misses of seeds 0-2 with no false loop (a word rate of 10% flags a font licence listing `"cmex7" is a
-Reserved Font Name for this Font Software.` line after line, and the `os.spawn*` docstrings, each the one before
-with a word or two changed).
+table of bisect cases and a run of filter asserts); for (g), half the largest rate with no false loop (4%; every
+counter loop is found at 0%); for (h), those finding the most of the misses of seeds 0-2 with no false loop (a word
+rate of 10% flags a font licence listing `"cmex7" is a Reserved Font Name for this Font Software.` line after line,
+and the `os.spawn*` docstrings, each the one before with a word or two changed).
 
 *Borderline* (never a loop; kept apart): a periodic stretch of >= `borderline_span` tokens (48) holding >= 3
 copies of its block, or a whole-output seq-rep-4 >= `borderline_seq_rep4` (0.5).
