@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from loop_cases import token_pieces
 from tokenizers import Tokenizer
 
 from glmgguf.checkpoint import open_checkpoint
@@ -52,8 +53,8 @@ def false_positives(tok: Tokenizer, max_chunks: int) -> dict:
             if len(chunks) >= max_chunks:
                 break
     chunks = chunks[:max_chunks]
+    pieces = token_pieces(tok)
     t0 = time.perf_counter()
-    pieces = [tok.decode([i]) for i in range(tok.get_vocab_size())]
     verdicts = [detect(c, pieces=[pieces[t] for t in c]) for c in chunks]
     loops = sum(loop is not None for loop, _ in verdicts)
     borderline = sum(b for _, b in verdicts)

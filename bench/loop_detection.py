@@ -6,7 +6,7 @@ kinds (every loop verdict there is a false positive). The tables pool the held-o
 after the rules were settled; their misses were read, no rule or threshold was set on them); the development seeds
 (`--dev-seeds`, 0-3) are measured too and reported as found per family.
 
-    .venv/bin/python -m bench.loop_detection [--loops 200] [--chunks 3000] [--seeds 4,5] [--dev-seeds 0,1,2,3]
+    .venv/bin/python bench/loop_detection.py [--loops 200] [--chunks 3000] [--seeds 4,5] [--dev-seeds 0,1,2,3]
 
 Writes bench/results/loop_detection.json (with the README's tables) and prints the tables.
 """
@@ -19,10 +19,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from loop_cases import LOOP_FAMILIES, NATURAL_KINDS, Pool, loop_cases, natural_chunks, score, token_pieces
 from tokenizers import Tokenizer
+from upstream import portable
 
-from bench.loop_cases import LOOP_FAMILIES, NATURAL_KINDS, Pool, loop_cases, natural_chunks, score, token_pieces
-from bench.upstream import portable
 from glmgguf.eval.loops import LoopConfig
 from glmgguf.eval.stats import wilson
 from glmgguf.testbed.glm_tokenizer import real_tokenizer_dir
@@ -39,6 +39,11 @@ def measure(cases: list, groups: tuple[str, ...], pieces: list[str]) -> dict[str
         out[g]["ci95"] = wilson(out[g]["hits"], out[g]["cases"])
     out["us_per_token"] = 1e6 * (time.perf_counter() - t0) / tokens
     return out
+
+
+def crafted(pool: Pool, n: int, seeds: list[int]) -> list:
+    """`n` crafted loops of every family for each seed."""
+    return [c for f in LOOP_FAMILIES for seed in seeds for c in loop_cases(pool, f, n, seed)]
 
 
 def tables(recall: dict[str, dict], fp: dict[str, dict]) -> str:
@@ -67,13 +72,12 @@ def main() -> None:
     natural = [c for k in NATURAL_KINDS for c in natural_chunks(tok, k, args.chunks)]
     pool = Pool(tok)
     seeds = [int(x) for x in args.seeds.split(",")]
-    loops = [c for f in LOOP_FAMILIES for seed in seeds for c in loop_cases(pool, f, args.loops, seed)]
     pieces = token_pieces(tok)
-    recall = measure(loops, LOOP_FAMILIES, pieces)
+    recall = measure(crafted(pool, args.loops, seeds), LOOP_FAMILIES, pieces)
     fp = measure(natural, NATURAL_KINDS, pieces)
     dev = {}
     for seed in map(int, args.dev_seeds.split(",")):
-        found = score([c for f in LOOP_FAMILIES for c in loop_cases(pool, f, args.loops, seed)], pieces)
+        found = score(crafted(pool, args.loops, [seed]), pieces)
         dev[str(seed)] = {f: found[f]["hits"] for f in LOOP_FAMILIES}
     table = tables(recall, fp)
     print(table)
