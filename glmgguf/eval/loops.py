@@ -404,7 +404,7 @@ class LoopDetector:
             self.loop = self._near.feed(self.tokens)
         if self.loop is None:
             self.loop = self._edited.feed(self.tokens)
-        if piece is not None:
+        if piece is not None and self.loop is None:
             self._feed_text_rules(token, piece)
         return self.loop
 
