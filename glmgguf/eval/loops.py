@@ -34,11 +34,14 @@ token):
   edited. Catches a counter in a fixed slot (`name36` -> `name37`, however often it recurs in a copy), the shape of
   a template for (e) and (f); records whose numbers change otherwise are left alone;
 - (h) word repeat (needs the tokens' text): rules (e) and (f) on the words of the text (split at whitespace, which
-  is dropped), spans measured in tokens as for (e), d <= `word_max_period` (160) tokens: at most `word_rate` (6%) of
-  the words in the span edited, or at most `word_random_rate` (20%) with at most `word_net_rate` (8%) left once the
-  undone edits are taken off and under `word_fixed` (70%) at places edited one copy back. A word swapped for one
-  of another length is one edit here, where the token alignment loses itself (a swap inside a run of spaces, a
-  long word replaced by a short one).
+  is dropped), spans measured in tokens as for (e): at most `word_rate` (6%) of the words in the span edited, or,
+  for d <= `word_max_period` (160) tokens, at most `word_random_rate` (20%) with at most `word_net_rate` (8%) left
+  once the undone edits are taken off and under `word_fixed` (70%) at places edited one copy back. A word swapped
+  for one of another length is one edit here, where the token alignment loses itself (a swap inside a run of
+  spaces, a long word replaced by a short one). The word alignment also re-aligns across one inserted word (a swap
+  into a run of spaces inserts one; the next copy dropping it undoes the edit), and keeps a loop of at most
+  `word_short_period` (64) tokens within 160 tokens when it re-anchors (re-anchoring on the last words, which hold
+  the swap, finds an earlier copy with the same swap, many copies back).
 
 (a) and (b) are the fast path for exact loops. The thresholds of (d)-(h) were chosen on the labelled set of
 bench/loop_detection.py (crafted loop families against 512-token chunks of natural text of eight kinds):
@@ -50,7 +53,10 @@ seeds 0-2 of the loops with no false loop (2.5% left over, 35% at edited places,
 table of bisect cases and a run of filter asserts); for (g), half the largest rate with no false loop (4%; every
 counter loop is found at 0%); for (h), those finding the most of the misses of seeds 0-2 with no false loop (a word
 rate of 10% flags a font licence listing `"cmex7" is a Reserved Font Name for this Font Software.` line after line,
-and the `os.spawn*` docstrings, each the one before with a word or two changed).
+and the `os.spawn*` docstrings, each the one before with a word or two changed), then the re-alignment across an
+inserted word, the random test limited to d <= 160 and the short loops' re-anchoring, each of which found misses
+of seeds 0-5 and flagged no chunk (keeping every loop within 160 tokens flags `functools.total_ordering`'s
+generated methods and the `os.spawn*` docstrings again).
 
 *Borderline* (never a loop; kept apart): a periodic stretch of >= `borderline_span` tokens (48) holding >= 3
 copies of its block, or a whole-output seq-rep-4 >= `borderline_seq_rep4` (0.5).
@@ -101,6 +107,7 @@ class LoopConfig:
     word_net_rate: float = 0.08
     word_fixed: float = 0.7
     word_max_period: int = 160
+    word_short_period: int = 64
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -191,6 +198,7 @@ class EditedRepeat:
         self._fixed = [0]  # prefix sums of edits whose aligned token one iteration back is an edit too (or none)
         self._ptr = [-1, -1]  # aligned position of the latest token, one and two iterations back
         self._miss = [0, 0]  # consecutive mismatches of each pointer
+        self._skipped = False  # the latest pointer-0 match skipped an item the copy had inserted (an edit undone)
 
     def _step(self, t: list[int], k: int) -> bool:
         """Advance pointer k to the latest token t[-1]; True when it matches there (directly or re-aligned)."""
@@ -211,12 +219,16 @@ class EditedRepeat:
         c, n = self.c, len(t) - 1
         best, anchor = -1, -1
         for q in reversed(ends):
-            if n - q > c.near_reach:
+            if not self._reachable(n, q):
                 break
             agree = sum(t[n - j] == t[q - j] for j in range(c.edit_ngram, min(self.context, q + 1)))
             if agree > best:
                 best, anchor = agree, q
         return anchor
+
+    def _reachable(self, n: int, q: int) -> bool:
+        """Whether item n may be re-anchored at an earlier end q."""
+        return n - q <= self.c.near_reach
 
     def _realign(self, t: list[int]) -> None:
         """Re-anchor lost pointers: one iteration back at the best earlier occurrence of the last n-gram."""
@@ -238,7 +250,9 @@ class EditedRepeat:
         """Account for t[-1] (the stream so far, [n]): follow the alignment and count its edits; the distance to the
         aligned position one iteration back (0: none)."""
         n = len(t) - 1
+        self._skipped = False
         hit = direct = self._ptr[0] >= 0 and self._step(t, 0)
+        direct = direct and not self._skipped
         if self._ptr[1] >= 0:
             hit = self._step(t, 1) or hit
         if not hit and self._ptr[0] >= 0:  # the aligned token's own source: two iterations back along the alignment
@@ -310,6 +324,38 @@ class CountedRepeat(EditedRepeat):
         return None
 
 
+class WordAlignment(EditedRepeat):
+    """Rule (h)'s alignment of words: rule (e)'s, which also re-aligns across one word inserted in this copy or in
+    the copy (a swap into a run of spaces inserts a word; the copy's inserted word skipped is an edit undone), and
+    which keeps the alignment of a short loop (at most `word_short_period` tokens back) within `word_max_period`
+    tokens, where re-anchoring on the last words would follow a swapped word to an earlier copy with the same swap.
+    `tok_end` is the tokens fed when each word ended."""
+
+    def __init__(self, config: LoopConfig, tok_end: list[int]) -> None:
+        super().__init__(config, min_period=config.word_min_period, context=config.word_context)
+        self.tok_end = tok_end
+
+    def _step(self, t: list[int], k: int) -> bool:
+        c = self._ptr[k] + 1
+        return super()._step(t, k) or self._skip(t, k, c)
+
+    def _skip(self, t: list[int], k: int, c: int) -> bool:
+        """Re-align pointer k, which expected t[c], across one inserted word: t[-1] matches near c with the word
+        before t[-1]'s predecessor (a word inserted here) or before its own predecessor (a word the copy inserted)."""
+        n = len(t) - 1
+        for q in (c, c - 1, c + 1, c - 2, c + 2):
+            if 2 <= q < n - 1 and t[q] == t[n] and (t[q - 1] == t[n - 2] or t[q - 2] == t[n - 1]):
+                self._ptr[k], self._miss[k] = q, 0
+                self._skipped = t[q - 2] == t[n - 1]
+                return True
+        return False
+
+    def _reachable(self, n: int, q: int) -> bool:
+        p, end, c = self._ptr[0], self.tok_end, self.c
+        short = p >= 0 and end[n] - end[p] <= c.word_short_period
+        return super()._reachable(n, q) and not (short and end[n] - end[q] > c.word_max_period)
+
+
 class WordRepeat:
     """Rule (h): rules (e) and (f) on the words of the text (split at whitespace, whitespace dropped), where a word
     swapped for another is one edit whatever its tokens, and a run of spaces that a swap splits changes no word.
@@ -318,10 +364,10 @@ class WordRepeat:
 
     def __init__(self, config: LoopConfig) -> None:
         self.c = config
-        self._align = EditedRepeat(config, min_period=config.word_min_period, context=config.word_context)
+        self._tok_end: list[int] = []  # per word: tokens fed when it ended
+        self._align = WordAlignment(config, self._tok_end)
         self._ids: dict[str, int] = {}
         self._words: list[int] = []
-        self._tok_end: list[int] = []  # per word: tokens fed when it ended
         self._partial = ""
 
     def feed(self, piece: str, tokens: int) -> Loop | None:
@@ -340,12 +386,12 @@ class WordRepeat:
             return None
         d = tokens - self._tok_end[self._align.source]
         w_tokens = span(d, c)
-        if tokens < w_tokens or d > c.word_max_period:
+        if tokens < w_tokens:
             return None
         w = len(self._words) - bisect_right(self._tok_end, tokens - w_tokens)
         edits, undone, fixed = self._align.counts(w)
-        if edits <= c.word_rate * w or random_edits(w, edits, undone, fixed, c.word_random_rate, c.word_net_rate,
-                                                    c.word_fixed):
+        if edits <= c.word_rate * w or d <= c.word_max_period and random_edits(
+                w, edits, undone, fixed, c.word_random_rate, c.word_net_rate, c.word_fixed):
             return Loop("word_repeat", d, round(w_tokens / d, 2), tokens)
         return None
 
