@@ -229,6 +229,46 @@ def test_records_with_one_word_new_in_each_are_not_a_word_repeat(seed):
     assert detect(tokens, pieces=pieces)[0] is None
 
 
+def _swapped_words(seed: int, size: int, swaps: int, insert: bool) -> tuple[list[int], list[str], int]:
+    """80 natural words, then 40 copies of a `size`-word block, each with one of the vocabulary's first `swaps` words
+    put in at a random place (inserted, or replacing a word); (token ids, pieces, index of the loop's start)."""
+    rng = random.Random(seed)
+    vocab = _words(seed)
+    out = [rng.choice(vocab) for _ in range(80)]
+    start = sum(len(ids) for ids, _ in out)
+    block = [rng.choice(vocab) for _ in range(size)]
+    for _ in range(40):
+        copy = list(block)
+        at = rng.randrange(size + insert)
+        copy[at:at + (not insert)] = [rng.choice(vocab[:swaps])]
+        out += copy
+    return [t for ids, _ in out for t in ids], [p for _, ps in out for p in ps], start
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_block_with_a_word_inserted_per_copy_is_a_word_repeat(seed):
+    """One word inserted at a new place in each copy of an 8-word block (as a swap into a run of spaces does): the word
+    alignment re-aligns across it, and the next copy dropping it undoes the edit (these seeds were missed before)."""
+    tokens, pieces, start = _swapped_words(seed, 8, 8, insert=True)
+    assert detect(tokens)[0] is None
+    loop, _ = detect(tokens, pieces=pieces)
+    assert loop is not None and loop.kind == "word_repeat"
+    assert start < loop.at_token <= start + 512
+
+
+@pytest.mark.parametrize("seed", [0, 3, 7])
+def test_short_word_loop_is_not_re_anchored_many_copies_back(seed):
+    """An 8-word block with one of 4 words swapped in per copy: a re-anchor on the last words, which hold the swap,
+    finds the latest copy with the same swap, beyond rule (h)'s 160 tokens for these seeds, and the loop is found late
+    unless a short loop is kept within them (`word_short_period`)."""
+    tokens, pieces, start = _swapped_words(seed, 8, 4, insert=False)
+    loop, _ = detect(tokens, pieces=pieces)
+    assert loop is not None and loop.kind == "word_repeat"
+    assert start < loop.at_token <= start + 512
+    late, _ = detect(tokens, LoopConfig(word_short_period=0), pieces=pieces)
+    assert late is None or late.at_token > start + 512
+
+
 def test_streamed_text_pieces_reach_the_text_rules():
     """The eval client hands each streamed token's text to the detector: a counter loop streamed with its pieces is
     found as counted_repeat."""
