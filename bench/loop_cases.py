@@ -144,7 +144,10 @@ def _docstrings() -> Iterator[str]:
 
 
 def _package_texts() -> Iterator[str]:
-    dists = sorted(importlib.metadata.distributions(), key=lambda d: _key(d.metadata["Name"] or ""))
+    """The installed packages' metadata, licence and README texts, this project's own left out (its metadata is this
+    README as of the install, and a stale egg-info beside the sources lists the working copy's)."""
+    dists = [d for d in importlib.metadata.distributions() if (d.metadata["Name"] or "").lower() != "glmgguf"]
+    dists.sort(key=lambda d: _key(d.metadata["Name"] or ""))
     for dist in dists:
         for f in sorted(dist.files or [], key=str):
             name = f.name.upper()
