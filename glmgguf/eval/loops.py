@@ -55,8 +55,8 @@ counter loop is found at 0%); for (h), those finding the most of the misses of s
 rate of 10% flags a font licence listing `"cmex7" is a Reserved Font Name for this Font Software.` line after line,
 and the `os.spawn*` docstrings, each the one before with a word or two changed), then the re-alignment across an
 inserted word, the random test limited to d <= 160 and the short loops' re-anchoring, each of which found misses
-of seeds 0-5 and flagged no chunk (keeping every loop within 160 tokens flags `functools.total_ordering`'s
-generated methods and the `os.spawn*` docstrings again).
+of seeds 0-5 and flagged no chunk (`word_short_period` raised to cover every loop flags six chunks,
+`functools.total_ordering`'s generated methods and the `os.spawn*` docstrings among them).
 
 *Borderline* (never a loop; kept apart): a periodic stretch of >= `borderline_span` tokens (48) holding >= 3
 copies of its block, or a whole-output seq-rep-4 >= `borderline_seq_rep4` (0.5).
