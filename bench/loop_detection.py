@@ -108,8 +108,8 @@ def main() -> None:
     fp = measure(natural, NATURAL_KINDS, pieces, config, found)
     dev = {}
     for seed in [int(x) for x in args.dev_seeds.split(",") if x]:
-        found = score(crafted(pool, args.loops, [seed]), pieces, config)
-        dev[str(seed)] = {f: found[f]["hits"] for f in LOOP_FAMILIES}
+        scored = score(crafted(pool, args.loops, [seed]), pieces, config)
+        dev[str(seed)] = {f: scored[f]["hits"] for f in LOOP_FAMILIES}
     table = tables(recall, fp)
     print(table)
     if args.set:
