@@ -425,10 +425,10 @@ def run_case(case: Case, pieces: list[str] | None = None, config: LoopConfig | N
 
 
 def score(cases: list[Case], pieces: list[str] | None = None, config: LoopConfig | None = None,
-          found: list[tuple[Case, Loop]] | None = None) -> dict[str, dict]:
+          found: list[tuple[int, Case, Loop]] | None = None) -> dict[str, dict]:
     """Per group: cases, hits (a loop found: after the start and by the deadline for loops, anywhere for natural
-    text), early (loops found inside the natural prefix), the rate and the detection kinds. `found` collects (case,
-    loop) for every loop reported."""
+    text), early (loops found inside the natural prefix), the rate and the detection kinds. `found` collects (index
+    in its group, case, loop) for every loop reported."""
     out: dict[str, dict] = {}
     for case in cases:
         loop = run_case(case, pieces, config)
@@ -437,7 +437,7 @@ def score(cases: list[Case], pieces: list[str] | None = None, config: LoopConfig
         if loop is None:
             continue
         if found is not None:
-            found.append((case, loop))
+            found.append((s["cases"] - 1, case, loop))
         early = case.start is not None and loop.at_token <= case.start
         s["early"] += early
         s["hits"] += not early

@@ -34,7 +34,7 @@ RESULTS = Path(__file__).parent / "results" / "loop_detection.json"
 
 
 def measure(cases: list, groups: tuple[str, ...], pieces: list[str], config: LoopConfig,
-            found: list[tuple[Case, Loop]] | None = None) -> dict[str, dict]:
+            found: list[tuple[int, Case, Loop]] | None = None) -> dict[str, dict]:
     """score() per group with Wilson 95% intervals and the detector's time per token."""
     t0 = time.perf_counter()
     out = score(cases, pieces, config, found)
@@ -64,13 +64,10 @@ def overridden(settings: list[str]) -> LoopConfig:
     return replace(config, **changes)
 
 
-def flagged(natural: list, found: list[tuple[Case, Loop]], pieces: list[str]) -> list[str]:
+def flagged(found: list[tuple[int, Case, Loop]], pieces: list[str]) -> list[str]:
     """One line per natural chunk with a loop verdict: its kind and index there, the rule, the period, its opening."""
-    index, seen = {}, {}
-    for case in natural:
-        index[id(case)] = seen[case.group] = seen.get(case.group, -1) + 1
-    return [f"{case.group} #{index[id(case)]}: {loop.kind} (period {loop.period}) "
-            f"{''.join(pieces[t] for t in case.tokens[:24])!r}" for case, loop in found]
+    return [f"{case.group} #{i}: {loop.kind} (period {loop.period}) {''.join(pieces[t] for t in case.tokens[:24])!r}"
+            for i, case, loop in found]
 
 
 def tables(recall: dict[str, dict], fp: dict[str, dict]) -> str:
@@ -104,7 +101,7 @@ def main() -> None:
     seeds = [int(x) for x in args.seeds.split(",")]
     pieces = token_pieces(tok)
     recall = measure(crafted(pool, args.loops, seeds), LOOP_FAMILIES, pieces, config)
-    found: list[tuple[Case, Loop]] = []
+    found: list[tuple[int, Case, Loop]] = []
     fp = measure(natural, NATURAL_KINDS, pieces, config, found)
     dev = {}
     for seed in [int(x) for x in args.dev_seeds.split(",") if x]:
@@ -114,7 +111,7 @@ def main() -> None:
     print(table)
     if args.set:
         print(f"development seeds (found of {args.loops}): {dev}")
-        print("\n".join(["natural chunks flagged:"] + flagged(natural, found, pieces)))
+        print("\n".join(["natural chunks flagged:"] + flagged(found, pieces)))
         return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(portable({
